@@ -1,0 +1,275 @@
+"""The one typed training config. argparse is generated from its fields, so every flag is defined
+once; ``__post_init__`` validates everything that can be checked before any work starts, with
+one-line messages naming the flag and what is allowed. The resolved config is written to
+``config.json`` and into every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+from .heads import AUX_CONFIGS
+from .models import blocks_per_stage
+from .splits import SPLIT_KINDS, SplitError, resolve_split
+
+METHODS = ("bp", "dgl", "infopro", "pgl")
+DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
+RECIPES = ("cifar10", "svhn", "stl10")
+
+# InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), prior-art §5.5 (EXP/comand.sh).
+INFOPRO_LAMBDAS = {
+    ("cifar10", "resnet32", 2, False): (5, 1, 0, 0),
+    ("cifar10", "resnet32", 4, False): (6, 0, 1, 2),
+    ("cifar10", "resnet32", 8, False): (5, 0, 0, 2),
+    ("cifar10", "resnet32", 16, False): (5, 0.05, 0.2, 0.5),
+    ("cifar10", "resnet110", 2, False): (5, 0.5, 0, 0),
+    ("cifar10", "resnet110", 4, False): (1, 0, 0, 1),
+    ("cifar10", "resnet110", 8, False): (5, 0, 0, 1),
+    ("cifar10", "resnet110", 16, False): (5, 0, 0.5, 1),
+    ("cifar10", "resnet110", 2, True): (5, 0.1, 0, 0),
+    ("cifar10", "resnet110", 3, True): (5, 0, 5, 0.1),
+    ("cifar10", "resnet110", 4, True): (5, 0, 5, 0.1),
+    ("stl10", "resnet110", 2, False): (10, 1, 0, 0),
+    ("stl10", "resnet110", 4, False): (20, 0.2, 5, 2),
+    ("stl10", "resnet110", 8, False): (20, 0.2, 5, 1),
+    ("stl10", "resnet110", 16, False): (20, 0.5, 10, 0.1),
+    ("stl10", "resnet110", 2, True): (20, 1, 0, 0),
+    ("stl10", "resnet110", 3, True): (20, 0.5, 5, 2),
+    ("stl10", "resnet110", 4, True): (20, 0.5, 10, 1),
+    ("svhn", "resnet110", 2, False): (1, 0.1, 0, 0),
+    ("svhn", "resnet110", 4, False): (5, 0, 0.5, 1),
+    ("svhn", "resnet110", 8, False): (5, 0, 0.5, 2),
+    ("svhn", "resnet110", 16, False): (5, 0.2, 0.5, 1),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message is one line naming the flag and what is allowed."""
+
+
+def _f(default, help: str, *, flags: tuple[str, ...] = (), group: str = "training", choices=None, metavar=None):
+    return field(default=default, metadata={"help": help, "flags": flags, "group": group,
+                                            "choices": choices, "metavar": metavar})
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # -- data
+    dataset: str = _f("cifar10", "data set", group="data", choices=DATASETS)
+    data_dir: str = _f("./data", "data folder (torchvision download target, or an ImageFolder tree with train/ and test/)", group="data")
+    recipe: str = _f("cifar10", "augmentation/normalisation recipe for --dataset imagefolder (and the split table key for --split balanced)", group="data", choices=RECIPES)
+    train_subset: int | None = _f(None, "train on a seeded random subset of N images", group="data", metavar="N")
+    test_subset: int | None = _f(None, "evaluate on a seeded random subset of N test images", group="data", metavar="N")
+    no_download: bool = _f(False, "never try to download a torchvision data set", group="data")
+    cache_dir: str | None = _f(None, "where decoded uint8 tensors are cached (default <data-dir>/.pgl_cache)", group="data")
+    drop_last: bool = _f(False, "drop the last partial training batch (InfoPro keeps it)", group="data")
+    synthetic_train: int = _f(512, "training images of --dataset synthetic", group="data")
+    synthetic_test: int = _f(256, "test images of --dataset synthetic", group="data")
+
+    # -- model and split
+    arch: str = _f("resnet32", "CIFAR ResNet-(6n+2): resnet20, resnet32, resnet56, resnet110, ...", group="model")
+    modules: int = _f(16, "J, the number of local modules (InfoPro: --local_module_num)", flags=("-J", "--modules"), group="model", metavar="J")
+    split: str = _f("auto", "how the network is cut: InfoPro's tables, balanced-memory (InfoPro*), layerwise or even", group="model", choices=SPLIT_KINDS)
+    droprate: float = _f(0.0, "dropout inside BasicBlocks (InfoPro uses 0)", group="model")
+
+    # -- method
+    method: str = _f("pgl", "training method", group="method", choices=METHODS)
+    aux: str = _f("1c2f", "aux head (InfoPro: --aux_net_config); adapt = AUX-ADAPT", group="method", choices=AUX_CONFIGS)
+    aux_widen: float = _f(1.0, "aux head width multiplier (InfoPro: --aux_net_widen)", group="method")
+    aux_feature_dim: int = _f(128, "aux head hidden/feature dim (InfoPro: --aux_net_feature_dim)", group="method")
+    period: int = _f(10, "PGL: P local epochs per cycle", flags=("-P", "--period"), group="method", metavar="P")
+    duration: int = _f(2, "PGL: Q global epochs after every P local ones", flags=("-Q", "--duration"), group="method", metavar="Q")
+    infopro_loss: str = _f("contrast", "InfoPro's task term (InfoPro: --local_loss_mode): contrast = SupCon, softmax = CE", group="method", choices=("contrast", "softmax"))
+    ixx_1: float | None = _f(None, "InfoPro lambda_1 (reconstruction) of the first local module (default: InfoPro's per-run value)", group="method")
+    ixy_1: float | None = _f(None, "InfoPro lambda_2 (task) of the first local module", group="method")
+    ixx_2: float | None = _f(None, "InfoPro lambda_1 of module J-1", group="method")
+    ixy_2: float | None = _f(None, "InfoPro lambda_2 of module J-1", group="method")
+
+    # -- optimisation
+    epochs: int = _f(160, "training epochs", group="optimisation")
+    batch_size: int | None = _f(None, "batch size (default 1024; 128 for stl10)", flags=("-b", "--batch-size"), group="optimisation")
+    test_batch_size: int | None = _f(None, "evaluation batch size (default: --batch-size)", group="optimisation")
+    lr: float | None = _f(None, "initial learning rate (default 0.8; 0.1 for stl10)", group="optimisation")
+    momentum: float = _f(0.9, "SGD momentum", group="optimisation")
+    no_nesterov: bool = _f(False, "plain momentum instead of Nesterov", group="optimisation")
+    weight_decay: float = _f(1e-4, "L2 weight decay (on every parameter, as InfoPro)", group="optimisation")
+    sched: str = _f("cosine", "LR schedule, set once per epoch", group="optimisation", choices=("cosine", "step", "constant"))
+    warmup_epochs: int = _f(0, "InfoPro warm-up epochs for cosine (InfoPro's --cos_lr uses 10)", group="optimisation")
+    warmup_lr: float = _f(0.01, "learning rate the warm-up starts from", group="optimisation")
+
+    # -- runtime
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", group="runtime")
+    amp: bool = _f(False, "autocast (bf16 by default) with fp32 BN statistics", group="runtime")
+    amp_dtype: str = _f("bf16", "autocast dtype", group="runtime", choices=("bf16", "fp16"))
+    channels_last: bool = _f(False, "channels-last memory format", group="runtime")
+    cuda_graphs: bool = _f(False, "capture local steps in CUDA graphs (GPU only)", group="runtime")
+    head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
+    checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
+    seed: int = _f(0, "random seed", group="runtime")
+    deterministic: bool = _f(False, "deterministic algorithms (slower)", group="runtime")
+
+    # -- output
+    output_dir: str = _f("runs/pgl", "where config.json, metrics.jsonl and summary.json go", flags=("-o", "--output-dir"), group="output")
+    describe: bool = _f(False, "print the module table and exit", group="output")
+    progress: str = _f("auto", "progress bar within epochs (auto = only on a terminal)", group="output", choices=("auto", "on", "off"))
+    eval_heads: bool = _f(True, "also report each aux head's test accuracy", group="output")
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        def bad(flag: str, msg: str) -> None:
+            raise ConfigError(f"{flag}: {msg}")
+
+        if self.method not in METHODS:
+            bad("--method", f"{self.method!r} is not one of {', '.join(METHODS)}")
+        if self.dataset not in DATASETS:
+            bad("--dataset", f"{self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.aux not in AUX_CONFIGS:
+            bad("--aux", f"{self.aux!r} is not one of {', '.join(AUX_CONFIGS)}")
+        try:
+            blocks_per_stage(self.arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.modules < 1:
+            bad("-J/--modules", f"must be >= 1, got {self.modules}")
+        try:
+            resolve_split(self.arch, self.modules, self.split, self.split_recipe)
+        except SplitError as e:
+            raise ConfigError(str(e)) from None
+        if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
+            bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
+        if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
+            bad("--aux", "InfoPro uses InfoPro's AuxClassifier heads: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f or 2c2f")
+        if self.period < 1:
+            bad("-P/--period", f"must be >= 1, got {self.period}")
+        if self.duration < 0:
+            bad("-Q/--duration", f"must be >= 0, got {self.duration}")
+        if self.epochs < 1:
+            bad("--epochs", f"must be >= 1, got {self.epochs}")
+        if self.batch_size is None:
+            self.batch_size = 128 if self.recipe_name == "stl10" else 1024
+        if self.lr is None:
+            self.lr = 0.1 if self.recipe_name == "stl10" else 0.8
+        if not 1 <= self.batch_size <= 65536:
+            bad("-b/--batch-size", f"must be in 1..65536, got {self.batch_size}")
+        if self.test_batch_size is None:
+            self.test_batch_size = self.batch_size
+        if self.test_batch_size < 1:
+            bad("--test-batch-size", f"must be >= 1, got {self.test_batch_size}")
+        if not (0.0 < self.lr <= 100.0):
+            bad("--lr", f"must be in (0, 100], got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("--momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            bad("--weight-decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            bad("--warmup-epochs", f"must be in 0..epochs-1, got {self.warmup_epochs}")
+        if self.aux_widen <= 0:
+            bad("--aux-widen", f"must be > 0, got {self.aux_widen}")
+        if self.aux_feature_dim < 1:
+            bad("--aux-feature-dim", f"must be >= 1, got {self.aux_feature_dim}")
+        for flag, v in (("--train-subset", self.train_subset), ("--test-subset", self.test_subset)):
+            if v is not None and v < 1:
+                bad(flag, f"must be >= 1, got {v}")
+        if self.synthetic_train < 1 or self.synthetic_test < 1:
+            bad("--synthetic-train/--synthetic-test", "must be >= 1")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("--device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not 0.0 <= self.droprate < 1.0:
+            bad("--droprate", f"must be in [0, 1), got {self.droprate}")
+        if self.method == "infopro":
+            self._resolve_lambdas(bad)
+
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe if self.dataset == "imagefolder" else (
+            self.dataset if self.dataset in RECIPES else "cifar10")
+
+    @property
+    def split_recipe(self) -> str:
+        return "stl10" if self.recipe_name == "stl10" else "cifar10"
+
+    @property
+    def nesterov(self) -> bool:
+        return not self.no_nesterov and self.momentum > 0
+
+    def _resolve_lambdas(self, bad) -> None:
+        given = [self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2]
+        if all(v is not None for v in given):
+            return
+        key = (self.recipe_name, self.arch, self.modules, self.split == "balanced")
+        table = INFOPRO_LAMBDAS.get(key)
+        if table is None:
+            bad("--ixx-1/--ixy-1/--ixx-2/--ixy-2",
+                f"InfoPro has no lambda defaults for {key[1]} J={key[2]} on {key[0]}"
+                f"{' (balanced)' if key[3] else ''}; pass all four")
+        for name, v in zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), table):
+            if getattr(self, name) is None:
+                setattr(self, name, float(v))
+
+    def infopro_lambdas(self, j: int) -> tuple[float, float]:
+        """(lambda_1, lambda_2) of local module j = 0 .. J-2, linear between the endpoints."""
+        ratio = j / (self.modules - 2) if self.modules > 2 else 0.0
+        return (self.ixx_1 * (1 - ratio) + self.ixx_2 * ratio, self.ixy_1 * (1 - ratio) + self.ixy_2 * ratio)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+GROUP_TITLES = {
+    "data": "data", "model": "model and split", "method": "method (BP / DGL / InfoPro / PGL)",
+    "optimisation": "optimisation", "runtime": "runtime and performance", "output": "output",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2, no traceback
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="python -m pgl_fast.train",
+        description="Train CIFAR ResNets with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
+        epilog="example: python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg "
+               "--arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = {k: p.add_argument_group(v) for k, v in GROUP_TITLES.items()}
+    for f in fields(TrainConfig):
+        md = f.metadata
+        flags = md["flags"] or ("--" + f.name.replace("_", "-"),)
+        g = groups[md["group"]]
+        kw: dict = {"dest": f.name, "help": md["help"], "default": f.default}
+        if f.type in ("bool", bool):
+            kw["action"] = "store_true"
+        else:
+            typ = {"int": int, "float": float}.get(
+                str(f.type).replace(" | None", ""), str)
+            kw["type"] = typ
+            if md["choices"]:
+                kw["choices"] = md["choices"]
+            if md["metavar"]:
+                kw["metavar"] = md["metavar"]
+        g.add_argument(*flags, **kw)
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,240 @@
+"""Training executors. Each step kind is one explicit, swappable piece:
+
+- ``local_step``: for j = 1..J: run module j on the detached output of module j-1, its local loss,
+  its backward, step its optimizer, free its graph and gradients. Only one module's activations
+  (plus its aux head) are alive at a time. DGL, InfoPro and PGL's local epochs.
+- ``global_step``: run all modules end to end; at every cut the aux head sees the *detached*
+  features and its local loss is backpropagated at once (eq. 4: heads learn from their local loss
+  only, and their graphs are freed before the next module runs); then the final loss is
+  backpropagated through the whole backbone (eq. 3: the backbone learns from the final loss only).
+  PGL's global epochs. With ``checkpoint_global`` the modules are checkpointed at their
+  boundaries.
+- ``bp_step``: plain end-to-end backprop on the final loss (no aux heads exist).
+
+There is one SGD optimizer per module (module j's backbone parameters, its aux head and decoder).
+Stepping module j right after its own backward is exactly InfoPro's single step after all
+backwards, because SGD (momentum, Nesterov, weight decay) is elementwise per parameter and every
+module's input was computed before any update (prior-art §6.3). Optimizer state carries across
+phase switches untouched.
+
+Step statistics are accumulated in device tensors and read once per epoch (no host sync per step).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .heads import reconstruction_loss, supcon_loss, upcast
+from .network import LocalNet
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module):
+    """Batch norm still normalises with batch statistics but leaves its running statistics (and
+    ``num_batches_tracked``) untouched: used for the recomputation inside checkpointing, so that
+    running statistics are updated exactly once per forward."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Non-reentrant checkpoint of ``module(x)``; the recomputation does not touch BN statistics."""
+    calls = [0]
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return module(inp)
+        with frozen_bn_stats(module):
+            return module(inp)
+
+    has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    return checkpoint(run, x, use_reentrant=False, preserve_rng_state=has_dropout)
+
+
+@dataclass
+class LossSpec:
+    """What the local loss of a module is made of (resolved from the config)."""
+
+    kind: str  # "ce" (DGL / PGL) or "infopro"
+    infopro_contrast: bool = False
+    lambdas: tuple[tuple[float, float], ...] = ()
+
+
+class StepStats:
+    """Device-side accumulators for one epoch."""
+
+    def __init__(self, J: int, device: torch.device):
+        self.loss_sum = torch.zeros(J, device=device, dtype=torch.float64)
+        self.final_correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.samples = 0
+        self.steps = 0
+        # first step at which module j's loss was non-finite (-1: never)
+        self.first_bad = torch.full((J,), -1, device=device, dtype=torch.int64)
+
+    def add(self, j: int, loss: torch.Tensor, n: int) -> None:
+        loss = loss.detach()
+        self.loss_sum[j] += loss.double() * n
+        bad = ~torch.isfinite(loss)
+        self.first_bad[j] = torch.where(bad & (self.first_bad[j] < 0),
+                                        torch.as_tensor(self.steps, device=loss.device), self.first_bad[j])
+
+    def add_correct(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.final_correct += (logits.detach().argmax(1) == y).sum()
+
+    def read(self) -> dict:
+        """One host sync: the epoch's averages."""
+        n = max(self.samples, 1)
+        losses = (self.loss_sum / n).tolist()
+        return {
+            "losses": losses,
+            "train_acc": self.final_correct.item() / n,
+            "first_bad": self.first_bad.tolist(),
+        }
+
+
+class Executor:
+    def __init__(self, net: LocalNet, *, method: str, lr: float, momentum: float, nesterov: bool,
+                 weight_decay: float, loss_spec: LossSpec, amp_dtype: torch.dtype | None,
+                 checkpoint_global: bool = False, channels_last: bool = False):
+        self.net = net
+        self.method = method
+        self.J = net.J
+        self.loss_spec = loss_spec
+        self.amp_dtype = amp_dtype
+        self.checkpoint_global = checkpoint_global
+        self.channels_last = channels_last
+        self.optimizers = [
+            torch.optim.SGD(net.module_parameters(j) + net.aux_parameters(j), lr=lr, momentum=momentum,
+                            nesterov=nesterov, weight_decay=weight_decay)
+            for j in range(self.J)
+        ]
+        self.device_type = next(net.parameters()).device.type
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+
+    def _step(self, j: int) -> None:
+        self.optimizers[j].step()
+        self.optimizers[j].zero_grad(set_to_none=True)
+
+    def local_loss(self, j: int, h: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> torch.Tensor:
+        """The local loss of module j < J-1 on its output ``h``."""
+        out = self.net.heads[j](h)
+        if self.loss_spec.kind == "ce":
+            return F.cross_entropy(upcast(out), y)
+        lam_rec, lam_task = self.loss_spec.lambdas[j]
+        task = supcon_loss(out, y) if self.loss_spec.infopro_contrast else F.cross_entropy(upcast(out), y)
+        rec = reconstruction_loss(self.net.decoders[j](h), image01)
+        return lam_rec * rec + lam_task * task
+
+    # -- the three step kinds --------------------------------------------------------------------
+    def local_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats,
+                   image01: torch.Tensor | None = None) -> None:
+        net, n = self.net, x.shape[0]
+        h = x
+        for j in range(self.J):
+            with self.autocast():
+                h = net.blocks[j](h.detach())
+                if j < self.J - 1:
+                    loss = self.local_loss(j, h, y, image01)
+                else:
+                    logits = net.classifier(h)
+                    loss = F.cross_entropy(upcast(logits), y)
+            loss.backward()
+            self._step(j)
+            stats.add(j, loss, n)
+            del loss
+        stats.add_correct(logits, y)
+        stats.samples += n
+        stats.steps += 1
+
+    def global_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
+        net, n = self.net, x.shape[0]
+        h = x
+        for j in range(self.J):
+            with self.autocast():
+                h = checkpointed(net.blocks[j], h) if self.checkpoint_global else net.blocks[j](h)
+                if j < self.J - 1 and len(net.heads) > 0:
+                    # eq. 4: the head learns from its local loss on detached features only; its
+                    # graph is released right here instead of living until the final backward.
+                    aux_loss = self.local_loss(j, h.detach(), y, None)
+            if j < self.J - 1 and len(net.heads) > 0:
+                aux_loss.backward()
+                stats.add(j, aux_loss, n)
+                del aux_loss
+        with self.autocast():
+            logits = net.classifier(h)
+            loss = F.cross_entropy(upcast(logits), y)
+        loss.backward()  # eq. 3: the backbone learns from the final loss only
+        for j in range(self.J):
+            self._step(j)
+        stats.add(self.J - 1, loss, n)
+        stats.add_correct(logits, y)
+        stats.samples += n
+        stats.steps += 1
+
+    def bp_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
+        self.global_step(x, y, stats)
+
+    def train_step(self, phase: str, x: torch.Tensor, y: torch.Tensor, stats: StepStats,
+                   image01: torch.Tensor | None = None) -> None:
+        if phase == "local":
+            self.local_step(x, y, stats, image01)
+        else:
+            self.global_step(x, y, stats)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches, eval_heads: bool = True) -> dict:
+        """Test accuracy of the full network, and of every aux head that outputs class logits."""
+        net = self.net
+        was_training = net.training
+        net.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=next(net.parameters()).device)
+        # contrastive InfoPro heads output features, not class logits: nothing to score
+        head_logits = eval_heads and not (self.loss_spec.kind == "infopro" and self.loss_spec.infopro_contrast)
+        n_heads = len(net.heads) if head_logits else 0
+        head_correct = torch.zeros(max(n_heads, 1), dtype=torch.int64, device=correct.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=correct.device)
+        total = 0
+        for x, y in batches:
+            with self.autocast():
+                h = x
+                for j in range(self.J):
+                    h = net.blocks[j](h)
+                    if j < n_heads:
+                        head_correct[j] += (net.heads[j](h).argmax(1) == y).sum()
+                logits = net.classifier(h)
+            loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            total += y.shape[0]
+        net.train(was_training)
+        total = max(total, 1)
+        return {
+            "test_acc": correct.item() / total,
+            "test_loss": loss_sum.item() / total,
+            "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None,
+        }

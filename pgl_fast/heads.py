@@ -1,0 +1,175 @@
+"""Auxiliary networks: InfoPro's ``AuxClassifier`` family, AUX-ADAPT, DGL's ``mlpsr``, and
+InfoPro's reconstruction decoder. Definitions follow prior-art §5.
+
+The conv part of every InfoPro-style head is a list of ``ConvBN`` layers (3x3 conv, no bias,
+BN, ReLU), the last of which is globally average-pooled. That list is what the fused Triton
+kernels (``pgl_fast.kernels``) replace when ``use_kernels`` is on: the parameters and buffers are
+the same modules either way, so eager and fused heads are interchangeable mid-run.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AUX_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "adapt", "mlpsr")
+# AUX-ADAPT: big heads where the proxy is poorest (early, 16 channels), small ones late.
+ADAPT_BY_CHANNELS = {16: "2c2f", 32: "1c3f", 64: "1c2f"}
+# InfoPro: conv width and stride by input channels.
+CONV_BY_CHANNELS = {16: (32, 2), 32: (64, 2), 64: (64, 1)}
+
+
+class ConvBN(nn.Module):
+    """3x3 conv (no bias) -> BN -> ReLU, optionally followed by global average pooling."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor, pool: bool, use_kernels: bool = False) -> torch.Tensor:
+        if use_kernels:
+            from .kernels import conv_bn_relu_module
+
+            return conv_bn_relu_module(x, self.conv, self.bn, pool=pool)
+        y = F.relu(self.bn(self.conv(x)))
+        return y.mean(dim=(2, 3)) if pool else y
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class AuxClassifier(nn.Module):
+    """InfoPro's ``AuxClassifier``: ``kc kf`` = k convs then k linear layers.
+
+    ``out_dim`` is the class count for a cross-entropy head or the feature dimension for a
+    contrastive one.
+    """
+
+    def __init__(self, config: str, in_channels: int, out_dim: int, widen: float = 1.0, feature_dim: int = 128):
+        super().__init__()
+        if config == "adapt":
+            config = ADAPT_BY_CHANNELS[in_channels]
+        if in_channels not in CONV_BY_CHANNELS:
+            raise ValueError(f"aux head {config}: input channels must be 16, 32 or 64, got {in_channels}")
+        self.config = config
+        self.use_kernels = False
+        n_conv, n_fc = int(config[0]), int(config[2])
+        width, stride = CONV_BY_CHANNELS[in_channels]
+        width = int(width * widen)
+        hidden = int(feature_dim * widen)
+        convs, c = [], in_channels
+        for i in range(n_conv):
+            convs.append(ConvBN(c, width, stride if i == 0 else 1))
+            c = width
+        self.convs = nn.ModuleList(convs)
+        self.fc = _mlp([c] + [hidden] * (n_fc - 1) + [out_dim])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.convs) == 0:
+            h = x.mean(dim=(2, 3))
+        else:
+            h = x
+            for i, layer in enumerate(self.convs):
+                h = layer(h, pool=i == len(self.convs) - 1, use_kernels=self.use_kernels)
+        return self.fc(torch.flatten(h, 1))
+
+
+class MLPSRHead(nn.Module):
+    """DGL's ``mlp-sr`` auxiliary network (eugenium/DGL ``auxillary_classifier2``, n_lin=3, mlp_layers=3).
+
+    Pool to ceil(size/4)^2 -> 3 x [1x1 conv C->C (no bias), BN, ReLU] -> pool to 2x2 ->
+    3 x [Linear(4C->4C), BN1d, ReLU] -> Linear(4C -> classes).
+    """
+
+    def __init__(self, in_channels: int, in_size: int, out_dim: int, n_lin: int = 3, mlp_layers: int = 3):
+        super().__init__()
+        self.config = "mlpsr"
+        self.use_kernels = False
+        self.pool_size = math.ceil(in_size / 4)
+        c = in_channels
+        convs: list[nn.Module] = []
+        for _ in range(n_lin):
+            convs += [nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs)
+        feat = c * 4
+        mlp: list[nn.Module] = []
+        for _ in range(mlp_layers):
+            mlp += [nn.Linear(feat, feat), nn.BatchNorm1d(feat), nn.ReLU(inplace=True)]
+        mlp.append(nn.Linear(feat, out_dim))
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.adaptive_avg_pool2d(x, self.pool_size)
+        h = self.convs(h)
+        h = F.adaptive_avg_pool2d(h, 2)
+        return self.mlp(torch.flatten(h, 1))
+
+
+def build_head(config: str, in_channels: int, in_size: int, out_dim: int, widen: float = 1.0,
+               feature_dim: int = 128) -> nn.Module:
+    if config not in AUX_CONFIGS:
+        raise ValueError(f"--aux {config!r} is not one of {', '.join(AUX_CONFIGS)}")
+    if config == "mlpsr":
+        return MLPSRHead(in_channels, in_size, out_dim)
+    return AuxClassifier(config, in_channels, out_dim, widen, feature_dim)
+
+
+class Decoder(nn.Module):
+    """InfoPro's estimate of I(h, x): upsample to the image size (bilinear, align_corners=True),
+    conv3x3 (C -> 12w, bias) -> BN -> ReLU -> conv3x3 (12w -> 3, bias) -> sigmoid."""
+
+    def __init__(self, in_channels: int, image_size: int, widen: float = 1.0):
+        super().__init__()
+        self.image_size = image_size
+        mid = int(12 * widen)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 3, 1, 1, bias=True),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, 3, 3, 1, 1, bias=True),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear", align_corners=True)
+        return self.body(x)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Losses run in at least fp32: half-precision logits from autocast are promoted, float64
+    stays float64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def reconstruction_loss(decoded: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+    """Mean BCE against the de-normalised input image in [0, 1] (computed in fp32: BCE is unsafe
+    under autocast)."""
+    return F.binary_cross_entropy(upcast(decoded), upcast(image01).to(upcast(decoded).dtype))
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                base_temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss, one view, ``contrast_mode='all'`` (prior-art §5.3).
+
+    Positives of i are the other same-label samples in the batch; an anchor with none contributes
+    0 (its positive count is clamped to 1 on the device, so nothing syncs with the host).
+    """
+    z = F.normalize(upcast(features), dim=1)
+    sim = z @ z.t() / temperature
+    sim = sim - sim.max(dim=1, keepdim=True).values.detach()
+    n = z.shape[0]
+    not_self = 1.0 - torch.eye(n, device=z.device, dtype=sim.dtype)
+    positives = (labels[:, None] == labels[None, :]).to(sim.dtype) * not_self
+    log_denominator = torch.log((torch.exp(sim) * not_self).sum(dim=1, keepdim=True))
+    log_prob = sim - log_denominator
+    mean_pos = (positives * log_prob).sum(dim=1) / positives.sum(dim=1).clamp_min(1.0)
+    return -(temperature / base_temperature) * mean_pos.mean()

@@ -1,0 +1,52 @@
+"""Pure schedule functions: which phase each epoch runs, and the learning rate of each epoch.
+
+Epochs are 0-based here (``epoch`` = 0 .. E-1); the InfoPro LR formula is written with 1-based
+``e = epoch + 1``.
+"""
+from __future__ import annotations
+
+import math
+
+LOCAL, GLOBAL = "local", "global"
+
+
+def phase_of_epoch(method: str, epoch: int, period: int, duration: int) -> str:
+    """PGL cycles P local epochs then Q global epochs (cycle length P + Q), starting local.
+
+    ``bp`` is always global; ``dgl`` and ``infopro`` are always local; ``pgl`` with Q = 0 is DGL.
+    """
+    if method == "bp":
+        return GLOBAL
+    if method in ("dgl", "infopro"):
+        return LOCAL
+    if method == "pgl":
+        return LOCAL if epoch % (period + duration) < period else GLOBAL
+    raise ValueError(f"unknown method {method!r}")
+
+
+def phase_table(method: str, epochs: int, period: int, duration: int) -> list[str]:
+    return [phase_of_epoch(method, e, period, duration) for e in range(epochs)]
+
+
+def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, sched: str = "cosine",
+                warmup_epochs: int = 0, warmup_lr: float = 0.01,
+                milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Learning rate of 0-based ``epoch``, set once per epoch as InfoPro does.
+
+    ``cosine``: InfoPro's ``adjust_learning_rate`` with e = epoch + 1:
+    lr = 0.5 * base_lr * (1 + cos(pi * e / E)), so the last epoch runs at exactly 0; during
+    ``warmup_epochs`` W it is blended linearly from ``warmup_lr``:
+    lr = cos_part * (e - 1) / W + warmup_lr * (W + 1 - e) / W  (InfoPro: W = 10, warmup_lr = 0.01).
+    ``step``: base_lr * gamma ** (number of milestones <= epoch).  ``constant``: base_lr.
+    """
+    e = epoch + 1
+    if sched == "constant":
+        return base_lr
+    if sched == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+    if sched != "cosine":
+        raise ValueError(f"unknown schedule {sched!r}")
+    lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * e / epochs))
+    if warmup_epochs > 0 and e <= warmup_epochs:
+        lr = lr * (e - 1) / warmup_epochs + warmup_lr * (warmup_epochs + 1 - e) / warmup_epochs
+    return lr

@@ -1,0 +1,286 @@
+"""Train a CIFAR ResNet with BP, DGL, InfoPro or PGL.
+
+    python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg \\
+        --arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2
+
+Outputs go to ``--output-dir``: ``config.json`` (resolved config), ``header.json`` (versions,
+device), ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import data as data_mod
+from .config import ConfigError, TrainConfig, config_from_args
+from .engine import Executor, LossSpec, StepStats
+from .metrics import JsonlWriter, PeakMemory, run_header, write_json_atomic
+from .network import LocalNet
+from .schedule import lr_at_epoch, phase_of_epoch
+
+
+class UserError(Exception):
+    """Anything the user can fix: printed as one line, exit code 2."""
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {cfg.device}: only {torch.cuda.device_count()} GPU(s) visible")
+    if cfg.cuda_graphs and dev.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU (device here: cpu); drop the flag to train eagerly")
+    if cfg.amp and cfg.amp_dtype == "fp16" and dev.type != "cuda":
+        raise UserError("--amp-dtype fp16 needs a CUDA GPU; use the default bf16 on the CPU")
+    return dev
+
+
+def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.head_kernels == "eager" or cfg.method == "bp":
+        return False
+    if cfg.head_kernels == "auto" and device.type != "cuda":
+        return False
+    if cfg.aux in ("mlpsr",):
+        if cfg.head_kernels == "triton":
+            raise UserError("--head-kernels triton: the mlpsr head has no fused kernel; use --head-kernels eager")
+        return False
+    from .kernels import triton_available
+
+    ok, reason = triton_available(device)
+    if not ok:
+        if cfg.head_kernels == "triton":
+            raise UserError(f"--head-kernels triton: {reason}")
+        return False
+    return True
+
+
+def build_network(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalNet:
+    infopro = cfg.method == "infopro"
+    return LocalNet(
+        # bp keeps the J-module split too: it only sets the checkpoint segments (--checkpoint-global)
+        cfg.arch, cfg.modules, num_classes=num_classes, image_size=image_size, split=cfg.split,
+        split_recipe=cfg.split_recipe, aux=None if cfg.method == "bp" else cfg.aux,
+        aux_widen=cfg.aux_widen, aux_feature_dim=cfg.aux_feature_dim,
+        head_out_dim=cfg.aux_feature_dim if infopro and cfg.infopro_loss == "contrast" else None,
+        decoders=infopro, droprate=cfg.droprate,
+    )
+
+
+def loss_spec(cfg: TrainConfig, J: int) -> LossSpec:
+    if cfg.method != "infopro":
+        return LossSpec(kind="ce")
+    return LossSpec(kind="infopro", infopro_contrast=cfg.infopro_loss == "contrast",
+                    lambdas=tuple(cfg.infopro_lambdas(j) for j in range(J - 1)))
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def describe(cfg: TrainConfig, net: LocalNet, image_size: int) -> str:
+    rows = net.describe()
+    counts = net.count_parameters()
+    head = (f"{cfg.arch} split into J={net.J} modules (--split {cfg.split}), method {cfg.method}, "
+            f"aux {'none' if cfg.method == 'bp' else cfg.aux}, input {image_size}x{image_size}")
+    total = (f"parameters: backbone {counts['backbone']:,}  aux {counts['aux']:,}  "
+             f"total {counts['total']:,} ({counts['total'] / 1e6:.3f}M)")
+    return "\n".join([head, format_table(rows, list(rows[0].keys())), total])
+
+
+def _progress(cfg: TrainConfig, total: int, desc: str):
+    enabled = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: not writable ({e.strerror or e})") from None
+
+
+def run(cfg: TrainConfig) -> dict:
+    device = resolve_device(cfg)
+    use_kernels = resolve_head_kernels(cfg, device)
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if cfg.describe:
+        spec_size = 96 if cfg.recipe_name == "stl10" else 32
+        net = build_network(cfg, 10, spec_size)
+        print(describe(cfg, net, spec_size))
+        return {}
+
+    prepare_output_dir(cfg.output_dir)
+    try:
+        data = data_mod.load_dataset(
+            cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
+            cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
+            synthetic_test=cfg.synthetic_test)
+    except data_mod.DataError as e:
+        raise UserError(str(e)) from None
+    spec = data.spec
+    net = build_network(cfg, spec.num_classes, spec.image_size).to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net.set_head_kernels(use_kernels)
+    amp_dtype = None
+    if cfg.amp:
+        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    exe = Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                   weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
+                   checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last)
+
+    header = run_header(cfg.to_dict(), device)
+    header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(),
+                   "head_kernels": "triton" if use_kernels else "eager",
+                   "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0])})
+    cfg.save(os.path.join(cfg.output_dir, "config.json"))
+    write_json_atomic(os.path.join(cfg.output_dir, "header.json"), header)
+    print(f"pgl_fast {header['pgl_fast']} | torch {header['torch']} | device {header['device_name']} "
+          f"({device}) | {cfg.method} {cfg.arch} J={net.J} aux={cfg.aux if cfg.method != 'bp' else '-'} "
+          f"| {header['train_images']} train / {header['test_images']} test images")
+    print(describe(cfg, net, spec.image_size))
+
+    metrics = JsonlWriter(os.path.join(cfg.output_dir, "metrics.jsonl"))
+    augment = data_mod.BatchAugmenter(spec, device)
+    gen = data_mod.make_generator(cfg.seed, device)
+    memory = PeakMemory(device)
+    n_train = int(data.train_y.shape[0])
+    dtype = torch.float32
+    best_acc, best_epoch, last = -1.0, -1, None
+    peak_by_phase: dict[str, float] = {}
+    t_start = time.time()
+
+    def test_batches():
+        n = int(data.test_y.shape[0])
+        for i in range(0, n, cfg.test_batch_size):
+            x = data_mod.normalize(data.test_x[i:i + cfg.test_batch_size], spec, dtype, cfg.channels_last)
+            yield x, data.test_y[i:i + cfg.test_batch_size]
+
+    for epoch in range(cfg.epochs):
+        phase = "bp" if cfg.method == "bp" else phase_of_epoch(cfg.method, epoch, cfg.period, cfg.duration)
+        exe_phase = "global" if phase in ("global", "bp") else "local"
+        lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched,
+                         warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                         milestones=(cfg.epochs // 2, cfg.epochs * 3 // 4))
+        exe.set_lr(lr)
+        print(f"epoch {epoch + 1}/{cfg.epochs} phase={phase} lr={lr:.5g}", flush=True)
+        memory.reset()
+        net.train()
+        stats = StepStats(net.J, device)
+        batches = data_mod.epoch_batches(n_train, cfg.batch_size, generator=gen, drop_last=cfg.drop_last,
+                                         device=device)
+        bar = _progress(cfg, len(batches), f"epoch {epoch + 1} {phase}")
+        t0 = time.time()
+        for idx in batches:
+            xb = augment(data.train_x[idx], gen)
+            x = data_mod.normalize(xb, spec, dtype, cfg.channels_last)
+            image01 = xb.float().div_(255) if cfg.method == "infopro" else None
+            exe.train_step(exe_phase, x, data.train_y[idx], stats, image01)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.time() - t0
+        tr = stats.read()
+        mem = memory.read()
+        bad = [j for j, s in enumerate(tr["first_bad"]) if s >= 0]
+        if bad:
+            j = bad[0]
+            raise NonFiniteError(
+                f"non-finite loss at epoch {epoch + 1}, step {tr['first_bad'][j] + 1}, phase {phase}, "
+                f"module {j} ({'final loss' if j == net.J - 1 else 'local loss'})")
+        ev = exe.evaluate(test_batches(), cfg.eval_heads)
+        if ev["test_acc"] > best_acc:
+            best_acc, best_epoch = ev["test_acc"], epoch + 1
+        if mem["peak_mib"] is not None:
+            peak_by_phase[phase] = max(peak_by_phase.get(phase, 0.0), mem["peak_mib"])
+        last = {
+            "event": "epoch", "epoch": epoch + 1, "phase": phase, "lr": lr,
+            "train_loss": tr["losses"][-1], "module_losses": tr["losses"], "train_acc": tr["train_acc"],
+            "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
+            "images_per_s": stats.samples / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
+            "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
+            "mem_kind": mem["kind"],
+        }
+        metrics.write(last)
+        print(f"epoch {epoch + 1:>4} {phase:<6} lr {lr:.4f} loss {tr['losses'][-1]:.4f} "
+              f"train {100 * tr['train_acc']:.2f}% test {100 * ev['test_acc']:.2f}% "
+              f"({last['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
+              flush=True)
+
+    summary = {
+        "final_test_acc": last["test_acc"] if last else None,
+        "best_test_acc": best_acc, "best_epoch": best_epoch, "epochs": cfg.epochs,
+        "parameters": net.count_parameters(), "parameters_with_aux": net.count_parameters()["total"],
+        "parameters_without_aux": net.count_parameters()["backbone"],
+        "wall_seconds": time.time() - t_start, "peak_mem_mib_by_phase": peak_by_phase,
+        "mem_kind": memory.read()["kind"], "method": cfg.method, "arch": cfg.arch, "J": net.J,
+        "aux": None if cfg.method == "bp" else cfg.aux,
+    }
+    write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
+    print(f"done: final {100 * summary['final_test_acc']:.2f}%  best {100 * best_acc:.2f}% (epoch {best_epoch})  "
+          f"wall {summary['wall_seconds']:.0f}s")
+    return summary
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        run(cfg)
+    except (ConfigError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"error: {e}; the last checkpoint is intact", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
