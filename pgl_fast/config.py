@@ -96,7 +96,7 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum", group="optimisation")
     no_nesterov: bool = _f(False, "plain momentum instead of Nesterov", group="optimisation")
     weight_decay: float = _f(1e-4, "L2 weight decay (on every parameter, as InfoPro)", group="optimisation")
-    sched: str = _f("cosine", "LR schedule, set once per epoch", group="optimisation", choices=("cosine", "step", "constant"))
+    sched: str = _f("cosine", "LR schedule, set once per epoch; infopro-cosine = InfoPro's exact formula (last epoch at lr 0)", group="optimisation", choices=("cosine", "infopro-cosine", "step", "constant"))
     warmup_epochs: int = _f(0, "InfoPro warm-up epochs for cosine (InfoPro's --cos_lr uses 10)", group="optimisation")
     warmup_lr: float = _f(0.01, "learning rate the warm-up starts from", group="optimisation")
 

@@ -33,9 +33,11 @@ def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, sched: str = "cosine
                 milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
     """Learning rate of 0-based ``epoch``, set once per epoch as InfoPro does.
 
-    ``cosine``: InfoPro's ``adjust_learning_rate`` with e = epoch + 1:
-    lr = 0.5 * base_lr * (1 + cos(pi * e / E)), so the last epoch runs at exactly 0; during
-    ``warmup_epochs`` W it is blended linearly from ``warmup_lr``:
+    ``cosine``: per-epoch cosine annealing from base_lr (torch's CosineAnnealingLR with
+    T_max = E): lr = 0.5 * base_lr * (1 + cos(pi * epoch / E)); every epoch trains.
+    ``infopro-cosine``: InfoPro's ``adjust_learning_rate`` exactly, with e = epoch + 1:
+    lr = 0.5 * base_lr * (1 + cos(pi * e / E)), so the last epoch runs at exactly 0.
+    For both, during ``warmup_epochs`` W the rate is blended linearly from ``warmup_lr``:
     lr = cos_part * (e - 1) / W + warmup_lr * (W + 1 - e) / W  (InfoPro: W = 10, warmup_lr = 0.01).
     ``step``: base_lr * gamma ** (number of milestones <= epoch).  ``constant``: base_lr.
     """
@@ -44,9 +46,10 @@ def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, sched: str = "cosine
         return base_lr
     if sched == "step":
         return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
-    if sched != "cosine":
+    if sched not in ("cosine", "infopro-cosine"):
         raise ValueError(f"unknown schedule {sched!r}")
-    lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * e / epochs))
+    t = e if sched == "infopro-cosine" else epoch
+    lr = 0.5 * base_lr * (1.0 + math.cos(math.pi * t / epochs))
     if warmup_epochs > 0 and e <= warmup_epochs:
         lr = lr * (e - 1) / warmup_epochs + warmup_lr * (warmup_epochs + 1 - e) / warmup_epochs
     return lr

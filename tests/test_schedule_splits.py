@@ -42,13 +42,16 @@ def test_other_methods_phase():
 ])
 def test_infopro_cosine_warmup_table(e, lr0, expected):
     # values from prior-art §7.2 (InfoPro --cos_lr), 1-based epoch e
-    got = lr_at_epoch(e - 1, base_lr=lr0, epochs=160, sched="cosine", warmup_epochs=10, warmup_lr=0.01)
+    got = lr_at_epoch(e - 1, base_lr=lr0, epochs=160, sched="infopro-cosine", warmup_epochs=10, warmup_lr=0.01)
     assert got == pytest.approx(expected, abs=6e-5)
 
 
 def test_cosine_without_warmup_and_step():
-    assert lr_at_epoch(0, base_lr=1.0, epochs=4, sched="cosine") == pytest.approx(0.5 * (1 + 0.7071067811865476))
-    assert lr_at_epoch(3, base_lr=1.0, epochs=4, sched="cosine") == pytest.approx(0.0)
+    assert lr_at_epoch(0, base_lr=1.0, epochs=4, sched="infopro-cosine") == pytest.approx(0.5 * (1 + 0.7071067811865476))
+    assert lr_at_epoch(3, base_lr=1.0, epochs=4, sched="infopro-cosine") == pytest.approx(0.0)
+    # plain cosine: 1.0, 0.8536, 0.5, 0.1464 -- the last epoch still trains
+    got = [lr_at_epoch(e, base_lr=1.0, epochs=4, sched="cosine") for e in range(4)]
+    assert got == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466])
     assert lr_at_epoch(5, base_lr=1.0, epochs=10, sched="step", milestones=(5, 8)) == pytest.approx(0.1)
 
 
