@@ -115,7 +115,10 @@ class TrainConfig:
     output_dir: str = _f("runs/pgl", "where config.json, metrics.jsonl and summary.json go", flags=("-o", "--output-dir"), group="output")
     describe: bool = _f(False, "print the module table and exit", group="output")
     progress: str = _f("auto", "progress bar within epochs (auto = only on a terminal)", group="output", choices=("auto", "on", "off"))
-    eval_heads: bool = _f(True, "also report each aux head's test accuracy", group="output")
+    no_head_eval: bool = _f(False, "skip scoring each aux head on the test set every epoch", group="output")
+    resume: str | None = _f(None, "resume from a checkpoint file, or 'auto': the newest complete one in --output-dir", group="output", metavar="PATH|auto")
+    save_every: int = _f(0, "also checkpoint every N training steps inside an epoch (0: only at epoch ends)", group="output", metavar="N")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep", group="output", metavar="K")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -179,6 +182,10 @@ class TrainConfig:
             bad("--device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if not 0.0 <= self.droprate < 1.0:
             bad("--droprate", f"must be in [0, 1), got {self.droprate}")
+        if self.save_every < 0:
+            bad("--save-every", f"must be >= 0, got {self.save_every}")
+        if self.keep_checkpoints < 1:
+            bad("--keep-checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         if self.method == "infopro":
             self._resolve_lambdas(bad)
 

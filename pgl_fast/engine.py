@@ -83,8 +83,9 @@ class StepStats:
         self.final_correct = torch.zeros((), device=device, dtype=torch.int64)
         self.samples = 0
         self.steps = 0
-        # first step at which module j's loss was non-finite (-1: never)
+        # first step at which module j's loss (or gradient) was non-finite (-1: never)
         self.first_bad = torch.full((J,), -1, device=device, dtype=torch.int64)
+        self.first_bad_grad = torch.full((J,), -1, device=device, dtype=torch.int64)
 
     def add(self, j: int, loss: torch.Tensor, n: int) -> None:
         loss = loss.detach()
@@ -92,6 +93,23 @@ class StepStats:
         bad = ~torch.isfinite(loss)
         self.first_bad[j] = torch.where(bad & (self.first_bad[j] < 0),
                                         torch.as_tensor(self.steps, device=loss.device), self.first_bad[j])
+
+    def add_grad_check(self, j: int, grads: list[torch.Tensor]) -> None:
+        if not grads:
+            return
+        total = torch.stack([g.detach().float().norm() for g in grads]).sum()
+        bad = ~torch.isfinite(total)
+        self.first_bad_grad[j] = torch.where(bad & (self.first_bad_grad[j] < 0),
+                                             torch.as_tensor(self.steps, device=total.device), self.first_bad_grad[j])
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum.cpu(), "final_correct": self.final_correct.cpu(), "samples": self.samples,
+                "steps": self.steps, "first_bad": self.first_bad.cpu(), "first_bad_grad": self.first_bad_grad.cpu()}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in ("loss_sum", "final_correct", "first_bad", "first_bad_grad"):
+            getattr(self, k).copy_(d[k])
+        self.samples, self.steps = d["samples"], d["steps"]
 
     def add_correct(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.final_correct += (logits.detach().argmax(1) == y).sum()
@@ -104,6 +122,7 @@ class StepStats:
             "losses": losses,
             "train_acc": self.final_correct.item() / n,
             "first_bad": self.first_bad.tolist(),
+            "first_bad_grad": self.first_bad_grad.tolist(),
         }
 
 
@@ -124,6 +143,9 @@ class Executor:
             for j in range(self.J)
         ]
         self.device_type = next(net.parameters()).device.type
+        # fp16 needs loss scaling; bf16 (the default) does not, so nothing syncs with the host
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp_dtype == torch.float16 else None
+        self.stats: StepStats | None = None  # set by the train step for the gradient check
 
     # -- helpers ---------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -136,9 +158,23 @@ class Executor:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype)
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def _step(self, j: int) -> None:
-        self.optimizers[j].step()
-        self.optimizers[j].zero_grad(set_to_none=True)
+        opt = self.optimizers[j]
+        if self.scaler is not None:
+            self.scaler.step(opt)  # skips the step on inf/nan gradients, by design
+        else:
+            if self.stats is not None:
+                self.stats.add_grad_check(j, [p.grad for g in opt.param_groups for p in g["params"]
+                                              if p.grad is not None])
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _end_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
 
     def local_loss(self, j: int, h: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> torch.Tensor:
         """The local loss of module j < J-1 on its output ``h``."""
@@ -163,10 +199,12 @@ class Executor:
                 else:
                     logits = net.classifier(h)
                     loss = F.cross_entropy(upcast(logits), y)
-            loss.backward()
+            self.stats = stats
+            self._backward(loss)
             self._step(j)
             stats.add(j, loss, n)
             del loss
+        self._end_step()
         stats.add_correct(logits, y)
         stats.samples += n
         stats.steps += 1
@@ -182,15 +220,17 @@ class Executor:
                     # graph is released right here instead of living until the final backward.
                     aux_loss = self.local_loss(j, h.detach(), y, None)
             if j < self.J - 1 and len(net.heads) > 0:
-                aux_loss.backward()
+                self._backward(aux_loss)
                 stats.add(j, aux_loss, n)
                 del aux_loss
         with self.autocast():
             logits = net.classifier(h)
             loss = F.cross_entropy(upcast(logits), y)
-        loss.backward()  # eq. 3: the backbone learns from the final loss only
+        self._backward(loss)  # eq. 3: the backbone learns from the final loss only
+        self.stats = stats
         for j in range(self.J):
             self._step(j)
+        self._end_step()
         stats.add(self.J - 1, loss, n)
         stats.add_correct(logits, y)
         stats.samples += n

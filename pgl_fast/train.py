@@ -8,13 +8,14 @@ device), ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``checkpoi
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import sys
 import time
 
 import torch
 
+from . import checkpoint as ckpt
 from . import data as data_mod
 from .config import ConfigError, TrainConfig, config_from_args
 from .engine import Executor, LossSpec, StepStats
@@ -128,6 +129,36 @@ def prepare_output_dir(path: str) -> None:
         raise UserError(f"--output-dir {path}: not writable ({e.strerror or e})") from None
 
 
+def _test_batches(data, spec, cfg: TrainConfig):
+    n = int(data.test_y.shape[0])
+    for i in range(0, n, cfg.test_batch_size):
+        x = data_mod.normalize(data.test_x[i:i + cfg.test_batch_size], spec, torch.float32, cfg.channels_last)
+        yield x, data.test_y[i:i + cfg.test_batch_size]
+
+
+def _check_finite(tr: dict, epoch: int, phase: str, J: int, *, partial: bool = False) -> None:
+    """Raise NonFiniteError naming epoch, step, phase and module if any loss or gradient was."""
+    for key, what in (("first_bad", "loss"), ("first_bad_grad", "gradient")):
+        bad = [(s, j) for j, s in enumerate(tr[key]) if s >= 0]
+        if bad:
+            s, j = min(bad)
+            kind = "final loss" if j == J - 1 else "local loss"
+            raise NonFiniteError(
+                f"non-finite {what} at epoch {epoch + 1}, step {s + 1}, phase {phase}, module {j} ({kind})"
+                f"{' (found before a mid-epoch checkpoint)' if partial else ''}")
+
+
+def _kill_hook(epoch: int, step) -> None:
+    """Test hook: ``PGL_FAST_KILL_AT=epoch:step`` (1-based epoch, completed steps of it, or ``end``
+    once the epoch's checkpoint and metrics line are written) SIGKILLs this process right there, to
+    test resume from a real, abrupt death."""
+    spec = os.environ.get("PGL_FAST_KILL_AT")
+    if spec and spec == f"{epoch + 1}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg)
     use_kernels = resolve_head_kernels(cfg, device)
@@ -146,6 +177,12 @@ def run(cfg: TrainConfig) -> dict:
         return {}
 
     prepare_output_dir(cfg.output_dir)
+    resume_state = None
+    if cfg.resume is not None:
+        try:
+            resume_state = ckpt.find_resume(cfg.resume, cfg.output_dir, cfg.to_dict())
+        except ckpt.CheckpointError as e:
+            raise UserError(str(e)) from None
     try:
         data = data_mod.load_dataset(
             cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
@@ -165,35 +202,68 @@ def run(cfg: TrainConfig) -> dict:
     exe = Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                    weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
                    checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last)
+    gen = data_mod.make_generator(cfg.seed, device)
+
+    # -- the run's state, restored from a checkpoint when resuming --------------------------------
+    start_epoch, start_step = 0, 0
+    records: list[dict] = []
+    best_acc, best_epoch, elapsed = -1.0, -1, 0.0
+    peak_by_phase: dict[str, float] = {}
+    mid_epoch = None
+    if resume_state is not None:
+        net.load_state_dict(resume_state["model"])
+        for opt, sd in zip(exe.optimizers, resume_state["optimizers"]):
+            opt.load_state_dict(sd)
+        if exe.scaler is not None and resume_state.get("scaler"):
+            exe.scaler.load_state_dict(resume_state["scaler"])
+        ckpt.set_rng_state(resume_state["rng"])
+        gen.set_state(resume_state["data_generator"].to(gen.get_state().device))
+        start_epoch, start_step = resume_state["epoch"], resume_state["step"]
+        records = list(resume_state["records"])
+        best_acc, best_epoch = resume_state["best_acc"], resume_state["best_epoch"]
+        elapsed, peak_by_phase = resume_state["elapsed"], dict(resume_state["peak_by_phase"])
+        mid_epoch = resume_state.get("mid_epoch")
+        print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
+              f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
     header = run_header(cfg.to_dict(), device)
     header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(),
                    "head_kernels": "triton" if use_kernels else "eager",
-                   "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0])})
+                   "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
+                   "resumed_from": resume_state["path"] if resume_state else None})
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
     write_json_atomic(os.path.join(cfg.output_dir, "header.json"), header)
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
+    with open(metrics_path + ".tmp", "w") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(metrics_path + ".tmp", metrics_path)
+    metrics = JsonlWriter(metrics_path)
     print(f"pgl_fast {header['pgl_fast']} | torch {header['torch']} | device {header['device_name']} "
           f"({device}) | {cfg.method} {cfg.arch} J={net.J} aux={cfg.aux if cfg.method != 'bp' else '-'} "
           f"| {header['train_images']} train / {header['test_images']} test images")
     print(describe(cfg, net, spec.image_size))
 
-    metrics = JsonlWriter(os.path.join(cfg.output_dir, "metrics.jsonl"))
     augment = data_mod.BatchAugmenter(spec, device)
-    gen = data_mod.make_generator(cfg.seed, device)
     memory = PeakMemory(device)
     n_train = int(data.train_y.shape[0])
-    dtype = torch.float32
-    best_acc, best_epoch, last = -1.0, -1, None
-    peak_by_phase: dict[str, float] = {}
-    t_start = time.time()
+    t_start = time.time() - elapsed
 
-    def test_batches():
-        n = int(data.test_y.shape[0])
-        for i in range(0, n, cfg.test_batch_size):
-            x = data_mod.normalize(data.test_x[i:i + cfg.test_batch_size], spec, dtype, cfg.channels_last)
-            yield x, data.test_y[i:i + cfg.test_batch_size]
+    def save(epoch_done: int, step: int, mid: dict | None) -> None:
+        state = {
+            "model": net.state_dict(), "optimizers": [o.state_dict() for o in exe.optimizers],
+            "scaler": exe.scaler.state_dict() if exe.scaler is not None else None,
+            "rng": ckpt.rng_state(), "data_generator": gen.get_state().cpu(),
+            "epoch": epoch_done, "step": step, "mid_epoch": mid,
+            "phase": phase_of_epoch(cfg.method, min(epoch_done, cfg.epochs - 1), cfg.period, cfg.duration),
+            "records": records, "best_acc": best_acc, "best_epoch": best_epoch,
+            "elapsed": time.time() - t_start, "peak_by_phase": peak_by_phase, "config": cfg.to_dict(),
+            "versions": {"torch": str(torch.__version__), "pgl_fast": str(header["pgl_fast"])},
+        }
+        ckpt.save_checkpoint(cfg.output_dir, state, cfg.keep_checkpoints)
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         phase = "bp" if cfg.method == "bp" else phase_of_epoch(cfg.method, epoch, cfg.period, cfg.duration)
         exe_phase = "global" if phase in ("global", "bp") else "local"
         lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched,
@@ -204,36 +274,51 @@ def run(cfg: TrainConfig) -> dict:
         memory.reset()
         net.train()
         stats = StepStats(net.J, device)
-        batches = data_mod.epoch_batches(n_train, cfg.batch_size, generator=gen, drop_last=cfg.drop_last,
-                                         device=device)
+        first_step, epoch_seconds = 0, 0.0
+        if mid_epoch is not None and epoch == start_epoch and start_step > 0:
+            # resume inside this epoch: same batch order, same accumulators, same generator state
+            perm = mid_epoch["perm"].to(device)
+            batches = list(perm.split(cfg.batch_size))
+            if cfg.drop_last and batches and batches[-1].shape[0] < cfg.batch_size:
+                batches.pop()
+            stats.load_state_dict(mid_epoch["stats"])
+            first_step, epoch_seconds = start_step, mid_epoch["seconds"]
+        else:
+            batches = data_mod.epoch_batches(n_train, cfg.batch_size, generator=gen, drop_last=cfg.drop_last,
+                                             device=device)
+        perm_all = torch.cat(batches) if cfg.save_every and batches else None
         bar = _progress(cfg, len(batches), f"epoch {epoch + 1} {phase}")
+        if bar is not None and first_step:
+            bar.update(first_step)
         t0 = time.time()
-        for idx in batches:
+        for step in range(first_step, len(batches)):
+            idx = batches[step]
             xb = augment(data.train_x[idx], gen)
-            x = data_mod.normalize(xb, spec, dtype, cfg.channels_last)
+            x = data_mod.normalize(xb, spec, torch.float32, cfg.channels_last)
             image01 = xb.float().div_(255) if cfg.method == "infopro" else None
             exe.train_step(exe_phase, x, data.train_y[idx], stats, image01)
             if bar is not None:
                 bar.update(1)
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < len(batches):
+                _check_finite(stats.read(), epoch, phase, net.J, partial=True)  # never save poisoned weights
+                save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
+                                   "seconds": epoch_seconds + time.time() - t0})
+            _kill_hook(epoch, done)
         if bar is not None:
             bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_seconds = time.time() - t0
+        train_seconds = epoch_seconds + time.time() - t0
         tr = stats.read()
         mem = memory.read()
-        bad = [j for j, s in enumerate(tr["first_bad"]) if s >= 0]
-        if bad:
-            j = bad[0]
-            raise NonFiniteError(
-                f"non-finite loss at epoch {epoch + 1}, step {tr['first_bad'][j] + 1}, phase {phase}, "
-                f"module {j} ({'final loss' if j == net.J - 1 else 'local loss'})")
-        ev = exe.evaluate(test_batches(), cfg.eval_heads)
+        _check_finite(tr, epoch, phase, net.J)
+        ev = exe.evaluate(_test_batches(data, spec, cfg), not cfg.no_head_eval)
         if ev["test_acc"] > best_acc:
             best_acc, best_epoch = ev["test_acc"], epoch + 1
         if mem["peak_mib"] is not None:
             peak_by_phase[phase] = max(peak_by_phase.get(phase, 0.0), mem["peak_mib"])
-        last = {
+        record = {
             "event": "epoch", "epoch": epoch + 1, "phase": phase, "lr": lr,
             "train_loss": tr["losses"][-1], "module_losses": tr["losses"], "train_acc": tr["train_acc"],
             "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
@@ -241,20 +326,26 @@ def run(cfg: TrainConfig) -> dict:
             "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
             "mem_kind": mem["kind"],
         }
-        metrics.write(last)
+        records.append(record)
+        # checkpoint first, then the metrics line: a kill in between is repaired on resume, since
+        # metrics.jsonl is rewritten from the checkpoint's records
+        save(epoch + 1, 0, None)
+        metrics.write(record)
+        _kill_hook(epoch, "end")
         print(f"epoch {epoch + 1:>4} {phase:<6} lr {lr:.4f} loss {tr['losses'][-1]:.4f} "
               f"train {100 * tr['train_acc']:.2f}% test {100 * ev['test_acc']:.2f}% "
-              f"({last['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
+              f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
               flush=True)
 
+    last = records[-1] if records else None
+    counts = net.count_parameters()
     summary = {
         "final_test_acc": last["test_acc"] if last else None,
         "best_test_acc": best_acc, "best_epoch": best_epoch, "epochs": cfg.epochs,
-        "parameters": net.count_parameters(), "parameters_with_aux": net.count_parameters()["total"],
-        "parameters_without_aux": net.count_parameters()["backbone"],
+        "parameters": counts, "parameters_with_aux": counts["total"], "parameters_without_aux": counts["backbone"],
         "wall_seconds": time.time() - t_start, "peak_mem_mib_by_phase": peak_by_phase,
         "mem_kind": memory.read()["kind"], "method": cfg.method, "arch": cfg.arch, "J": net.J,
-        "aux": None if cfg.method == "bp" else cfg.aux,
+        "aux": None if cfg.method == "bp" else cfg.aux, "seed": cfg.seed,
     }
     write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
     print(f"done: final {100 * summary['final_test_acc']:.2f}%  best {100 * best_acc:.2f}% (epoch {best_epoch})  "

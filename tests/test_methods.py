@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from pgl_fast.engine import Executor, LossSpec, StepStats
 from pgl_fast.network import LocalNet
 
-torch.set_default_dtype(torch.float64)  # exact comparisons; the engine is dtype-agnostic
 
 
 @pytest.fixture(autouse=True)
-def _f64():
+def _f64():  # exact comparisons in float64; the engine is dtype-agnostic
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)

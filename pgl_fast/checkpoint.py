@@ -1,0 +1,145 @@
+"""Atomic checkpoints and resume.
+
+A checkpoint is ``checkpoints/ckpt-e{epoch:04d}-s{step:06d}.pt``: written to a temporary file,
+fsynced, then renamed into place, so a crash leaves either the old set of checkpoints or the new
+one, never a half-written file under a final name. The newest ``keep`` are kept; older ones are
+deleted only after the new one exists. Loading uses ``weights_only=True``: a checkpoint can hold
+tensors, numbers, strings and containers, never code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+# Fields that define what the weights *are*: resuming across a change in any of them is an error.
+STRUCTURAL_FIELDS = ("method", "arch", "modules", "split", "aux", "aux_widen", "aux_feature_dim", "dataset",
+                     "infopro_loss", "recipe")
+_NAME = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def checkpoint_name(epoch: int, step: int) -> str:
+    """``epoch`` = completed epochs; ``step`` = completed steps of the epoch in progress."""
+    return f"ckpt-e{epoch:04d}-s{step:06d}.pt"
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint files, oldest first (temporary files are never listed)."""
+    d = checkpoint_dir(output_dir)
+    if not os.path.isdir(d):
+        return []
+    found = []
+    for name in os.listdir(d):
+        m = _NAME.fullmatch(name)
+        if m:
+            found.append(((int(m.group(1)), int(m.group(2))), os.path.join(d, name)))
+    return [p for _, p in sorted(found)]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached": float(np_state[4]), "state": torch.from_numpy(np_state[1].astype(np.int64))},
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: str, state: dict, keep: int) -> str:
+    d = checkpoint_dir(output_dir)
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, checkpoint_name(state["epoch"], state["step"]))
+    tmp = path + ".tmp"
+    state = dict(state, format_version=FORMAT_VERSION)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    for old in list_checkpoints(output_dir)[:-keep]:
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+    return path
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume {path}: no such checkpoint file") from None
+    except Exception as e:  # truncated, corrupt, or holding something other than weights
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a pgl_fast checkpoint")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['format_version']}; this pgl_fast reads {FORMAT_VERSION}")
+    state["path"] = path
+    return state
+
+
+def check_compatible(state: dict, config: dict, path: str) -> None:
+    saved = state.get("config", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+             for k in STRUCTURAL_FIELDS if saved.get(k) != config.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
+
+
+def find_resume(resume: str, output_dir: str, config: dict) -> dict:
+    """The checkpoint to resume from: an explicit path (any problem is an error), or ``auto``: the
+    newest complete checkpoint in ``output_dir``, skipping corrupt ones with a warning."""
+    if resume != "auto":
+        state = load_checkpoint(resume)
+        check_compatible(state, config, resume)
+        return state
+    candidates = list_checkpoints(output_dir)
+    if not candidates:
+        raise CheckpointError(
+            f"--resume auto: nothing to resume in {checkpoint_dir(output_dir)} (no checkpoint); "
+            "drop --resume to start a new run")
+    for path in reversed(candidates):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            print(f"warning: {e}; falling back to an older checkpoint", flush=True)
+            continue
+        check_compatible(state, config, path)
+        return state
+    raise CheckpointError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")

@@ -1,0 +1,1030 @@
+"""Data layer: dataset specs, uint8 tensor caches and the on-device batch pipeline.
+
+Every data set is decoded once into uint8 tensors ``[N, 3, H, W]`` plus int64 labels, cached on
+disk and then kept whole on the training device (the CIFAR-10 train split is 153.6 MB as uint8).
+There are no DataLoader workers: each step indexes a batch out of the resident tensor, augments it
+on the device (:class:`BatchAugmenter`) and normalises it (:func:`normalize`). Neither function
+synchronises with the host or uses data-dependent shapes, so both can run inside a captured CUDA
+graph.
+
+Augmentation and normalisation follow the published recipes (InfoPro ``EXP/train.py``):
+
+=========  ===========================  ====  =====================================
+data set   crop padding                 flip  mean / std
+=========  ===========================  ====  =====================================
+cifar10    reflect 4, crop 32           yes   (125.3, 123.0, 113.9)/255 / (63.0, 62.1, 66.7)/255
+svhn       zeros 2, crop 32 (train)     no    0.5 / 0.5
+stl10      zeros 4, crop 96             yes   0.5 / 0.5
+=========  ===========================  ====  =====================================
+
+``imagefolder`` reads ``train/<class>/*`` and ``test/<class>/*`` (for instance the offline JPEG
+copy of CIFAR-10) and trains with the recipe named by ``recipe``; ``synthetic`` generates small
+deterministic images for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import operator
+
+import torch
+
+__all__ = [
+    "DATASETS",
+    "RECIPES",
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "DatasetSpec",
+    "Data",
+    "dataset_spec",
+    "load_dataset",
+    "extract_archive_if_needed",
+    "BatchAugmenter",
+    "normalize",
+    "epoch_batches",
+    "make_generator",
+]
+
+DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
+
+# Files ImageFolder accepts (torchvision's IMG_EXTENSIONS); anything else in a class folder is
+# ignored, as torchvision does.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Bump when the layout of a cache file changes: old files are then re-decoded, not misread.
+_CACHE_VERSION = 1
+_CACHE_SUBDIR = ".pgl_cache"
+# Files per decode task: big enough to amortise the call, small enough to spread over threads.
+_DECODE_CHUNK = 512
+
+_IMAGEFOLDER_LAYOUT = (
+    "expected an ImageFolder tree train/<class>/*.jpg and test/<class>/*.jpg "
+    "(e.g. tar -xzf cifar10-jpeg.tar.gz and pass the unpacked folder)"
+)
+
+
+class DataError(Exception):
+    """A data set cannot be found, read or used. The message is one self-contained line naming
+    the file or folder, what was expected there and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the training pipeline needs to know about a data set.
+
+    ``mean``/``std`` are per channel on the 0..1 scale; ``pad`` is the crop padding in pixels
+    (0 disables the random crop), ``pad_mode`` is ``"reflect"`` or ``"zeros"`` and ``flip``
+    enables the random horizontal flip. Images are square, ``image_size`` pixels a side.
+    """
+
+    name: str
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad: int
+    pad_mode: str
+    flip: bool
+
+    def __post_init__(self):
+        if self.pad_mode not in ("reflect", "zeros"):
+            raise ValueError(f"DatasetSpec.pad_mode must be 'reflect' or 'zeros', got {self.pad_mode!r}")
+        if self.pad < 0:
+            raise ValueError(f"DatasetSpec.pad must be >= 0, got {self.pad}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("DatasetSpec.mean and .std need 3 entries each, std > 0")
+        if self.num_classes < 1 or self.image_size < 1:
+            raise ValueError("DatasetSpec.num_classes and .image_size must be positive")
+
+
+_HALF = (0.5, 0.5, 0.5)
+
+# The published recipes (prior-art §7.3). Use these constants, never statistics recomputed
+# from the copy at hand.
+RECIPES: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        num_classes=10,
+        image_size=32,
+        mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),
+        std=(63.0 / 255, 62.1 / 255, 66.7 / 255),
+        pad=4,
+        pad_mode="reflect",
+        flip=True,
+    ),
+    "svhn": DatasetSpec("svhn", 10, 32, _HALF, _HALF, pad=2, pad_mode="zeros", flip=False),
+    "stl10": DatasetSpec("stl10", 10, 96, _HALF, _HALF, pad=4, pad_mode="zeros", flip=True),
+}
+
+
+def _recipe(recipe: str) -> DatasetSpec:
+    try:
+        return RECIPES[recipe]
+    except KeyError:
+        raise DataError(
+            f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)} "
+            "(it sets the augmentation and normalisation of imagefolder/synthetic data)"
+        ) from None
+
+
+def dataset_spec(
+    name: str, *, recipe: str = "cifar10", num_classes: int | None = None, image_size: int | None = None
+) -> DatasetSpec:
+    """The spec of a data set. ``imagefolder`` and ``synthetic`` take the augmentation and
+    normalisation of ``recipe`` and the given class count and image size; the crop padding is
+    capped below the image size (reflect padding needs ``pad < size``)."""
+    if name in RECIPES:
+        return RECIPES[name]
+    if name not in ("imagefolder", "synthetic"):
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    base = _recipe(recipe)
+    size = base.image_size if image_size is None else int(image_size)
+    return dataclasses.replace(
+        base,
+        name=name,
+        num_classes=base.num_classes if num_classes is None else int(num_classes),
+        image_size=size,
+        pad=min(base.pad, max(size - 1, 0)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaded data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """A whole data set as tensors on one device.
+
+    ``train_x``/``test_x`` are contiguous uint8 ``[N, 3, H, W]``, ``train_y``/``test_y`` int64
+    ``[N]``. ``meta`` says where each split came from (``"cache"``, ``"decoded"`` or
+    ``"generated"``), the resolved data root and cache files, and the decode time in seconds.
+    """
+
+    spec: DatasetSpec
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    class_names: tuple[str, ...]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def to(self, device) -> "Data":
+        """A copy with every tensor on ``device`` (the same object if nothing moves)."""
+        device = torch.device(device)
+        if self.train_x.device == device:
+            return self
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device).contiguous(),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device).contiguous(),
+            test_y=self.test_y.to(device),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public loader
+# ----------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    name: str,
+    data_dir,
+    *,
+    device="cpu",
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    subset_seed: int = 0,
+    download: bool = True,
+    cache_dir=None,
+    recipe: str = "cifar10",
+    synthetic_train: int = 512,
+    synthetic_test: int = 256,
+    image_size: int = 32,
+) -> Data:
+    """Load a data set as uint8 tensors on ``device``, decoding it at most once.
+
+    ``cifar10``/``svhn``/``stl10`` go through ``torchvision.datasets`` (downloaded into
+    ``data_dir`` when ``download``); ``imagefolder`` reads ``data_dir/{train,test}/<class>/*``
+    (or the single subfolder of ``data_dir`` that has them); ``synthetic`` needs no files.
+    Decoded splits are cached under ``cache_dir`` (default ``<data_dir>/.pgl_cache``, or
+    ``~/.cache/pgl_fast`` when ``data_dir`` is read-only) and re-decoded when the files change.
+    ``train_subset``/``test_subset`` keep a seeded, class-balanced random subset.
+    Raises :class:`DataError` with a one-line message on any problem with the data.
+    """
+    name = str(name).lower()
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    t0 = time.perf_counter()
+    meta: dict = {"dataset": name}
+
+    if name == "synthetic":
+        spec = dataset_spec("synthetic", recipe=recipe, image_size=image_size)
+        train_x, train_y = _synthetic_split(synthetic_train, spec.image_size, seed=0, flag="synthetic_train")
+        test_x, test_y = _synthetic_split(synthetic_test, spec.image_size, seed=1, flag="synthetic_test")
+        class_names = _SYNTHETIC_CLASSES
+        meta.update(train_source="generated", test_source="generated", root=None)
+    else:
+        if data_dir is None or str(data_dir) == "":
+            raise DataError(f"dataset {name} needs a data directory (--data-dir)")
+        data_dir = Path(data_dir).expanduser().absolute()
+        if name == "imagefolder":
+            _recipe(recipe)  # fail on a bad recipe before decoding anything
+            splits, class_names, root = _load_imagefolder(data_dir, cache_dir, meta)
+        else:
+            splits, class_names, root = _load_torchvision(name, data_dir, download, cache_dir, meta)
+        (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+        meta["root"] = str(root)
+        if name == "imagefolder":
+            h, w = train_x.shape[-2:]
+            spec = dataset_spec("imagefolder", recipe=recipe, num_classes=len(class_names), image_size=h)
+        else:
+            spec = RECIPES[name]
+
+    if train_subset is not None:
+        train_x, train_y = _subset(train_x, train_y, train_subset, subset_seed, "--train-subset", name, "train")
+    if test_subset is not None:
+        test_x, test_y = _subset(test_x, test_y, test_subset, subset_seed + 1, "--test-subset", name, "test")
+
+    device = torch.device(device)
+    meta["load_seconds"] = time.perf_counter() - t0
+    return Data(
+        spec=spec,
+        train_x=train_x.to(device).contiguous(),
+        train_y=train_y.to(device=device, dtype=torch.int64),
+        test_x=test_x.to(device).contiguous(),
+        test_y=test_y.to(device=device, dtype=torch.int64),
+        class_names=tuple(class_names),
+        meta=meta,
+    )
+
+
+def _positive_int(n, flag: str) -> int:
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        raise DataError(f"{flag} must be a positive integer, got {n!r}") from None
+    if n < 1:
+        raise DataError(f"{flag} must be a positive integer, got {n}")
+    return n
+
+
+def _subset(x, y, n, seed, flag, name, split):
+    """A seeded random subset of ``n`` samples, balanced over classes (class counts differ by at
+    most one where the split allows), returned in data set order."""
+    total = x.shape[0]
+    n = _positive_int(n, flag)
+    if n > total:
+        raise DataError(f"{flag} {n} is larger than the {name} {split} split ({total} images)")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(total, generator=g)
+    # Rank of each sample within its class, in random order: taking samples by increasing rank
+    # (ties broken by the random permutation) fills all classes evenly.
+    y_perm = y[perm]
+    by_class = torch.sort(y_perm, stable=True).indices
+    sorted_labels = y_perm[by_class]
+    counts = torch.bincount(sorted_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(total, dtype=torch.int64)
+    rank[by_class] = torch.arange(total) - starts[sorted_labels]
+    order = torch.argsort(rank * total + torch.arange(total))
+    keep = torch.sort(perm[order[:n]]).values
+    return x[keep].contiguous(), y[keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data
+# ----------------------------------------------------------------------------------------------
+
+_SYNTHETIC_CLASSES = (
+    "red", "green", "yellow", "blue", "orange", "purple", "cyan", "magenta", "lime", "pink",
+)  # fmt: skip
+_SYNTHETIC_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+)  # fmt: skip
+
+
+def _synthetic_split(n: int, size: int, seed: int, flag: str):
+    """``n`` deterministic images: a class colour plus a class-dependent stripe pattern, under
+    heavy noise, so a small model can learn the labels but not trivially."""
+    n = _positive_int(n, flag)
+    if not isinstance(size, int) or size < 2:
+        raise DataError(f"synthetic image size must be an integer >= 2, got {size!r}")
+    g = torch.Generator().manual_seed(1234 + seed)
+    k = len(_SYNTHETIC_CLASSES)
+    y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
+    colour = torch.tensor(_SYNTHETIC_PALETTE, dtype=torch.float32)[y].view(n, 3, 1, 1)
+    # Stripes: horizontal for even classes, vertical for odd ones, period 2..6 by class.
+    coord = torch.arange(size, dtype=torch.float32)
+    period = (2 + (y // 2) % 5).float().view(n, 1, 1, 1)
+    rows = coord.view(1, 1, size, 1)
+    cols = coord.view(1, 1, 1, size)
+    horizontal = (y % 2 == 0).view(n, 1, 1, 1)
+    phase = torch.where(horizontal, rows, cols) / period
+    stripes = 40.0 * torch.sign(torch.sin(phase * torch.pi))
+    noise = 70.0 * torch.randn(n, 3, size, size, generator=g)
+    x = (0.7 * colour + 38.0 + stripes + noise).round().clamp(0, 255).to(torch.uint8)
+    return x.contiguous(), y.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+# ----------------------------------------------------------------------------------------------
+
+
+def _writable_dir(path: Path) -> bool:
+    """Whether ``path`` exists or can be created, and a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pgl_fast"
+
+
+def _resolve_cache_dir(cache_dir, data_dir: Path) -> Path | None:
+    """The folder for cache files, or None when nothing writable is available (no caching)."""
+    if cache_dir is not None:
+        path = Path(cache_dir).expanduser().absolute()
+        if _writable_dir(path):
+            return path
+        warnings.warn(f"pgl_fast: cache dir {path} is not writable; decoded data will not be cached")
+        return None
+    for path in (data_dir / _CACHE_SUBDIR, _user_cache_dir()):
+        if _writable_dir(path):
+            return path
+    warnings.warn(f"pgl_fast: neither {data_dir / _CACHE_SUBDIR} nor {_user_cache_dir()} is writable; no cache")
+    return None
+
+
+def _cache_file(cache_dir: Path, name: str, split: str, root: Path) -> Path:
+    # One file per (data set, split, absolute root); the fingerprint lives inside the file, so a
+    # changed folder overwrites its old cache instead of piling up new ones.
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:12]
+    return cache_dir / f"{name}-{split}-{digest}.pt"
+
+
+def _read_cache(path: Path, name: str, split: str, root: Path, fingerprint: str):
+    """The cached ``(x, y, classes)`` if ``path`` holds this split with this fingerprint."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: decode again and overwrite it
+        warnings.warn(f"pgl_fast: ignoring unreadable cache file {path} ({type(exc).__name__}: {exc})")
+        return None
+    if not isinstance(blob, dict):
+        return None
+    wanted = {"version": _CACHE_VERSION, "dataset": name, "split": split, "root": str(root), "fingerprint": fingerprint}
+    if any(blob.get(k) != v for k, v in wanted.items()):
+        return None
+    x, y, classes = blob.get("x"), blob.get("y"), blob.get("classes")
+    _check_split(x, y, classes, f"cache file {path}", f"delete {path} to rebuild it")
+    return x, y, list(classes)
+
+
+def _write_cache(path: Path, name, split, root, fingerprint, x, y, classes) -> bool:
+    """Write atomically (temporary file + os.replace) so a crash never leaves half a cache."""
+    blob = {
+        "version": _CACHE_VERSION,
+        "dataset": name,
+        "split": split,
+        "root": str(root),
+        "fingerprint": fingerprint,
+        "x": x,
+        "y": y,
+        "classes": list(classes),
+    }
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(blob, fh)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as the data
+        os.replace(tmp, path)
+        return True
+    except Exception as exc:  # disk full, permissions, ...: caching is an optimisation only
+        warnings.warn(f"pgl_fast: could not write cache file {path} ({exc}); continuing without it")
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
+
+
+def _check_split(x, y, classes, source: str, fix: str) -> None:
+    """Shapes, dtypes and label range of one split; a violation means corrupt data."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DataError(f"{source} does not hold uint8 images [N, 3, H, W] (got {got}); {fix}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+        raise DataError(f"{source} has labels that do not match its {x.shape[0]} images; {fix}")
+    if not isinstance(classes, (list, tuple)) or not classes:
+        raise DataError(f"{source} has no class names; {fix}")
+    if x.shape[0] == 0:
+        raise DataError(f"{source} holds no images; {fix}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= len(classes):
+        raise DataError(
+            f"{source} has labels in [{lo}, {hi}], outside [0, {len(classes) - 1}] "
+            f"for {len(classes)} classes; {fix}"
+        )
+
+
+def _fingerprint(entries) -> str:
+    """A cheap fingerprint of ``(relative path, size, mtime_ns)`` entries: count and a hash."""
+    h = hashlib.sha1()
+    count = 0
+    for rel, size, mtime in entries:
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode())
+        count += 1
+    return f"{count}:{h.hexdigest()}"
+
+
+def _tree_entries(path: Path):
+    """``(relative path, size, mtime_ns)`` of every file under ``path`` (a file or a folder),
+    skipping hidden entries (our own cache lives in one)."""
+    if path.is_file():
+        st = path.stat()
+        return [(path.name, st.st_size, st.st_mtime_ns)]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            full = os.path.join(dirpath, fn)
+            st = os.stat(full)
+            out.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _cached_split(name, split, root: Path, fingerprint: str, cache_dir: Path | None, build, meta):
+    """Load one split from the cache, or ``build()`` it and cache the result."""
+    path = _cache_file(cache_dir, name, split, root) if cache_dir is not None else None
+    if path is not None:
+        hit = _read_cache(path, name, split, root, fingerprint)
+        if hit is not None:
+            meta[f"{split}_source"] = "cache"
+            meta[f"{split}_cache"] = str(path)
+            return hit
+    t0 = time.perf_counter()
+    x, y, classes = build()
+    meta[f"{split}_decode_seconds"] = time.perf_counter() - t0
+    meta[f"{split}_source"] = "decoded"
+    if path is not None and _write_cache(path, name, split, root, fingerprint, x, y, classes):
+        meta[f"{split}_cache"] = str(path)
+    return x, y, classes
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision data sets
+# ----------------------------------------------------------------------------------------------
+
+_TV = {
+    # name: (human name, files that make up the downloaded copy, relative to data_dir)
+    "cifar10": ("CIFAR-10", lambda split: "cifar-10-batches-py"),
+    "svhn": ("SVHN", lambda split: f"{split}_32x32.mat"),
+    "stl10": ("STL-10", lambda split: "stl10_binary"),
+}
+
+
+def _tv_fingerprint(name, split, data_dir: Path) -> str | None:
+    target = data_dir / _TV[name][1](split)
+    if not target.exists():
+        return None
+    return _fingerprint(_tree_entries(target))
+
+
+def _tv_build(name, split, data_dir: Path, download: bool):
+    """Read one split through torchvision, converting its numpy arrays directly."""
+    human, rel = _TV[name][0], _TV[name][1](split)
+    try:
+        from torchvision import datasets
+    except ImportError as exc:
+        raise DataError(f"{human} needs torchvision ({exc}); pip install torchvision") from None
+    try:
+        if name == "cifar10":
+            ds = datasets.CIFAR10(str(data_dir), train=(split == "train"), download=download)
+            x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+            y = torch.as_tensor(ds.targets, dtype=torch.int64)
+        elif name == "svhn":
+            ds = datasets.SVHN(str(data_dir), split=split, download=download)  # train only, no extra
+            x = torch.from_numpy(ds.data).contiguous()  # already NCHW
+            y = torch.from_numpy(ds.labels.astype("int64"))
+        else:
+            ds = datasets.STL10(str(data_dir), split=split, download=download)  # 5k labelled
+            x = torch.from_numpy(ds.data).contiguous()  # already NCHW
+            y = torch.from_numpy(ds.labels.astype("int64"))
+        classes = list(getattr(ds, "classes", None) or [str(i) for i in range(10)])
+    except DataError:
+        raise
+    except ImportError as exc:  # SVHN reads .mat files with scipy
+        raise DataError(f"{human} needs an optional package to read {data_dir / rel}: {exc} (pip install scipy)") from None
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        hint = " (the offline JPEG copy loads with --dataset imagefolder)" if name == "cifar10" else ""
+        if download:
+            raise DataError(
+                f"{human} not found in {data_dir} and download failed (no network?): {reason}; "
+                f"download it on a machine with internet access into {data_dir}{hint}"
+            ) from None
+        raise DataError(
+            f"{human} not found in {data_dir} (expected {data_dir / rel}) and download is off: {reason}; "
+            f"enable downloading or copy the torchvision files there{hint}"
+        ) from None
+    if x.dtype != torch.uint8:
+        x = x.to(torch.uint8)
+    _check_split(x, y, classes, f"{human} {split} split in {data_dir}", f"delete {data_dir / rel} and download again")
+    return x, y, classes
+
+
+def _load_torchvision(name, data_dir: Path, download: bool, cache_dir, meta):
+    if not data_dir.exists() and not download:
+        raise DataError(
+            f"data dir {data_dir} does not exist and download is off: create it with the "
+            f"torchvision {_TV[name][0]} files or enable downloading"
+        )
+    splits, class_names = {}, None
+    for split in ("train", "test"):
+        fingerprint = _tv_fingerprint(name, split, data_dir)
+        cdir = _resolve_cache_dir(cache_dir, data_dir) if fingerprint is not None else None
+        hit = None
+        if cdir is not None:
+            hit = _read_cache(_cache_file(cdir, name, split, data_dir), name, split, data_dir, fingerprint)
+        if hit is not None:
+            meta[f"{split}_source"] = "cache"
+            meta[f"{split}_cache"] = str(_cache_file(cdir, name, split, data_dir))
+            x, y, classes = hit
+        else:
+            # torchvision may download now, so fingerprint and resolve the cache afterwards.
+            def build(split=split):
+                return _tv_build(name, split, data_dir, download)
+
+            t0 = time.perf_counter()
+            x, y, classes = build()
+            meta[f"{split}_decode_seconds"] = time.perf_counter() - t0
+            meta[f"{split}_source"] = "decoded"
+            fingerprint = _tv_fingerprint(name, split, data_dir)
+            cdir = _resolve_cache_dir(cache_dir, data_dir)
+            if fingerprint is not None and cdir is not None:
+                path = _cache_file(cdir, name, split, data_dir)
+                if _write_cache(path, name, split, data_dir, fingerprint, x, y, classes):
+                    meta[f"{split}_cache"] = str(path)
+        splits[split] = (x, y)
+        class_names = class_names or classes
+    return splits, class_names, data_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+# ----------------------------------------------------------------------------------------------
+
+
+def _find_imagefolder_root(data_dir: Path) -> Path:
+    """``data_dir`` itself if it holds train/ and test/, else its single subfolder that does."""
+    if not data_dir.exists():
+        raise DataError(f"data dir {data_dir} does not exist: {_IMAGEFOLDER_LAYOUT}")
+    if data_dir.is_file():
+        if data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
+            raise DataError(
+                f"data dir {data_dir} is an archive: unpack it first "
+                f"(tar -xzf {data_dir} -C <folder>) and pass the folder"
+            )
+        raise DataError(f"data dir {data_dir} is a file, not a folder: {_IMAGEFOLDER_LAYOUT}")
+    if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
+        root = data_dir
+    else:
+        candidates = sorted(
+            p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "train").is_dir()
+        )
+        if len(candidates) > 1:
+            names = ", ".join(p.name for p in candidates)
+            raise DataError(
+                f"data dir {data_dir} has no train/ folder but several subfolders with one "
+                f"({names}): pass one of them"
+            )
+        if not candidates:
+            raise DataError(f"data dir {data_dir} has no train/ folder: {_IMAGEFOLDER_LAYOUT}")
+        root = candidates[0]
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"data dir {root} has no {split}/ folder: {_IMAGEFOLDER_LAYOUT}")
+    return root
+
+
+def _scan_split(split_dir: Path):
+    """Class names (sorted, as ImageFolder does) and ``(path, label)`` of every image, plus the
+    fingerprint entries of those files."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dir} has no class folders: {_IMAGEFOLDER_LAYOUT}")
+    files, entries = [], []
+    for label, cls in enumerate(classes):
+        cdir = split_dir / cls
+        found = sorted(
+            (e.name, e.stat())
+            for e in os.scandir(cdir)
+            if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not found:
+            raise DataError(
+                f"class folder {cdir} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder"
+            )
+        for fname, st in found:
+            files.append((str(cdir / fname), label))
+            entries.append((f"{cls}/{fname}", st.st_size, st.st_mtime_ns))
+    return classes, files, entries
+
+
+def _decode_one(path: str, data: bytes) -> torch.Tensor:
+    """Decode one image file to uint8 [3, H, W]: torchvision first, PIL as the fallback."""
+    from torchvision import io as tvio
+
+    try:
+        img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
+        if img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3:
+            return img
+    except Exception:
+        pass
+    try:
+        import io as _io
+
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(_io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB")).copy()
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    except Exception as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DataError(
+            f"cannot decode image file {path} ({reason}): it is corrupt or not an image; replace or delete it"
+        ) from None
+
+
+def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
+    """Read and decode a list of files. JPEGs go through one batched ``decode_jpeg`` call
+    (about 3x faster than PIL); a failing batch is redone file by file to name the bad file."""
+    from torchvision import io as tvio
+
+    datas = []
+    for p in paths:
+        try:
+            with open(p, "rb") as fh:
+                datas.append(fh.read())
+        except OSError as exc:
+            raise DataError(f"cannot read image file {p}: {exc.strerror or exc}") from None
+    out: list[torch.Tensor | None] = [None] * len(paths)
+    jpeg_idx = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff"]
+    if jpeg_idx:
+        try:
+            decoded = tvio.decode_jpeg(
+                [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg_idx],
+                mode=tvio.ImageReadMode.RGB,
+            )
+            for i, img in zip(jpeg_idx, decoded):
+                out[i] = img
+        except Exception:
+            pass  # fall through: the per-file path below finds and names the culprit
+    for i, img in enumerate(out):
+        if img is None:
+            out[i] = _decode_one(paths[i], datas[i])
+    return out
+
+
+def _decode_stacked(paths: list[str]):
+    """Worker task: decode a chunk and stack it when all its images share one size (the common
+    case), so the main thread copies one block per chunk instead of one tensor per image."""
+    imgs = _decode_chunk(paths)
+    first = imgs[0].shape
+    if all(img.shape == first for img in imgs):
+        return torch.stack(imgs), None
+    return None, imgs
+
+
+def _decode_files(paths: list[str], what: str, expected: tuple[tuple[int, int], str] | None = None):
+    """Decode ``paths`` into one uint8 ``[N, 3, H, W]`` tensor using a thread per core (the
+    decoders release the GIL). Every image must have the size of the first one (or ``expected``:
+    a size and the file it came from)."""
+    chunks = [paths[i : i + _DECODE_CHUNK] for i in range(0, len(paths), _DECODE_CHUNK)]
+    try:
+        workers = len(os.sched_getaffinity(0))
+    except AttributeError:
+        workers = os.cpu_count() or 1
+    workers = max(1, min(16, workers, len(chunks)))
+    out = None
+    ref_size, ref_file = expected if expected is not None else (None, None)
+
+    def mismatch(p, size):
+        return DataError(
+            f"image {p} is {size[1]}x{size[0]} but {ref_file} is {ref_size[1]}x{ref_size[0]}: "
+            f"all {what} images must have the same size; resize or remove it"
+        )
+
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 warns on every decode call that image decoding moves to TorchCodec.
+        warnings.filterwarnings("ignore", message=".*TorchVision are deprecated", category=DeprecationWarning)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pos = 0
+            for chunk_paths, (block, imgs) in zip(chunks, pool.map(_decode_stacked, chunks)):
+                if ref_size is None:
+                    first = block[0] if block is not None else imgs[0]
+                    ref_size, ref_file = (int(first.shape[1]), int(first.shape[2])), chunk_paths[0]
+                if out is None:
+                    out = torch.empty((len(paths), 3, *ref_size), dtype=torch.uint8)
+                if block is not None and tuple(block.shape[2:]) == ref_size:
+                    out[pos : pos + block.shape[0]] = block
+                    pos += block.shape[0]
+                    continue
+                # Sizes differ somewhere in this chunk: find and name the first odd file.
+                for p, img in zip(chunk_paths, imgs if imgs is not None else block.unbind(0)):
+                    size = (int(img.shape[1]), int(img.shape[2]))
+                    if size != ref_size:
+                        raise mismatch(p, size)
+                    out[pos] = img
+                    pos += 1
+    return out, (ref_size, ref_file)
+
+
+def _load_imagefolder(data_dir: Path, cache_dir, meta):
+    root = _find_imagefolder_root(data_dir)
+    scans = {split: _scan_split(root / split) for split in ("train", "test")}
+    train_classes, test_classes = scans["train"][0], scans["test"][0]
+    if train_classes != test_classes:
+        missing = sorted(set(train_classes) - set(test_classes))
+        extra = sorted(set(test_classes) - set(train_classes))
+        parts = []
+        if missing:
+            parts.append(f"missing in test/: {', '.join(missing)}")
+        if extra:
+            parts.append(f"only in test/: {', '.join(extra)}")
+        raise DataError(
+            f"class folders of {root / 'test'} differ from {root / 'train'} ({'; '.join(parts)}): "
+            "both splits need the same <class> folders"
+        )
+    cdir = _resolve_cache_dir(cache_dir, data_dir)
+    splits, reference = {}, None
+    for split in ("train", "test"):
+        classes, files, entries = scans[split]
+        fingerprint = _fingerprint(entries)
+
+        def build(files=files, split=split, classes=classes):
+            nonlocal reference
+            x, ref = _decode_files([p for p, _ in files], f"{root.name}/{split}", expected=reference)
+            y = torch.tensor([label for _, label in files], dtype=torch.int64)
+            reference = reference or ref
+            return x, y, classes
+
+        x, y, classes = _cached_split("imagefolder", split, root, fingerprint, cdir, build, meta)
+        if reference is None:
+            reference = ((int(x.shape[2]), int(x.shape[3])), str(root / split))
+        elif (int(x.shape[2]), int(x.shape[3])) != reference[0]:
+            (h, w), ref_file = reference
+            raise DataError(
+                f"images in {root / split} are {x.shape[3]}x{x.shape[2]} but {ref_file} is {w}x{h}: "
+                "train and test images must have the same size"
+            )
+        splits[split] = (x, y)
+    h, w = reference[0]
+    if h != w:
+        raise DataError(f"images in {root} are {w}x{h}: only square images are supported; crop or resize them")
+    meta["cache_dir"] = str(cdir) if cdir is not None else None
+    return splits, train_classes, root
+
+
+# ----------------------------------------------------------------------------------------------
+# Archive helper
+# ----------------------------------------------------------------------------------------------
+
+
+def extract_archive_if_needed(archive_path, dest) -> Path:
+    """Unpack a tar archive (e.g. ``cifar10-jpeg.tar.gz``) into ``dest`` unless already there.
+
+    Extraction goes into a temporary folder inside ``dest`` which is then renamed into place, so
+    a present target is always complete. Returns the archive's single top-level folder under
+    ``dest`` (``dest/cifar10-jpeg``), or ``dest`` if the archive has several top-level entries.
+    """
+    archive_path = Path(archive_path).expanduser().absolute()
+    dest = Path(dest).expanduser().absolute()
+    if not archive_path.is_file():
+        raise DataError(f"archive {archive_path} not found: pass the path of the data set tarball")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create extraction folder {dest}: {exc.strerror or exc}") from None
+    try:
+        with tarfile.open(archive_path) as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError) as exc:
+        raise DataError(f"cannot read archive {archive_path} ({exc}): re-download or replace it") from None
+    if first is None:
+        raise DataError(f"archive {archive_path} is empty")
+    parts = [p for p in Path(first.name).parts if p not in (".", "/")]
+    # Fast path: the first member's top-level folder is already in place (renames are atomic,
+    # so it is complete).
+    if parts and ".." not in parts and (len(parts) > 1 or first.isdir()) and (dest / parts[0]).is_dir():
+        return dest / parts[0]
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    try:
+        try:
+            with tarfile.open(archive_path) as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(tmp, filter="data")
+                else:  # Python without extraction filters: refuse escaping paths by hand
+                    for m in tar.getmembers():
+                        parts = Path(m.name).parts
+                        if m.name.startswith("/") or ".." in parts or m.issym() or m.islnk():
+                            raise DataError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
+                    tar.extractall(tmp)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(
+                f"cannot extract archive {archive_path} into {dest} ({exc}): check the file and free space"
+            ) from None
+        entries = sorted(p.name for p in tmp.iterdir())
+        for entry in entries:
+            target = dest / entry
+            if target.exists():
+                continue  # another process won the race, or it was already there
+            try:
+                os.rename(tmp / entry, target)
+            except OSError:
+                if not target.exists():
+                    raise
+        if len(entries) == 1 and (dest / entries[0]).is_dir():
+            return dest / entries[0]
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# On-device batch pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+def make_generator(seed: int, device="cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``. Draw the augmentation on the data
+    device with it; under CUDA-graph capture register it with ``graph.register_generator_state``."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+def epoch_batches(n: int, batch_size: int, *, generator: torch.Generator | None, drop_last: bool, device="cpu"):
+    """Shuffled index batches for one epoch: a ``torch.randperm`` of ``n`` drawn with ``generator``
+    on ``device``, split into ``batch_size`` chunks. The last partial chunk is kept unless
+    ``drop_last`` (InfoPro keeps it: 50,000 = 48 * 1024 + 848). Returns a list of int64 views."""
+    if n < 0 or batch_size < 1:
+        raise ValueError(f"epoch_batches needs n >= 0 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    perm = torch.randperm(n, generator=generator, device=torch.device(device))
+    batches = list(perm.split(batch_size))
+    if drop_last and batches and batches[-1].shape[0] < batch_size:
+        batches.pop()
+    return batches
+
+
+class BatchAugmenter:
+    """Random crop with padding and random horizontal flip for a uint8 batch, on the device.
+
+    Equivalent to, per sample: pad by ``spec.pad`` (reflect or zeros), crop back to ``H x W`` at
+    a random offset ``(dy, dx)`` in ``[0, 2 * pad]``, then flip left-right when drawn. All three
+    steps are folded into one index map and a single ``torch.gather``: no padded copy, no Python
+    loop over samples, no boolean-mask indexing and no host sync, so it is graph-capturable.
+
+    Random draws per call, in this order: ``dy``, ``dx`` (only if ``pad > 0``), then the flip
+    decisions (only if ``spec.flip``), all from the given generator. :meth:`sample_params` and
+    :meth:`apply` expose the two halves so tests can inject explicit parameters.
+    """
+
+    def __init__(self, spec: DatasetSpec, device="cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.pad = int(spec.pad)
+        self.reflect = spec.pad_mode == "reflect"
+        self.flip = bool(spec.flip)
+        # Index ramps reused every call; sized for the spec's images and grown on demand.
+        self._ramps: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _ramp(self, n: int, device) -> torch.Tensor:
+        key = (n, str(device))
+        r = self._ramps.get(key)
+        if r is None:
+            r = self._ramps[key] = torch.arange(n, device=device, dtype=torch.int64)
+        return r
+
+    def sample_params(self, batch_size: int, generator: torch.Generator | None):
+        """Random ``(dy, dx, flip)`` for a batch: int64 offsets in ``[0, 2 * pad]`` (None when
+        ``pad == 0``) and a bool flip mask (None when the spec does not flip)."""
+        dev = generator.device if generator is not None else self.device
+        dy = dx = flip = None
+        if self.pad > 0:
+            dy = torch.randint(0, 2 * self.pad + 1, (batch_size,), generator=generator, device=dev)
+            dx = torch.randint(0, 2 * self.pad + 1, (batch_size,), generator=generator, device=dev)
+        if self.flip:
+            flip = torch.rand(batch_size, generator=generator, device=dev) < 0.5
+        return dy, dx, flip
+
+    def apply(self, x: torch.Tensor, dy=None, dx=None, flip=None) -> torch.Tensor:
+        """Crop ``x`` (uint8 ``[B, C, H, W]``) at offsets ``dy``/``dx`` of the padded image and
+        flip where ``flip`` is True. ``None`` parameters mean no crop / no flip. Returns a new
+        contiguous tensor, or ``x`` itself when there is nothing to do."""
+        if dy is None and flip is None:
+            return x
+        b, c, h, w = x.shape
+        p = self.pad if dy is not None else 0
+        if self.reflect and p > 0 and (p >= h or p >= w):
+            raise ValueError(f"reflect padding {p} needs images larger than {p} pixels, got {h}x{w}")
+        rows = self._ramp(h, x.device).expand(b, h)
+        cols = self._ramp(w, x.device).expand(b, w)
+        if flip is not None:
+            # Flip after the crop: output column j reads cropped column W - 1 - j.
+            cols = torch.where(flip.to(torch.bool).view(b, 1), (w - 1) - cols, cols)
+        valid = None
+        if dy is not None:
+            # Source coordinates in the unpadded image (may fall outside it by up to p).
+            rows = rows + (dy.view(b, 1) - p)
+            cols = cols + (dx.view(b, 1) - p)
+            if self.reflect:
+                # Reflection without repeating the edge (F.pad "reflect"): -k -> k, n-1+k -> n-1-k.
+                rows = rows.abs()
+                rows = torch.where(rows >= h, (2 * (h - 1)) - rows, rows)
+                cols = cols.abs()
+                cols = torch.where(cols >= w, (2 * (w - 1)) - cols, cols)
+            else:
+                valid = ((rows >= 0) & (rows < h)).view(b, 1, h, 1) & ((cols >= 0) & (cols < w)).view(b, 1, 1, w)
+                rows = rows.clamp(0, h - 1)
+                cols = cols.clamp(0, w - 1)
+        index = (rows.view(b, h, 1) * w + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+        out = torch.gather(x.reshape(b, c, h * w), 2, index).view(b, c, h, w)
+        if valid is not None:
+            out = torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment a uint8 batch with fresh random parameters drawn from ``generator``, which
+        must live on the batch's device (drawing elsewhere would need a copy and a sync)."""
+        if generator is not None and generator.device.type != x.device.type:
+            raise ValueError(f"BatchAugmenter: generator is on {generator.device} but the batch is on {x.device}")
+        return self.apply(x, *self.sample_params(x.shape[0], generator))
+
+
+# Per-(mean, std, device) constants, built on first use (do a warm-up call before graph capture:
+# building them copies from the host).
+_NORM_CONSTANTS: dict = {}
+
+
+def normalize(x: torch.Tensor, spec: DatasetSpec, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """``(x / 255 - mean) / std`` per channel for a uint8 ``[B, 3, H, W]`` batch, computed in
+    float32 as one multiply-add and returned as ``dtype`` (channels_last layout if asked)."""
+    key = (spec.mean, spec.std, x.device)
+    consts = _NORM_CONSTANTS.get(key)
+    if consts is None:
+        mean = torch.tensor(spec.mean, dtype=torch.float64)
+        std = torch.tensor(spec.std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, 3, 1, 1).to(x.device)
+        shift = (-mean / std).to(torch.float32).view(1, 3, 1, 1).to(x.device)
+        consts = _NORM_CONSTANTS[key] = (scale, shift)
+    scale, shift = consts
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.addcmul(shift, x.to(torch.float32), scale)
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    if channels_last and not out.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out

@@ -1,0 +1,31 @@
+"""Shared test set-up. The Triton kernels run under the interpreter on the CPU: the variable must be
+set before anything imports triton, which is why it lives at the top of the root conftest."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OFFLINE_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def offline_cifar():
+    """The offline CIFAR-10 JPEG copy, unpacked once into .cache/ (skipped where it is absent)."""
+    if not os.path.exists(OFFLINE_ARCHIVE):
+        pytest.skip(f"offline CIFAR-10 copy not found at {OFFLINE_ARCHIVE}")
+    from pgl_fast.data import extract_archive_if_needed
+
+    return str(extract_archive_if_needed(OFFLINE_ARCHIVE, os.path.join(REPO, ".cache")))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_release():
+    torch.manual_seed(0)
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
