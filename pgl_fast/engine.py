@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .heads import reconstruction_loss, supcon_loss, upcast
 from .network import LocalNet
+from .optim import DeviceLRSGD
 
 
 @contextlib.contextmanager
@@ -76,53 +77,69 @@ class LossSpec:
 
 
 class StepStats:
-    """Device-side accumulators for one epoch."""
+    """Device-side accumulators for one epoch. Every counter is a tensor updated in place, so a
+    step captured in a CUDA graph keeps counting on replay; ``read`` is the one host sync."""
 
     def __init__(self, J: int, device: torch.device):
         self.loss_sum = torch.zeros(J, device=device, dtype=torch.float64)
         self.final_correct = torch.zeros((), device=device, dtype=torch.int64)
-        self.samples = 0
-        self.steps = 0
+        self.samples_t = torch.zeros((), device=device, dtype=torch.int64)
+        self.step_t = torch.zeros((), device=device, dtype=torch.int64)
         # first step at which module j's loss (or gradient) was non-finite (-1: never)
         self.first_bad = torch.full((J,), -1, device=device, dtype=torch.int64)
         self.first_bad_grad = torch.full((J,), -1, device=device, dtype=torch.int64)
 
+    _FIELDS = ("loss_sum", "final_correct", "samples_t", "step_t", "first_bad", "first_bad_grad")
+
+    def reset(self) -> None:
+        for k in self._FIELDS:
+            t = getattr(self, k)
+            t.fill_(-1) if k.startswith("first_bad") else t.zero_()
+
+    @staticmethod
+    def _mark(slot: torch.Tensor, bad: torch.Tensor, step: torch.Tensor) -> None:
+        slot.copy_(torch.where(bad & (slot < 0), step, slot))
+
     def add(self, j: int, loss: torch.Tensor, n: int) -> None:
         loss = loss.detach()
         self.loss_sum[j] += loss.double() * n
-        bad = ~torch.isfinite(loss)
-        self.first_bad[j] = torch.where(bad & (self.first_bad[j] < 0),
-                                        torch.as_tensor(self.steps, device=loss.device), self.first_bad[j])
+        self._mark(self.first_bad[j], ~torch.isfinite(loss), self.step_t)
 
     def add_grad_check(self, j: int, grads: list[torch.Tensor]) -> None:
         if not grads:
             return
         total = torch.stack([g.detach().float().norm() for g in grads]).sum()
-        bad = ~torch.isfinite(total)
-        self.first_bad_grad[j] = torch.where(bad & (self.first_bad_grad[j] < 0),
-                                             torch.as_tensor(self.steps, device=total.device), self.first_bad_grad[j])
-
-    def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum.cpu(), "final_correct": self.final_correct.cpu(), "samples": self.samples,
-                "steps": self.steps, "first_bad": self.first_bad.cpu(), "first_bad_grad": self.first_bad_grad.cpu()}
-
-    def load_state_dict(self, d: dict) -> None:
-        for k in ("loss_sum", "final_correct", "first_bad", "first_bad_grad"):
-            getattr(self, k).copy_(d[k])
-        self.samples, self.steps = d["samples"], d["steps"]
+        self._mark(self.first_bad_grad[j], ~torch.isfinite(total), self.step_t)
 
     def add_correct(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.final_correct += (logits.detach().argmax(1) == y).sum()
 
+    def end_step(self, n: int) -> None:
+        self.samples_t += n
+        self.step_t += 1
+
+    @property
+    def samples(self) -> int:
+        return int(self.samples_t.item())
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).cpu() for k in self._FIELDS}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in self._FIELDS:
+            getattr(self, k).copy_(d[k])
+
     def read(self) -> dict:
         """One host sync: the epoch's averages."""
-        n = max(self.samples, 1)
-        losses = (self.loss_sum / n).tolist()
+        loss_sum, correct, samples, first_bad, first_bad_grad = (
+            t.tolist() for t in (self.loss_sum, self.final_correct, self.samples_t, self.first_bad, self.first_bad_grad))
+        n = max(samples, 1)
         return {
-            "losses": losses,
-            "train_acc": self.final_correct.item() / n,
-            "first_bad": self.first_bad.tolist(),
-            "first_bad_grad": self.first_bad_grad.tolist(),
+            "losses": [v / n for v in loss_sum],
+            "train_acc": correct / n,
+            "samples": samples,
+            "first_bad": first_bad,
+            "first_bad_grad": first_bad_grad,
         }
 
 
@@ -138,8 +155,8 @@ class Executor:
         self.checkpoint_global = checkpoint_global
         self.channels_last = channels_last
         self.optimizers = [
-            torch.optim.SGD(net.module_parameters(j) + net.aux_parameters(j), lr=lr, momentum=momentum,
-                            nesterov=nesterov, weight_decay=weight_decay)
+            DeviceLRSGD(net.module_parameters(j) + net.aux_parameters(j), lr=lr, momentum=momentum,
+                        nesterov=nesterov, weight_decay=weight_decay)
             for j in range(self.J)
         ]
         self.device_type = next(net.parameters()).device.type
@@ -150,8 +167,7 @@ class Executor:
     # -- helpers ---------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = lr
+            opt.set_lr(lr)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -206,8 +222,7 @@ class Executor:
             del loss
         self._end_step()
         stats.add_correct(logits, y)
-        stats.samples += n
-        stats.steps += 1
+        stats.end_step(n)
 
     def global_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
         net, n = self.net, x.shape[0]
@@ -233,8 +248,7 @@ class Executor:
         self._end_step()
         stats.add(self.J - 1, loss, n)
         stats.add_correct(logits, y)
-        stats.samples += n
-        stats.steps += 1
+        stats.end_step(n)
 
     def bp_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
         self.global_step(x, y, stats)

@@ -322,7 +322,7 @@ def run(cfg: TrainConfig) -> dict:
             "event": "epoch", "epoch": epoch + 1, "phase": phase, "lr": lr,
             "train_loss": tr["losses"][-1], "module_losses": tr["losses"], "train_acc": tr["train_acc"],
             "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
-            "images_per_s": stats.samples / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
+            "images_per_s": tr["samples"] / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
             "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
             "mem_kind": mem["kind"],
         }
