@@ -163,6 +163,8 @@ class Executor:
         # fp16 needs loss scaling; bf16 (the default) does not, so nothing syncs with the host
         self.scaler = torch.amp.GradScaler(self.device_type) if amp_dtype == torch.float16 else None
         self.stats: StepStats | None = None  # set by the train step for the gradient check
+        # a CUDA-graph capture must not keep autocast's weight-cast cache across the capture boundary
+        self.autocast_cache = True
 
     # -- helpers ---------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -172,7 +174,7 @@ class Executor:
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

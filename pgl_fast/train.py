@@ -247,6 +247,13 @@ def run(cfg: TrainConfig) -> dict:
 
     augment = data_mod.BatchAugmenter(spec, device)
     memory = PeakMemory(device)
+    # one statistics object for the whole run: captured graphs hold its addresses
+    stats = StepStats(net.J, device)
+    graphed = None
+    if cfg.cuda_graphs:
+        from .graphs import GraphedLocalSteps
+
+        graphed = GraphedLocalSteps(exe, stats)
     n_train = int(data.train_y.shape[0])
     t_start = time.time() - elapsed
 
@@ -273,7 +280,7 @@ def run(cfg: TrainConfig) -> dict:
         print(f"epoch {epoch + 1}/{cfg.epochs} phase={phase} lr={lr:.5g}", flush=True)
         memory.reset()
         net.train()
-        stats = StepStats(net.J, device)
+        stats.reset()
         first_step, epoch_seconds = 0, 0.0
         if mid_epoch is not None and epoch == start_epoch and start_step > 0:
             # resume inside this epoch: same batch order, same accumulators, same generator state
@@ -296,7 +303,10 @@ def run(cfg: TrainConfig) -> dict:
             xb = augment(data.train_x[idx], gen)
             x = data_mod.normalize(xb, spec, torch.float32, cfg.channels_last)
             image01 = xb.float().div_(255) if cfg.method == "infopro" else None
-            exe.train_step(exe_phase, x, data.train_y[idx], stats, image01)
+            if graphed is not None and exe_phase == "local":
+                graphed(x, data.train_y[idx], image01)
+            else:
+                exe.train_step(exe_phase, x, data.train_y[idx], stats, image01)
             if bar is not None:
                 bar.update(1)
             done = step + 1

@@ -1,0 +1,99 @@
+"""CUDA-graph capture of the local step (``--cuda-graphs``).
+
+The captured function is ``Executor.local_step`` itself -- the same code the eager path runs, for
+every module: forward, local loss, backward, the device-lr SGD update, and the device-side
+statistics. What makes it capturable is in the pieces it calls: the lr lives in a device tensor
+(``optim.DeviceLRSGD``), momentum buffers exist from the start, statistics and the non-finite
+flags are device tensors updated in place (``engine.StepStats``), and nothing in the step reads
+a value back to the host.
+
+One graph per batch size (the last partial batch gets its own graph), all sharing one memory pool
+and replayed strictly in order, so only one module's activations are alive inside the pool, as in
+the eager path. Global steps (PGL's global epochs, ``bp``) stay eager: they are rare, and run with
+checkpointing when asked.
+
+Before capturing, the step is warmed up on a side stream with the real batch (this allocates
+lazily-created state, runs cuDNN's and Triton's autotuning, and compiles kernels); the warm-up
+updates are then undone *in place* -- parameters, buffers, momentum buffers and statistics are
+copied back into the same tensors -- so the training trajectory is exactly that of the eager run and
+graphs captured earlier keep pointing at valid memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from .engine import Executor, StepStats
+
+
+def training_state_tensors(exe: Executor, stats: StepStats) -> list[torch.Tensor]:
+    """Every tensor a training step mutates in place, in a fixed order."""
+    tensors: list[torch.Tensor] = list(exe.net.parameters()) + list(exe.net.buffers())
+    for opt in exe.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                tensors.extend(v for v in opt.state[p].values() if torch.is_tensor(v))
+        if hasattr(opt, "lr_tensor"):
+            tensors.append(opt.lr_tensor)
+    tensors.extend(getattr(stats, k) for k in StepStats._FIELDS)
+    return tensors
+
+
+class InPlaceSnapshot:
+    """Copies of the training state, restored with ``copy_`` into the very same tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        with torch.no_grad():
+            self.saved = [t.detach().clone() for t in tensors]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, s in zip(self.tensors, self.saved):
+                t.copy_(s)
+
+
+class GraphedLocalSteps:
+    def __init__(self, exe: Executor, stats: StepStats, warmup_iters: int = 3):
+        if not torch.cuda.is_available():
+            raise RuntimeError("--cuda-graphs needs a CUDA GPU")
+        if exe.scaler is not None:
+            raise RuntimeError("--cuda-graphs does not support --amp-dtype fp16 (the grad scaler syncs with the "
+                               "host); use the default bf16")
+        self.exe, self.stats, self.warmup_iters = exe, stats, warmup_iters
+        exe.autocast_cache = False
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple] = {}
+        self.captures = 0
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> tuple:
+        exe, stats = self.exe, self.stats
+        static_x, static_y = x.clone(), y.clone()
+        static_img = image01.clone() if image01 is not None else None
+        snapshot = InPlaceSnapshot(training_state_tensors(exe, stats))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                exe.local_step(static_x, static_y, stats, static_img)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        snapshot.restore()
+        for opt in exe.optimizers:
+            opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            exe.local_step(static_x, static_y, stats, static_img)
+        self.captures += 1
+        return graph, static_x, static_y, static_img
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
+        key = x.shape[0]
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(x, y, image01)
+        graph, sx, sy, simg = entry
+        sx.copy_(x)
+        sy.copy_(y)
+        if simg is not None:
+            simg.copy_(image01)
+        graph.replay()
