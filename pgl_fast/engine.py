@@ -35,11 +35,12 @@ from .optim import DeviceLRSGD
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(module: nn.Module):
+def frozen_bn_stats(modules):
     """Batch norm still normalises with batch statistics but leaves its running statistics (and
     ``num_batches_tracked``) untouched: used for the recomputation inside checkpointing, so that
     running statistics are updated exactly once per forward."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
     try:
         for m in bns:
@@ -52,18 +53,31 @@ def frozen_bn_stats(module: nn.Module):
                 m.num_batches_tracked.copy_(nbt)
 
 
-def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Non-reentrant checkpoint of ``module(x)``; the recomputation does not touch BN statistics."""
+def checkpointed(units, x: torch.Tensor, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    """Non-reentrant checkpoint of running ``units`` in sequence on ``x``.
+
+    Returns the last output followed by the outputs of the units whose indices are in ``taps``
+    (the aux heads' inputs inside the segment). The recomputation in the backward leaves BN
+    running statistics untouched, so they are updated exactly once per forward."""
+    units = [units] if isinstance(units, nn.Module) else list(units)
     calls = [0]
 
-    def run(inp: torch.Tensor) -> torch.Tensor:
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tapped = []
+        for i, u in enumerate(units):
+            inp = u(inp)
+            if i in taps:
+                tapped.append(inp)
+        return (inp, *tapped)
+
+    def run(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
         calls[0] += 1
         if calls[0] == 1:
-            return module(inp)
-        with frozen_bn_stats(module):
-            return module(inp)
+            return forward(inp)
+        with frozen_bn_stats(units):
+            return forward(inp)
 
-    has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for u in units for m in u.modules())
     return checkpoint(run, x, use_reentrant=False, preserve_rng_state=has_dropout)
 
 
@@ -146,13 +160,17 @@ class StepStats:
 class Executor:
     def __init__(self, net: LocalNet, *, method: str, lr: float, momentum: float, nesterov: bool,
                  weight_decay: float, loss_spec: LossSpec, amp_dtype: torch.dtype | None,
-                 checkpoint_global: bool = False, channels_last: bool = False):
+                 checkpoint_global: bool = False, channels_last: bool = False,
+                 segments: list[tuple[int, int]] | None = None):
         self.net = net
         self.method = method
         self.J = net.J
         self.loss_spec = loss_spec
         self.amp_dtype = amp_dtype
         self.checkpoint_global = checkpoint_global
+        # unit ranges checkpointed as one piece in global steps (None: no checkpointing);
+        # checkpoint_global alone means one segment per module
+        self.segments = segments if segments is not None else (list(net.ranges) if checkpoint_global else None)
         self.channels_last = channels_last
         self.optimizers = [
             DeviceLRSGD(net.module_parameters(j) + net.aux_parameters(j), lr=lr, momentum=momentum,
@@ -228,18 +246,30 @@ class Executor:
 
     def global_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
         net, n = self.net, x.shape[0]
+        units = net.units
+        # unit index -> aux head fed by that unit's output (the cut after module j)
+        head_at = {b - 1: j for j, (a, b) in enumerate(net.ranges[:-1])} if len(net.heads) else {}
+        segments = self.segments if self.segments is not None else [(u, u + 1) for u in range(len(units))]
         h = x
-        for j in range(self.J):
+        for a, b in segments:
+            taps = [u for u in range(a, b) if u in head_at]
             with self.autocast():
-                h = checkpointed(net.blocks[j], h) if self.checkpoint_global else net.blocks[j](h)
-                if j < self.J - 1 and len(net.heads) > 0:
-                    # eq. 4: the head learns from its local loss on detached features only; its
-                    # graph is released right here instead of living until the final backward.
-                    aux_loss = self.local_loss(j, h.detach(), y, None)
-            if j < self.J - 1 and len(net.heads) > 0:
+                if self.segments is not None:
+                    outs = checkpointed(units[a:b], h, tuple(u - a for u in taps if u != b - 1))
+                    h, inner = outs[0], list(outs[1:])
+                else:
+                    h, inner = units[a](h), []
+            tapped = inner + ([h] if b - 1 in head_at else [])
+            for u, feat in zip(taps, tapped):
+                j = head_at[u]
+                # eq. 4: the head learns from its local loss on detached features only; its graph
+                # is released right here instead of living until the final backward.
+                with self.autocast():
+                    aux_loss = self.local_loss(j, feat.detach(), y, None)
                 self._backward(aux_loss)
                 stats.add(j, aux_loss, n)
                 del aux_loss
+            del tapped, inner
         with self.autocast():
             logits = net.classifier(h)
             loss = F.cross_entropy(upcast(logits), y)

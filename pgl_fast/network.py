@@ -36,6 +36,7 @@ class LocalNet(nn.Module):
         units = build_units(arch, droprate)
         shapes = unit_shapes(arch, image_size)
         self.blocks = nn.ModuleList(nn.Sequential(*units[a:b]) for a, b in self.ranges)
+        self.units = units  # the same modules, flat (plain list: not registered twice)
         self.classifier = Classifier(units[-1].out_channels, num_classes)
         heads, decs, info = [], [], []
         for j, (a, b) in enumerate(self.ranges):

@@ -75,6 +75,16 @@ def build_network(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalN
     )
 
 
+def build_executor(cfg: TrainConfig, net: LocalNet, segments: list[tuple[int, int]] | None = None) -> Executor:
+    """The executor a run of ``cfg`` trains ``net`` with (also used by the profiler)."""
+    amp_dtype = None
+    if cfg.amp:
+        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    return Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                    weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
+                    checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last, segments=segments)
+
+
 def loss_spec(cfg: TrainConfig, J: int) -> LossSpec:
     if cfg.method != "infopro":
         return LossSpec(kind="ce")
@@ -196,12 +206,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(use_kernels)
-    amp_dtype = None
-    if cfg.amp:
-        amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
-    exe = Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                   weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
-                   checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last)
+    exe = build_executor(cfg, net)
     gen = data_mod.make_generator(cfg.seed, device)
 
     # -- the run's state, restored from a checkpoint when resuming --------------------------------

@@ -1,0 +1,692 @@
+"""Peak memory of each training step kind, with the same numbers on the CPU and on a GPU.
+
+    python -m pgl_fast.profile --arch resnet32 -J 16 --aux 1c2f -b 256 --dtype fp32 --device cpu \\
+        --json profile.json
+
+Step kinds (each on a fresh network and :class:`~pgl_fast.engine.Executor`, same seed):
+
+- ``bp``: end-to-end backprop (``Executor.bp_step``, no aux heads);
+- ``bp_ckpt``: the same with module-boundary checkpointing (``checkpoint_global=True``);
+- ``local``: a PGL/DGL local step (``Executor.local_step``), one module's graph alive at a time;
+- ``global`` / ``global_ckpt``: a PGL global step (``Executor.global_step``), without / with
+  module-boundary checkpointing.
+
+Every kind runs one warm-up step first (so the SGD momentum buffers exist: they belong to the
+steady state), then ``steps`` measured steps; the peak is the maximum over them.
+
+How memory is measured:
+
+- ``tracker`` (the default on the CPU; available on CUDA too): :class:`TensorMemoryTracker`, a
+  ``TorchDispatchMode`` that sees every ATen op and counts the bytes of the live tensor storages
+  (each storage once, freed when its last reference dies). Categories are assigned by identity,
+  not by any knowledge of the engine: the network's parameters and buffers, the parameters'
+  ``.grad`` (via post-accumulate-grad hooks), the optimizers' state (via the global optimizer step
+  hooks), the input batch, and everything else: forward activations, backward temporaries
+  (including checkpoint recomputation and activation gradients), optimizer-step temporaries, and
+  pre-existing tensors first seen as an op input. The breakdown is taken at the moment of the
+  peak, and its components sum exactly to the peak. Not counted: memory that no tensor owns
+  (kernel workspaces such as oneDNN/cuDNN scratch, allocator slack and caching), and the data
+  set.
+- ``cuda`` (the default on CUDA): ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``
+  after ``reset_peak_memory_stats``, synchronised. The breakdown uses the exact sizes of the
+  parameters and optimizer state, and for gradients the most gradient bytes alive at once during
+  the steps (an upper bound at the moment of the peak); activations are the rest, so
+  ``breakdown_exact`` is False there.
+
+``profile_steps`` returns a dict (written as JSON by the CLI)::
+
+    {"config": {...}, "device": "cpu", "device_name": ..., "versions": {...},
+     "results": {kind: {"peak_bytes", "breakdown": {"params", "grads", "opt_state", "activations"},
+                        "detail": {finer categories}, "persistent_bytes", "step_peaks_bytes",
+                        "ratio_to_bp", "reserved_bytes", "allocator_peak_bytes", "source",
+                        "breakdown_exact", "peak_op", "peak_in_backward", "step_seconds", ...}}}
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import platform
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
+DEFAULT_KINDS = ("bp", "bp_ckpt", "local", "global_ckpt")
+DTYPES = ("fp32", "bf16", "fp16")
+MEASURES = ("auto", "tracker", "cuda")
+
+# Fine categories of the tracker, and how they fold into the four-way breakdown.
+CATEGORIES = ("params", "buffers", "grads", "opt_state", "inputs", "activations", "backward",
+              "opt_temps", "other")
+BREAKDOWN = {
+    "params": ("params", "buffers"),
+    "grads": ("grads",),
+    "opt_state": ("opt_state",),
+    "activations": ("inputs", "activations", "backward", "opt_temps", "other"),
+}
+
+MiB = 2 ** 20
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (on this thread)."""
+    return _graph_task_id() >= 0
+
+
+class ProfileError(ValueError):
+    """A bad argument: the message is one line naming it and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the tensor-level tracker
+# ----------------------------------------------------------------------------------------------
+class TensorMemoryTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages, by category, and their peak.
+
+    Every ATen op run inside the context is seen; each storage among its outputs (and, for
+    tensors that existed before, its inputs) is counted once, from the first time it is seen until
+    its last reference dies (a weakref callback on the storage). The peak is checked after every
+    op, so it includes the op's inputs and outputs alive together.
+
+    ``modules`` and ``optimizers`` name what is parameters, buffers, gradients and optimizer
+    state; ``inputs`` is the batch. Their storages are counted from the moment the tracker is
+    entered. ``device`` restricts counting to one device type (``None``: every device but meta).
+
+    With ``track_ops=False`` no dispatch mode is pushed: only the named tensors (parameters,
+    buffers, gradients, optimizer state, inputs) are followed, which is cheap; used on CUDA next
+    to the allocator counters.
+
+    The state survives ``__exit__``, so the tracker can be entered again; ``reset_peak()`` starts
+    a new peak from the current live total.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module] = (), optimizers: Iterable[torch.optim.Optimizer] = (),
+                 inputs: Iterable[torch.Tensor] = (), device: str | torch.device | None = None,
+                 track_ops: bool = True):
+        super().__init__()
+        self.modules = list(modules)
+        self.optimizers = list(optimizers)
+        self.inputs = list(inputs)
+        self.device_type = None if device is None else torch.device(device).type
+        self.track_ops = track_ops
+        # id(storage) -> [nbytes, category, weakref(storage), op that created it, shape]
+        self._live: dict[int, list] = {}
+        self.current = dict.fromkeys(CATEGORIES, 0)
+        self.total = 0
+        self.peak_total = 0
+        self.peak_breakdown = dict(self.current)
+        self.peak_op: str | None = None
+        self.peak_in_backward = False
+        self.category_peak = dict.fromkeys(CATEGORIES, 0)
+        self._params: list[nn.Parameter] = []
+        self._handles: list = []
+        self._in_opt = 0
+        self._depth = 0
+        self._record_peak_live = False
+        self.peak_live: list[tuple[int, str, str, tuple]] | None = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _storage(self, t: torch.Tensor):
+        if t.device.type == "meta" or (self.device_type is not None and t.device.type != self.device_type):
+            return None
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, nested, storage-less subclasses
+            return None
+
+    def _free(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.current[entry[1]] -= entry[0]
+            self.total -= entry[0]
+
+    def _see(self, t: torch.Tensor, category: str, origin=None, force: bool = False) -> None:
+        st = self._storage(t)
+        if st is None:
+            return
+        key = id(st)
+        entry = self._live.get(key)
+        if entry is None:
+            nbytes = st.nbytes()
+            ref = weakref.ref(st, lambda _r, key=key, me=weakref.ref(self): me() and me()._free(key))
+            self._live[key] = [nbytes, category, ref, origin, tuple(t.shape)]
+            self.current[category] += nbytes
+            self.total += nbytes
+        else:
+            nbytes = st.nbytes()
+            if nbytes != entry[0]:  # resized in place
+                self.current[entry[1]] += nbytes - entry[0]
+                self.total += nbytes - entry[0]
+                entry[0] = nbytes
+            if force and entry[1] != category:
+                self.current[entry[1]] -= nbytes
+                self.current[category] += nbytes
+                entry[1] = category
+        if self.current[category] > self.category_peak[category]:
+            self.category_peak[category] = self.current[category]
+
+    def mark(self, t: torch.Tensor | None, category: str) -> None:
+        """Count ``t``'s storage under ``category`` from now on (re-categorising it if known)."""
+        if isinstance(t, torch.Tensor):
+            self._see(t, category, force=True)
+
+    def _update_peak(self, op=None) -> None:
+        if self.total > self.peak_total:
+            self.peak_total = self.total
+            self.peak_breakdown = dict(self.current)
+            self.peak_op = None if op is None else str(op)
+            self.peak_in_backward = _in_backward()
+            if self._record_peak_live:
+                self.peak_live = [(e[0], e[1], str(e[3]) if e[3] is not None else "", e[4])
+                                  for e in self._live.values()]
+
+    def reset_peak(self) -> None:
+        self.peak_total = self.total
+        self.peak_breakdown = dict(self.current)
+        self.peak_op, self.peak_in_backward = None, False
+        self.category_peak = dict(self.current)
+        if self._record_peak_live:
+            self.peak_live = [(e[0], e[1], str(e[3]) if e[3] is not None else "", e[4])
+                              for e in self._live.values()]
+
+    def record_peak_live(self, on: bool = True) -> None:
+        """Also keep the list of live storages ``(nbytes, category, creating op, shape)`` at the
+        peak (costly: a copy at every new peak)."""
+        self._record_peak_live = on
+
+    def live_bytes(self, category: str | None = None) -> int:
+        return self.total if category is None else self.current[category]
+
+    # -- the named tensors ----------------------------------------------------------------------
+    def _mark_named(self) -> None:
+        seen: set[int] = set()
+        params: list[nn.Parameter] = []
+        for m in self.modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+            for b in m.buffers():
+                self.mark(b, "buffers")
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        self._params = params
+        for p in params:
+            self.mark(p, "params")
+            self.mark(p.grad, "grads")
+        for opt in self.optimizers:
+            self._mark_opt_state(opt)
+        for t in self.inputs:
+            self.mark(t, "inputs")
+
+    def _mark_opt_state(self, opt: torch.optim.Optimizer) -> None:
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    self.mark(v, "opt_state")
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self.mark(p.grad, "grads")
+
+    def _opt_pre(self, opt, args, kwargs) -> None:
+        self._in_opt += 1
+        for g in opt.param_groups:  # gradients of parameters the modules did not name
+            for p in g["params"]:
+                self.mark(p.grad, "grads")
+
+    def _opt_post(self, opt, args, kwargs) -> None:
+        self._mark_opt_state(opt)
+        self._in_opt = max(self._in_opt - 1, 0)
+
+    def __enter__(self):
+        if self._depth == 0:
+            from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                               register_optimizer_step_pre_hook)
+
+            self._mark_named()
+            for p in self._params:
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            self._handles.append(register_optimizer_step_pre_hook(self._opt_pre))
+            self._handles.append(register_optimizer_step_post_hook(self._opt_post))
+            self._update_peak()
+        self._depth += 1
+        if self.track_ops:
+            return super().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+        if self.track_ops:
+            return super().__exit__(*exc)
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._in_opt:
+            category = "opt_temps"
+        elif _in_backward():
+            category = "backward"
+        else:
+            category = "activations"
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                st = self._storage(t)
+                if st is not None and id(st) not in self._live:
+                    self._see(t, "other", func)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t, category, func)
+        self._update_peak(func)
+        return out
+
+    def snapshot(self, peak: bool = True) -> dict:
+        """Bytes by fine category and by the four-way breakdown (at the peak, or now)."""
+        cats = self.peak_breakdown if peak else self.current
+        return {
+            "total": self.peak_total if peak else self.total,
+            "breakdown": {k: sum(cats[c] for c in v) for k, v in BREAKDOWN.items()},
+            "detail": dict(cats),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# building one step kind
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepSetup:
+    """A network, its executor and a fixed batch, ready to run one kind of step."""
+
+    kind: str
+    net: nn.Module
+    executor: object
+    x: torch.Tensor
+    y: torch.Tensor
+    device: torch.device
+    batch: int
+    stats: object
+
+    def run(self) -> None:
+        """One step of this kind on the fixed batch."""
+        _call(self, self.x, self.y)
+
+    def warm_up(self, batch: int | None = None) -> None:
+        """One step (at a smaller batch if given) so that optimizer state exists."""
+        if batch is None or batch >= self.batch:
+            self.run()
+        else:
+            _call(self, self.x[:batch], self.y[:batch])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _call(setup: StepSetup, x: torch.Tensor, y: torch.Tensor) -> None:
+    exe, stats = setup.executor, setup.stats
+    if setup.kind == "local":
+        exe.local_step(x, y, stats)
+    elif setup.kind in ("global", "global_ckpt"):
+        exe.global_step(x, y, stats)
+    else:
+        exe.bp_step(x, y, stats)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ProfileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ProfileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProfileError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    return dev
+
+
+def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,
+               dtype: str = "fp32", device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0,
+               split: str = "auto", head_kernels: str = "auto", channels_last: bool = False,
+               num_classes: int = 10) -> StepSetup:
+    """A fresh network + Executor for one step kind, built as ``pgl_fast.train`` builds them."""
+    from .config import ConfigError, TrainConfig
+    from .engine import StepStats
+    from .train import UserError, build_executor, build_network, resolve_head_kernels
+
+    if kind not in KINDS:
+        raise ProfileError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
+    if dtype not in DTYPES:
+        raise ProfileError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if image_size < 8:
+        raise ProfileError(f"--image-size: must be >= 8, got {image_size}")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if dtype == "fp16" and dev.type != "cuda":
+        raise ProfileError("--dtype fp16 needs a CUDA GPU (it needs loss scaling); use fp32 or bf16 on the CPU")
+    method = "bp" if kind.startswith("bp") else "pgl"
+    ckpt = kind.endswith("_ckpt")
+    if method == "pgl" and aux is None:
+        raise ProfileError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
+    try:
+        cfg = TrainConfig(method=method, arch=arch, modules=J, split=split, aux=aux or "1c2f", batch_size=batch,
+                          lr=0.05, device=str(dev), amp=dtype != "fp32",
+                          amp_dtype="fp16" if dtype == "fp16" else "bf16", checkpoint_global=ckpt,
+                          channels_last=channels_last, head_kernels=head_kernels, seed=seed)
+        use_kernels = resolve_head_kernels(cfg, dev)
+    except (ConfigError, UserError) as e:
+        raise ProfileError(str(e)) from None
+    torch.manual_seed(seed)
+    net = build_network(cfg, num_classes, image_size).to(dev)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net.set_head_kernels(use_kernels)
+    net.train()
+    exe = build_executor(cfg, net)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
+    return StepSetup(kind=kind, net=net, executor=exe, x=x, y=y, device=dev, batch=batch,
+                     stats=StepStats(net.J, dev))
+
+
+# ----------------------------------------------------------------------------------------------
+# measuring
+# ----------------------------------------------------------------------------------------------
+def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if id(st) not in seen:
+                seen.add(id(st))
+                total += st.nbytes()
+    return total
+
+
+def _opt_state_tensors(optimizers) -> list[torch.Tensor]:
+    return [v for opt in optimizers for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(device: torch.device):
+    """Training turns cuDNN autotuning on (non-deterministic runs); do the same while measuring."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+def measure_step(setup: StepSetup, steps: int = 1, measure: str = "auto", record_live: bool = False) -> dict:
+    """Peak memory of ``steps`` steps of an already warmed-up ``setup``, as one result dict."""
+    if measure not in MEASURES:
+        raise ProfileError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
+    if steps < 1:
+        raise ProfileError(f"--steps: must be >= 1, got {steps}")
+    dev = setup.device
+    if measure == "auto":
+        measure = "cuda" if dev.type == "cuda" else "tracker"
+    if measure == "cuda" and dev.type != "cuda":
+        raise ProfileError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
+    exe = setup.executor
+    cuda = dev.type == "cuda"
+    tracker = TensorMemoryTracker(modules=[setup.net], optimizers=exe.optimizers, inputs=[setup.x, setup.y],
+                                  device=dev, track_ops=measure == "tracker")
+    tracker.record_peak_live(record_live)
+    step_peaks, step_times, alloc_peaks, reserved_peaks, grad_peaks = [], [], [], [], []
+    with _cudnn_benchmark(dev):
+        if cuda:
+            torch.cuda.synchronize(dev)
+        with tracker:
+            persistent = tracker.total
+            alloc_start = torch.cuda.memory_allocated(dev) if cuda else None
+            overall = None
+            for _ in range(steps):
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                tracker.reset_peak()
+                t0 = time.perf_counter()
+                setup.run()
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    alloc_peaks.append(torch.cuda.max_memory_allocated(dev))
+                    reserved_peaks.append(torch.cuda.max_memory_reserved(dev))
+                step_times.append(time.perf_counter() - t0)
+                step_peaks.append(tracker.peak_total)
+                grad_peaks.append(tracker.category_peak["grads"])
+                snap = tracker.snapshot(peak=True)
+                snap.update(op=tracker.peak_op, bw=tracker.peak_in_backward, live=tracker.peak_live)
+                if overall is None or snap["total"] > overall["total"]:
+                    overall = snap
+    result = {
+        "kind": setup.kind,
+        "step": {"local": "local_step", "global": "global_step", "global_ckpt": "global_step"}.get(
+            setup.kind, "bp_step"),
+        "checkpoint_global": setup.kind.endswith("_ckpt"),
+        "source": "tensor_tracker" if measure == "tracker" else "cuda_allocator",
+        "steps": steps,
+        "step_seconds": sorted(step_times)[len(step_times) // 2],
+        "reserved_bytes": max(reserved_peaks) if cuda else None,
+        "allocator_peak_bytes": max(alloc_peaks) if cuda else None,
+        "ratio_to_bp": None,
+    }
+    if measure == "tracker":
+        result.update({
+            "peak_bytes": overall["total"],
+            "breakdown": overall["breakdown"],
+            "detail": overall["detail"],
+            "breakdown_exact": True,
+            "persistent_bytes": persistent,
+            "step_peaks_bytes": step_peaks,
+            "peak_op": overall["op"],
+            "peak_in_backward": overall["bw"],
+        })
+        if record_live:
+            result["peak_live"] = sorted(overall["live"], key=lambda e: -e[0])
+    else:
+        params = _unique_bytes(list(setup.net.parameters()) + list(setup.net.buffers()))
+        opt = _unique_bytes(_opt_state_tensors(exe.optimizers))
+        grads = max(grad_peaks)
+        peak = max(alloc_peaks)
+        result.update({
+            "peak_bytes": peak,
+            "breakdown": {"params": params, "grads": grads, "opt_state": opt,
+                          "activations": max(peak - params - grads - opt, 0)},
+            "detail": None,
+            "breakdown_exact": False,
+            "persistent_bytes": alloc_start,
+            "step_peaks_bytes": alloc_peaks,
+            "peak_op": None,
+            "peak_in_backward": None,
+        })
+    return result
+
+
+def versions() -> dict:
+    import torchvision
+
+    from . import __version__
+
+    return {"pgl_fast": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return platform.processor() or platform.machine()
+
+
+def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,
+                  dtype: str = "fp32", device: str = "cpu", steps: int = 2,
+                  kinds: Iterable[str] = DEFAULT_KINDS, image_size: int = 32, seed: int = 0, *,
+                  split: str = "auto", measure: str = "auto", warmup_batch: int | None = None,
+                  head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Peak memory per step kind (see the module docstring for the dict layout).
+
+    ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
+    optimizer state; the measured steps run at ``batch``). ``None``: the full batch.
+    """
+    kinds = tuple(kinds)
+    if not kinds:
+        raise ProfileError("--kinds: give at least one kind")
+    for k in kinds:
+        if k not in KINDS:
+            raise ProfileError(f"--kinds: {k!r} is not one of {', '.join(KINDS)}")
+    if batch < 1:
+        raise ProfileError(f"-b/--batch-size: must be >= 1, got {batch}")
+    if steps < 1:
+        raise ProfileError(f"--steps: must be >= 1, got {steps}")
+    if warmup_batch is not None and warmup_batch < 1:
+        raise ProfileError(f"--warmup-batch: must be >= 1, got {warmup_batch}")
+    if measure not in MEASURES:
+        raise ProfileError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
+    dev = resolve_device(device)
+    if measure == "cuda" and dev.type != "cuda":
+        raise ProfileError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
+    results: dict[str, dict] = {}
+    for kind in dict.fromkeys(kinds):
+        setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
+                           image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
+                           channels_last=channels_last)
+        with _cudnn_benchmark(dev):
+            setup.warm_up(warmup_batch)
+        results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
+        del setup
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress(kind)
+    if "bp" in results:
+        bp = results["bp"]["peak_bytes"]
+        for r in results.values():
+            r["ratio_to_bp"] = r["peak_bytes"] / bp if bp else None
+    return {
+        "config": {"arch": arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
+                   "steps": steps, "kinds": list(results), "image_size": image_size, "seed": seed,
+                   "split": split, "measure": measure, "warmup_batch": warmup_batch,
+                   "head_kernels": head_kernels, "channels_last": channels_last},
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "cpu_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": results,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def format_table(report: dict) -> str:
+    cols = ["kind", "peak MiB", "params", "grads", "opt", "activations", "ratio to bp"]
+    cuda = any(r["reserved_bytes"] is not None for r in report["results"].values())
+    if cuda:
+        cols.append("reserved MiB")
+    cols.append("step s")
+    rows = []
+    for kind, r in report["results"].items():
+        b = r["breakdown"]
+        row = {"kind": kind, "peak MiB": f"{r['peak_bytes'] / MiB:.1f}", "params": f"{b['params'] / MiB:.2f}",
+               "grads": f"{b['grads'] / MiB:.2f}", "opt": f"{b['opt_state'] / MiB:.2f}",
+               "activations": f"{b['activations'] / MiB:.1f}",
+               "ratio to bp": "-" if r["ratio_to_bp"] is None else f"{r['ratio_to_bp']:.3f}",
+               "step s": f"{r['step_seconds']:.3f}"}
+        if cuda:
+            row["reserved MiB"] = f"{r['reserved_bytes'] / MiB:.1f}"
+        rows.append(row)
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in cols]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(r[c].ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .heads import AUX_CONFIGS
+    from .splits import SPLIT_KINDS
+
+    p = _OneLineParser(prog="python -m pgl_fast.profile",
+                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="resnet32", help="CIFAR ResNet-(6n+2)")
+    p.add_argument("-J", "--modules", dest="J", type=int, default=16, help="number of local modules")
+    p.add_argument("--aux", default="1c2f", choices=AUX_CONFIGS, help="aux head of the local/global kinds")
+    p.add_argument("-b", "--batch-size", dest="batch", type=int, default=256)
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS, metavar="KIND",
+                   help=f"step kinds, from {', '.join(KINDS)}")
+    p.add_argument("--steps", type=int, default=2, help="measured steps per kind (after one warm-up step)")
+    p.add_argument("--warmup-batch", type=int, default=None,
+                   help="batch of the warm-up step (default: --batch-size); it only creates optimizer state")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--split", default="auto", choices=SPLIT_KINDS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", default="auto", choices=MEASURES,
+                   help="tracker (tensor-level, CPU or CUDA) or cuda (allocator counters); auto picks by device")
+    p.add_argument("--head-kernels", default="auto", choices=("auto", "triton", "eager"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = profile_steps(arch=args.arch, J=args.J, aux=args.aux, batch=args.batch, dtype=args.dtype,
+                               device=args.device, steps=args.steps, kinds=args.kinds, image_size=args.image_size,
+                               seed=args.seed, split=args.split, measure=args.measure,
+                               warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
+                               channels_last=args.channels_last)
+    except ProfileError as e:
+        print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
+        return 2
+    c = report["config"]
+    print(f"{c['arch']} J={c['J']} aux={c['aux']} batch={c['batch']} {c['dtype']} on {report['device']} "
+          f"({report['device_name']}); {c['steps']} measured step(s) per kind after one warm-up; "
+          f"source: {next(iter(report['results'].values()))['source']}")
+    print(format_table(report))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2, sort_keys=True)
+                f.write("\n")
+        except OSError as e:
+            print(f"python -m pgl_fast.profile: error: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
