@@ -75,6 +75,28 @@ def build_network(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalN
     )
 
 
+def plan_memory(cfg: TrainConfig, net: LocalNet, image_size: int, num_classes: int):
+    """(segments for the global steps, text of the plan). The planner measures only when asked:
+    ``--memory-budget``, ``--global-segments auto`` or ``--plan``."""
+    from . import planner
+
+    planned = cfg.memory_budget is not None or cfg.plan or (cfg.checkpoint_global and cfg.global_segments == "auto")
+    if not planned:
+        if not cfg.checkpoint_global:
+            return None, "global steps: no checkpointing"
+        segs = planner.candidate_segments(cfg.global_segments, net, cfg.arch, image_size)
+        return segs, f"global steps: checkpoint segments = {cfg.global_segments} ({len(segs)})"
+    pred = planner.predict(method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
+                           dtype=("bf16" if cfg.amp_dtype == "bf16" else "fp16") if cfg.amp else "fp32",
+                           image_size=image_size, split=cfg.split, num_classes=num_classes)
+    try:
+        chosen, why = planner.choose(pred, cfg.memory_budget)
+    except planner.PlanError as e:
+        raise UserError(str(e)) from None
+    segs = planner.candidate_segments(chosen, net, cfg.arch, image_size)
+    return segs, planner.format_plan(pred, chosen) + f"\n  choice: {chosen}: {why}"
+
+
 def build_executor(cfg: TrainConfig, net: LocalNet, segments: list[tuple[int, int]] | None = None) -> Executor:
     """The executor a run of ``cfg`` trains ``net`` with (also used by the profiler)."""
     amp_dtype = None
@@ -180,10 +202,12 @@ def run(cfg: TrainConfig) -> dict:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    if cfg.describe:
+    if cfg.describe or cfg.plan:
         spec_size = 96 if cfg.recipe_name == "stl10" else 32
         net = build_network(cfg, 10, spec_size)
         print(describe(cfg, net, spec_size))
+        if cfg.plan:
+            print(plan_memory(cfg, net, spec_size, 10)[1])
         return {}
 
     prepare_output_dir(cfg.output_dir)
@@ -206,7 +230,8 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(use_kernels)
-    exe = build_executor(cfg, net)
+    segments, plan_text = plan_memory(cfg, net, spec.image_size, spec.num_classes)
+    exe = build_executor(cfg, net, segments)
     gen = data_mod.make_generator(cfg.seed, device)
 
     # -- the run's state, restored from a checkpoint when resuming --------------------------------
@@ -232,7 +257,8 @@ def run(cfg: TrainConfig) -> dict:
               f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
     header = run_header(cfg.to_dict(), device)
-    header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(),
+    header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": plan_text,
+                   "global_segments": segments,
                    "head_kernels": "triton" if use_kernels else "eager",
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None})
@@ -249,6 +275,7 @@ def run(cfg: TrainConfig) -> dict:
           f"({device}) | {cfg.method} {cfg.arch} J={net.J} aux={cfg.aux if cfg.method != 'bp' else '-'} "
           f"| {header['train_images']} train / {header['test_images']} test images")
     print(describe(cfg, net, spec.image_size))
+    print(plan_text)
 
     augment = data_mod.BatchAugmenter(spec, device)
     memory = PeakMemory(device)

@@ -79,12 +79,14 @@ def test_local_step_gradients_are_module_local(aux):
             torch.testing.assert_close(got, rg, rtol=1e-9, atol=1e-12, msg=f"module {j}: {n}")
 
 
-@pytest.mark.parametrize("checkpoint_global", [False, True])
+@pytest.mark.parametrize("segments", ["none", "modules", "units", "coarse", "two"])
 @pytest.mark.parametrize("aux", ["1c2f", "adapt"])
-def test_global_step_backbone_gets_bp_gradients_heads_get_local(aux, checkpoint_global):
+def test_global_step_backbone_gets_bp_gradients_heads_get_local(aux, segments):
     net, x, y = make(aux)
     ref = copy.deepcopy(net)
-    exe, log = recording_executor(net, checkpoint_global=checkpoint_global)
+    segs = {"none": None, "modules": list(net.ranges), "units": [(u, u + 1) for u in range(len(net.units))],
+            "coarse": [(0, 2), (2, 4)], "two": [(0, 3), (3, 4)]}[segments]  # heads tapped inside segments
+    exe, log = recording_executor(net, segments=segs)
     exe.global_step(x, y, StepStats(net.J, x.device))
     grads = log[0][1]  # all modules step after the one backward; the first step sees every gradient
     ref_params = dict(ref.named_parameters())
@@ -106,11 +108,12 @@ def test_global_step_backbone_gets_bp_gradients_heads_get_local(aux, checkpoint_
             torch.testing.assert_close(grads[n], rg, rtol=1e-9, atol=1e-12, msg=n)
 
 
-def test_checkpointed_global_step_updates_bn_running_stats_once():
+@pytest.mark.parametrize("segments", [None, [(0, 2), (2, 4)]])
+def test_checkpointed_global_step_updates_bn_running_stats_once(segments):
     net, x, y = make("1c2f")
     ref = copy.deepcopy(net)
     exe = Executor(net, method="pgl", lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0,
-                   loss_spec=LossSpec("ce"), amp_dtype=None, checkpoint_global=True)
+                   loss_spec=LossSpec("ce"), amp_dtype=None, checkpoint_global=True, segments=segments)
     exe.global_step(x, y, StepStats(net.J, x.device))
     with torch.no_grad():
         h = x

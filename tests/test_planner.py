@@ -1,0 +1,74 @@
+"""The memory planner: its extrapolated predictions against direct measurements, its choice under a
+budget, and the CLI around it."""
+import json
+
+import pytest
+import torch
+
+from pgl_fast import planner
+from pgl_fast.profile import build_step, measure_step
+from pgl_fast.train import main
+
+KW = dict(arch="resnet14", J=7, aux="1c2f", image_size=16, split="layerwise")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _direct(kind, seg, batch):
+    setup = build_step(kind, batch=batch, device="cpu", head_kernels="eager", **KW)
+    if seg is not None:
+        setup.executor.segments = planner.candidate_segments(seg, setup.net, KW["arch"], KW["image_size"])
+    setup.warm_up(2)
+    return measure_step(setup, steps=1, measure="tracker")["peak_bytes"]
+
+
+def test_predictions_match_direct_measurement():
+    batch = 48
+    pred = planner.predict(method="pgl", batch=batch, **KW)
+    # never under by more than 2%; over by at most 8% (parameter gradients are counted as batch-sized
+    # backward temporaries for the instant before they are accumulated: a safe, shrinking overshoot)
+    direct = _direct("local", None, batch)
+    assert 0.98 * direct <= pred["local"] <= 1.08 * direct
+    for cand in planner.CANDIDATES:
+        direct = _direct("global", cand, batch)
+        assert 0.98 * direct <= pred["global"][cand] <= 1.08 * direct, (cand, pred["global"][cand], direct)
+    # checkpointing must pay off at all
+    assert min(pred["global"][c] for c in ("modules", "units", "coarse")) < 0.7 * pred["global"]["none"]
+
+
+def test_choice_under_budgets():
+    pred = {"batch": 8, "local": 50 * 2**20,
+            "global": {"none": 400 * 2**20, "modules": 120 * 2**20, "units": 110 * 2**20, "coarse": 150 * 2**20}}
+    assert planner.choose(pred, None)[0] == "units"
+    assert planner.choose(pred, 500)[0] == "none"
+    assert planner.choose(pred, 130)[0] == "units"
+    with pytest.raises(planner.PlanError, match="smallest predicted global-step peak is 110 MiB"):
+        planner.choose(pred, 100)
+    with pytest.raises(planner.PlanError, match="even the local steps"):
+        planner.choose(pred, 40)
+
+
+def test_coarse_segments_cover_all_units_in_order():
+    segs = planner.coarse_segments("resnet110", 32, 55)
+    assert segs[0][0] == 0 and segs[-1][1] == 55
+    assert all(a < b for a, b in segs) and all(segs[i][1] == segs[i + 1][0] for i in range(len(segs) - 1))
+    assert 5 <= len(segs) <= 9
+
+
+def test_plan_flag_and_budget_run(tmp_path, capsys):
+    base = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
+            "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1"]
+    assert main(base + ["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "local steps" in out and "checkpoint modules" in out and "choice:" in out
+    assert main(base + ["--memory-budget", "0.01", "-o", str(tmp_path / "x")]) == 2
+    assert "--memory-budget" in capsys.readouterr().err
+    assert main(base + ["--memory-budget", "100000", "--epochs", "2", "-o", str(tmp_path / "ok")]) == 0
+    header = json.loads((tmp_path / "ok" / "header.json").read_text())
+    assert "choice: none" in header["memory_plan"] and header["global_segments"] is None
