@@ -19,6 +19,10 @@ FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.
 STRUCTURAL_FIELDS = ("method", "arch", "modules", "split", "aux", "aux_widen", "aux_feature_dim", "dataset",
                      "infopro_loss", "recipe")
+# Fields that define the data order: a resumed run must see the same images in the same order.
+DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
+# ... and, inside an epoch, the same batches.
+MID_EPOCH_FIELDS = ("batch_size", "drop_last")
 _NAME = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
 
 
@@ -90,6 +94,16 @@ def save_checkpoint(output_dir: str, state: dict, keep: int) -> str:
             os.close(fd)
     except OSError:
         pass
+    # A resumed-from-older run supersedes the checkpoints that came after its starting point: drop
+    # them first, so that pruning (which goes by position) keeps the one just written.
+    here = (state["epoch"], state["step"])
+    for later in list_checkpoints(output_dir):
+        m = _NAME.search(os.path.basename(later))
+        if (int(m.group(1)), int(m.group(2))) > here:
+            try:
+                os.remove(later)
+            except OSError:
+                pass
     for old in list_checkpoints(output_dir)[:-keep]:
         try:
             os.remove(old)
@@ -116,8 +130,9 @@ def load_checkpoint(path: str) -> dict:
 
 def check_compatible(state: dict, config: dict, path: str) -> None:
     saved = state.get("config", {})
+    fields = STRUCTURAL_FIELDS + DATA_FIELDS + (MID_EPOCH_FIELDS if state.get("step", 0) > 0 else ())
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
-             for k in STRUCTURAL_FIELDS if saved.get(k) != config.get(k)]
+             for k in fields if saved.get(k) != config.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
 

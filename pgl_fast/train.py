@@ -169,15 +169,16 @@ def _test_batches(data, spec, cfg: TrainConfig):
 
 
 def _check_finite(tr: dict, epoch: int, phase: str, J: int, *, partial: bool = False) -> None:
-    """Raise NonFiniteError naming epoch, step, phase and module if any loss or gradient was."""
-    for key, what in (("first_bad", "loss"), ("first_bad_grad", "gradient")):
-        bad = [(s, j) for j, s in enumerate(tr[key]) if s >= 0]
-        if bad:
-            s, j = min(bad)
-            kind = "final loss" if j == J - 1 else "local loss"
-            raise NonFiniteError(
-                f"non-finite {what} at epoch {epoch + 1}, step {s + 1}, phase {phase}, module {j} ({kind})"
-                f"{' (found before a mid-epoch checkpoint)' if partial else ''}")
+    """Raise NonFiniteError naming the *first* non-finite event (loss or gradient) of the epoch:
+    epoch, step, phase and module."""
+    events = [(s, order, j, what) for order, (key, what) in enumerate((("first_bad", "loss"), ("first_bad_grad", "gradient")))
+              for j, s in enumerate(tr[key]) if s >= 0]
+    if events:
+        s, _, j, what = min(events)
+        kind = "final loss" if j == J - 1 else "local loss"
+        raise NonFiniteError(
+            f"non-finite {what} at epoch {epoch + 1}, step {s + 1}, phase {phase}, module {j} ({kind})"
+            f"{' (found before a mid-epoch checkpoint)' if partial else ''}")
 
 
 def _kill_hook(epoch: int, step) -> None:
@@ -317,6 +318,9 @@ def run(cfg: TrainConfig) -> dict:
         if mid_epoch is not None and epoch == start_epoch and start_step > 0:
             # resume inside this epoch: same batch order, same accumulators, same generator state
             perm = mid_epoch["perm"].to(device)
+            if perm.numel() != (n_train // cfg.batch_size * cfg.batch_size if cfg.drop_last else n_train):
+                raise UserError(f"--resume: the checkpoint was taken inside an epoch of {perm.numel()} images; this "
+                                f"run has {n_train} (use the original data flags)")
             batches = list(perm.split(cfg.batch_size))
             if cfg.drop_last and batches and batches[-1].shape[0] < cfg.batch_size:
                 batches.pop()
