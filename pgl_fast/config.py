@@ -108,6 +108,7 @@ class TrainConfig:
     cuda_graphs: bool = _f(False, "capture local steps in CUDA graphs (GPU only)", group="runtime")
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
+    lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
     global_segments: str = _f("modules", "checkpoint segments of global steps with --checkpoint-global: one per module, per unit, ~sqrt(units) coarse ones, or auto (the planner's smallest predicted peak)", group="runtime", choices=("modules", "units", "coarse", "auto"))
     memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the global-step checkpointing (none, modules, units, coarse) that fits, from measured predictions", group="runtime", metavar="MiB")
     plan: bool = _f(False, "print the memory plan (predicted peak per phase and checkpoint choice) and exit", group="output")
@@ -185,6 +186,10 @@ class TrainConfig:
             bad("--device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if not 0.0 <= self.droprate < 1.0:
             bad("--droprate", f"must be in [0, 1), got {self.droprate}")
+        if self.lean_blocks and self.amp:
+            bad("--lean-blocks", "supports fp32 training only; drop --amp or --lean-blocks")
+        if self.lean_blocks and self.droprate > 0:
+            bad("--lean-blocks", "does not implement dropout; use --droprate 0")
         if self.memory_budget is not None and self.memory_budget <= 0:
             bad("--memory-budget", f"must be > 0 MiB, got {self.memory_budget}")
         if self.save_every < 0:

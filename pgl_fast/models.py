@@ -33,8 +33,13 @@ class BasicBlock(nn.Module):
             )
         self.out_channels = planes
         self.stride = stride
+        self.lean = False  # --lean-blocks: pgl_fast.lean's memory-lean backward (training, fp32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and self.training and torch.is_grad_enabled():
+            from .lean import lean_block_forward
+
+            return lean_block_forward(self, x)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.dropout(out)

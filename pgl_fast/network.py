@@ -79,6 +79,11 @@ class LocalNet(nn.Module):
         for h in self.heads:
             h.use_kernels = on and hasattr(h, "convs") and isinstance(h.convs, nn.ModuleList)
 
+    def set_lean_blocks(self, on: bool) -> None:
+        for u in self.units:
+            if hasattr(u, "lean"):
+                u.lean = on
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             x = blk(x)

@@ -92,7 +92,8 @@ def peak_at(points: list[tuple[int, int]], measured_batch: int, batch: int) -> i
 
 
 def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str = "fp32", image_size: int = 32,
-            split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8) -> dict:
+            split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8,
+            lean_blocks: bool = False) -> dict:
     """Predicted peak bytes per phase at ``batch``: ``local`` (for local methods) and ``global``
     under every checkpoint candidate."""
     import torch
@@ -101,7 +102,7 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     torch.set_num_threads(1)  # memory does not depend on threads; small steps are faster on one
     try:
         kw = dict(arch=arch, J=J, aux=None if method == "bp" else aux, dtype=dtype, image_size=image_size,
-                  split=split, num_classes=num_classes)
+                  split=split, num_classes=num_classes, lean_blocks=lean_blocks)
 
         def extrapolate(kind, seg):
             return peak_at(_timeline(kind, seg, measure_batch, **kw), measure_batch, batch)

@@ -365,7 +365,7 @@ def resolve_device(device: str) -> torch.device:
 def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,
                dtype: str = "fp32", device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0,
                split: str = "auto", head_kernels: str = "auto", channels_last: bool = False,
-               num_classes: int = 10) -> StepSetup:
+               num_classes: int = 10, lean_blocks: bool = False) -> StepSetup:
     """A fresh network + Executor for one step kind, built as ``pgl_fast.train`` builds them."""
     from .config import ConfigError, TrainConfig
     from .engine import StepStats
@@ -397,6 +397,8 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(use_kernels)
+    # --lean-blocks applies to the local-learning kinds; bp stays the plain eager baseline
+    net.set_lean_blocks(lean_blocks and method != "bp")
     net.train()
     exe = build_executor(cfg, net)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -546,7 +548,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
                   kinds: Iterable[str] = DEFAULT_KINDS, image_size: int = 32, seed: int = 0, *,
                   split: str = "auto", measure: str = "auto", warmup_batch: int | None = None,
                   head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
-                  progress: Callable[[str], None] | None = None) -> dict:
+                  progress: Callable[[str], None] | None = None, lean_blocks: bool = False) -> dict:
     """Peak memory per step kind (see the module docstring for the dict layout).
 
     ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
@@ -573,7 +575,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
     for kind in dict.fromkeys(kinds):
         setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
                            image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
-                           channels_last=channels_last)
+                           channels_last=channels_last, lean_blocks=lean_blocks)
         with _cudnn_benchmark(dev):
             setup.warm_up(warmup_batch)
         results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
@@ -657,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tracker (tensor-level, CPU or CUDA) or cuda (allocator counters); auto picks by device")
     p.add_argument("--head-kernels", default="auto", choices=("auto", "triton", "eager"))
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--lean-blocks", action="store_true",
+                   help="memory-lean BasicBlocks in the local-learning kinds (bp stays the eager baseline)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
     return p
 
@@ -668,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device, steps=args.steps, kinds=args.kinds, image_size=args.image_size,
                                seed=args.seed, split=args.split, measure=args.measure,
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
-                               channels_last=args.channels_last)
+                               channels_last=args.channels_last, lean_blocks=args.lean_blocks)
     except ProfileError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2

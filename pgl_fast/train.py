@@ -88,7 +88,8 @@ def plan_memory(cfg: TrainConfig, net: LocalNet, image_size: int, num_classes: i
         return segs, f"global steps: checkpoint segments = {cfg.global_segments} ({len(segs)})"
     pred = planner.predict(method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
                            dtype=("bf16" if cfg.amp_dtype == "bf16" else "fp16") if cfg.amp else "fp32",
-                           image_size=image_size, split=cfg.split, num_classes=num_classes)
+                           image_size=image_size, split=cfg.split, num_classes=num_classes,
+                           lean_blocks=cfg.lean_blocks)
     try:
         chosen, why = planner.choose(pred, cfg.memory_budget)
     except planner.PlanError as e:
@@ -231,6 +232,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(use_kernels)
+    net.set_lean_blocks(cfg.lean_blocks)
     segments, plan_text = plan_memory(cfg, net, spec.image_size, spec.num_classes)
     exe = build_executor(cfg, net, segments)
     gen = data_mod.make_generator(cfg.seed, device)

@@ -3,7 +3,7 @@
 The tracker is checked against peaks counted by hand on small matmul workloads, against
 ``torch.distributed._tools.mem_tracker.MemTracker`` on a real step, and the profile report for
 internal consistency. The issue's memory targets at the real size (resnet32, J=16, batch 256, fp32,
-1c2f) are asserted by the xfail tests at the end until the engine meets them.
+1c2f) are asserted by the tests at the end (the local one with --lean-blocks).
 
 Memory numbers do not depend on the thread count, so everything here runs on one thread: on a
 shared, oversubscribed CPU two OpenMP threads can make small steps 50x slower.
@@ -270,11 +270,10 @@ def test_cli_bad_flags_one_line_exit_2(argv, needle, capsys):
 def target_report():
     # steps=1 after a small-batch warm-up (it only has to create the momentum buffers): ~15 s
     return profile_steps(arch="resnet32", J=16, aux="1c2f", batch=256, dtype="fp32", device="cpu", steps=1,
-                         kinds=("bp", "local", "global_ckpt"), warmup_batch=4)
+                         kinds=("bp", "local", "global_ckpt"), warmup_batch=4, lean_blocks=True)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="memory planner targets: pending engine work")
 def test_target_local_step_at_most_15_percent_of_bp(target_report):
     r = target_report["results"]
     assert r["local"]["peak_bytes"] <= 0.15 * r["bp"]["peak_bytes"], \
@@ -282,7 +281,6 @@ def test_target_local_step_at_most_15_percent_of_bp(target_report):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="memory planner targets: pending engine work")
 def test_target_checkpointed_global_step_at_most_40_percent_of_bp(target_report):
     r = target_report["results"]
     assert r["global_ckpt"]["peak_bytes"] <= 0.40 * r["bp"]["peak_bytes"], \
