@@ -78,8 +78,8 @@ def test_training_with_lean_blocks_matches_eager(tmp_path):
     from pgl_fast.train import main
 
     torch.set_default_dtype(torch.float32)
-    args = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32", "--arch", "resnet14",
-            "-J", "4", "--split", "even", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1",
+    args = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
+            "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1",
             "--epochs", "2", "--deterministic"]
     rows = {}
     for name, extra in (("eager", []), ("lean", ["--lean-blocks"])):
@@ -87,4 +87,4 @@ def test_training_with_lean_blocks_matches_eager(tmp_path):
         rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     for e, le in zip(rows["eager"], rows["lean"]):
         assert le["module_losses"] == pytest.approx(e["module_losses"], rel=1e-4)  # fp32 rounding only
-        assert le["test_acc"] == pytest.approx(e["test_acc"], abs=1 / 32 + 1e-9)
+        assert le["test_acc"] == pytest.approx(e["test_acc"], abs=1 / 16 + 1e-9)
