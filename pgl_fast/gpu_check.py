@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = _versions()
     print(json.dumps(info, indent=1), flush=True)
+    torch.backends.cudnn.benchmark = True  # as in training; warm-up runs before every measurement
     tests = None if args.skip_tests else run_tests()
     steps = 5 if args.quick else 20
     archs = ("resnet32",) if args.quick else ("resnet32", "resnet110")
