@@ -20,9 +20,13 @@ setup(
     package_dir={"pgl_fast": "pgl_fast", "pgl_fast.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
         "bench": ["pytest>=7", "pytest-benchmark>=4"],
         "report": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["pgl-train=pgl_fast.train:main"]},
+    entry_points={"console_scripts": [
+        "pgl-train=pgl_fast.train:main",
+        "pgl-experiments=pgl_fast.experiments:main",
+        "pgl-report=pgl_fast.report:main",
+    ]},
 )
