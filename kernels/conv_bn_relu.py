@@ -44,7 +44,6 @@ would do): TF32 tensor cores when it is on, exact IEEE fp32 dots otherwise.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 

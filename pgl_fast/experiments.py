@@ -93,6 +93,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from .metrics import write_json_atomic
 from .config import ConfigError, INFOPRO_LAMBDAS, config_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -450,15 +451,6 @@ def _append(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _try_lock(run_dir: str):
     fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -567,7 +559,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
     os.makedirs(st.grid_dir, exist_ok=True)
     grid_json = os.path.join(st.grid_dir, "grid.json")
     commands: dict[str, str] = {}
-    _write_json(grid_json, _manifest(st, runs, statuses, commands))
+    write_json_atomic(grid_json, _manifest(st, runs, statuses, commands))
     _log(f"grid {st.grid} ({st.protocol.name}): {len(runs)} runs, {len(res.skipped)} finished, "
          f"{len(todo)} to run{f', {len(res.pending)} left for later' if res.pending else ''}")
 
@@ -677,7 +669,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        _write_json(grid_json, _manifest(st, runs, statuses, commands))
+        write_json_atomic(grid_json, _manifest(st, runs, statuses, commands))
 
     res.exit_code = 130 if res.interrupted else (1 if res.failed else 0)
     _log(f"grid {st.grid}: {len(res.finished)} finished now, {len(res.skipped)} already finished, "

@@ -1,6 +1,5 @@
 """CUDA-graph local steps. On the CPU: the warm-up-and-undo machinery the capture relies on. On a
 GPU (marked `cuda`): N graphed local steps give the same losses and parameters as N eager steps."""
-import copy
 
 import pytest
 import torch
