@@ -310,8 +310,31 @@ def _gap_lines(runs, arch: str, Js: list[int]) -> list[str]:
                 f"ours {ours_b[0] - ours_b[1]:+.2f} (best) / {ours_f[0] - ours_f[1]:+.2f} (final)")
         theirs = (f"paper{'' if _paper_arch(arch) == arch else ' (resnet32)'} {p[0] - p[1]:+.2f}"
                   if None not in p else "paper: n/a")
-        lines.append(f"- J={J}: {ours}; {theirs}")
+        lines.append(f"- J={J}: {ours}; {theirs}{_paired_gaps(runs, J)}")
     return lines
+
+
+def _paired_gaps(runs, J: int) -> str:
+    """PGL (Aux-Adapt) − DGL seed by seed (same seed = same data order and init), when seeds pair up.
+
+    Pairing by seed shows whether the gap holds in every trial, which a difference of means over two
+    or three seeds cannot; the test-set sampling error is stated so the gap can be read against it.
+    """
+    by_seed = {v: {r["seed"]: r for r in _select(runs, v, J)} for v in ("pgl-adapt", "dgl")}
+    seeds = sorted(set(by_seed["pgl-adapt"]) & set(by_seed["dgl"]))
+    if len(seeds) < 2:
+        return ""
+    gaps = {s: 100 * (by_seed["pgl-adapt"][s]["best_test_acc"] - by_seed["dgl"][s]["best_test_acc"])
+            for s in seeds}
+    n_test = by_seed["dgl"][seeds[0]].get("test_images")
+    acc = by_seed["dgl"][seeds[0]]["best_test_acc"]
+    noise = ""
+    if n_test:
+        # Binomial standard error of one accuracy on n_test images, and of a difference of two.
+        se = 100 * (acc * (1 - acc) / n_test) ** 0.5
+        noise = f"; test-set sampling error of one accuracy ≈ ±{se:.2f}, of a difference ≈ ±{se * 2 ** 0.5:.2f}"
+    per = ", ".join(f"seed {s} {g:+.2f}" for s, g in gaps.items())
+    return f"; per seed (best): {per}{noise}"
 
 
 def _ordering_lines(runs, arch: str, Js: list[int]) -> list[str]:

@@ -131,3 +131,21 @@ def test_report_of_missing_or_empty_folder_is_exit_2(tmp_path, capsys):
     assert report.main([str(tmp_path / "nope")]) == 2
     assert report.main([str(tmp_path)]) == 2
     assert report.main([str(tmp_path), "--layout", "table7"]) == 2
+
+
+def _rec(variant, seed, best, J=16, n_test=10000):
+    return {"variant": variant, "J": J, "seed": seed, "best_test_acc": best, "final_test_acc": best,
+            "test_images": n_test}
+
+
+def test_gap_lines_pair_seeds_and_state_the_test_set_noise():
+    runs = [_rec("dgl", 0, 0.50), _rec("dgl", 1, 0.52), _rec("dgl", 2, 0.40),
+            _rec("pgl-adapt", 0, 0.53), _rec("pgl-adapt", 1, 0.5150)]
+    (line,) = report._gap_lines(runs, "resnet32", [16])
+    # means: pgl-adapt 52.25, dgl (50+52+40)/3 = 47.33; the unpaired seed 2 of dgl is left out of the pairs
+    assert "ours +4.92 (best)" in line and "paper +5.22" in line
+    assert "per seed (best): seed 0 +3.00, seed 1 -0.50" in line
+    # sqrt(0.5 * 0.5 / 10000) = 0.5 points; times sqrt(2) for a difference
+    assert "one accuracy ≈ ±0.50" in line and "of a difference ≈ ±0.71" in line
+    (single,) = report._gap_lines(runs[:1] + runs[3:4], "resnet32", [16])
+    assert "per seed" not in single
