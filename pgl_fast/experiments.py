@@ -93,7 +93,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from .metrics import write_json_atomic
+from .metrics import read_json, write_json_atomic
 from .config import ConfigError, INFOPRO_LAMBDAS, config_from_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,14 +469,7 @@ def _unlock(fd) -> None:
 
 
 def _manifest(st: Settings, runs: list[Run], statuses: dict[str, str], commands: dict[str, str]) -> dict:
-    path = os.path.join(st.grid_dir, "grid.json")
-    old = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = {}
+    old = read_json(os.path.join(st.grid_dir, "grid.json"), {})
     entries = dict(old.get("runs", {}))
     for r in runs:
         e = dict(entries.get(r.name, {}))
@@ -495,14 +488,7 @@ def _manifest(st: Settings, runs: list[Run], statuses: dict[str, str], commands:
 
 
 def check_manifest(st: Settings) -> None:
-    path = os.path.join(st.grid_dir, "grid.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError):
-        return
+    old = read_json(os.path.join(st.grid_dir, "grid.json"), {})
     have_p, have_d = old.get("protocol", {}).get("name"), old.get("dataset")
     if have_p not in (None, st.protocol.name) or have_d not in (None, st.dataset):
         raise GridError(f"{st.grid_dir} holds --protocol {have_p} --dataset {have_d} runs; this is "

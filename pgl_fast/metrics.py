@@ -125,6 +125,15 @@ class JsonlWriter:
         return out
 
 
+def read_json(path: str, default=None):
+    """The JSON in path, or default when it is missing or unreadable (e.g. a run that never got that far)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
 def write_json_atomic(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -31,6 +31,7 @@ import os
 import sys
 
 from .experiments import GRIDS, OFFLINE_COPY_NAME, VARIANTS
+from .metrics import JsonlWriter, read_json
 
 ORDER = ["dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f", "bp"]
 
@@ -81,30 +82,6 @@ class ReportError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: str, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        pass
-    except OSError:
-        pass
-    return rows
-
-
 def variant_of(method: str, aux: str | None) -> str:
     if method == "bp":
         return "bp"
@@ -129,12 +106,12 @@ def collect_runs(grid_dir: str) -> list[dict]:
         return runs
     for name in sorted(os.listdir(grid_dir)):
         d = os.path.join(grid_dir, name)
-        summary = _read_json(os.path.join(d, "summary.json"))
+        summary = read_json(os.path.join(d, "summary.json"))
         if not os.path.isdir(d) or not isinstance(summary, dict):
             continue
-        cfg = _read_json(os.path.join(d, "config.json"), {}) or {}
-        header = _read_json(os.path.join(d, "header.json"), {}) or {}
-        metrics = [r for r in _read_jsonl(os.path.join(d, "metrics.jsonl")) if "epoch" in r]
+        cfg = read_json(os.path.join(d, "config.json"), {}) or {}
+        header = read_json(os.path.join(d, "header.json"), {}) or {}
+        metrics = [r for r in JsonlWriter(os.path.join(d, "metrics.jsonl")).read() if "epoch" in r]
         method = summary.get("method", cfg.get("method"))
         aux = summary.get("aux", cfg.get("aux")) if method != "bp" else None
         pgl = method == "pgl"
@@ -165,7 +142,7 @@ def collect_runs(grid_dir: str) -> list[dict]:
 
 
 def unfinished_runs(grid_dir: str) -> list[str]:
-    manifest = _read_json(os.path.join(grid_dir, "grid.json"), {}) or {}
+    manifest = read_json(os.path.join(grid_dir, "grid.json"), {}) or {}
     out = []
     for name in sorted(manifest.get("runs", {})):
         if not os.path.exists(os.path.join(grid_dir, name, "summary.json")):
@@ -671,7 +648,7 @@ def write_report(grid_dir: str, layout: str | None = None, out_dir: str | None =
     runs = collect_runs(grid_dir)
     if not runs:
         raise ReportError(f"{grid_dir}: no finished run (no */summary.json)")
-    manifest = _read_json(os.path.join(grid_dir, "grid.json"), {}) or {}
+    manifest = read_json(os.path.join(grid_dir, "grid.json"), {}) or {}
     if layout is None:
         layout = manifest.get("grid") or os.path.basename(os.path.normpath(grid_dir))
         if layout not in LAYOUTS:
