@@ -68,7 +68,9 @@ and BP are faster (an in-process step benchmark, best of 4 rounds: DGL 172, PGL 
 135/122 local/global, BP 230 img/s). The other helper processes sharing the machine made every
 measurement noisy: at load averages of 5-7 the same runs went 2-4x slower (13-30 img/s for PGL
 Aux-Adapt), so a run takes up to about an hour when the machine is shared. The full account is in
-``docs/results/README.md``.
+``docs/results/README.md``. The committed runs then took less on a quiet machine: InfoPro 23.7 min,
+PGL (Aux-Adapt) about 11 min, DGL about 12.5 min, BP 8 min (every run's wall time is in its
+``summary.json``).
 
 ``tiny``: synthetic data (64 train / 32 test images), resnet8, J in (4, 2), 2 epochs, batch 32, lr
 0.05, P=1, Q=1, two seeds for DGL at J=4, InfoPro with fixed lambdas (resnet8 has none of its own):
