@@ -137,7 +137,8 @@ class StepStats:
     def add_grad_check(self, j: int, grads: list[torch.Tensor]) -> None:
         if not grads:
             return
-        total = torch.stack([g.detach().float().norm() for g in grads]).sum()
+        # one multi-tensor launch per module instead of a norm kernel per parameter
+        total = torch.stack(torch._foreach_norm([g.detach() for g in grads])).float().sum()
         self._mark(self.first_bad_grad[j], ~torch.isfinite(total), self.step_t)
 
     def add_correct(self, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -234,7 +235,7 @@ class Executor:
             return F.cross_entropy(upcast(out), y)
         lam_rec, lam_task = self.loss_spec.lambdas[j]
         task = supcon_loss(out, y) if self.loss_spec.infopro_contrast else F.cross_entropy(upcast(out), y)
-        rec = reconstruction_loss(self.net.decoders[j](h), image01)
+        rec = reconstruction_loss(self.net.decoders[j].logits(h), image01)
         return lam_rec * rec + lam_task * task
 
     # -- the three step kinds --------------------------------------------------------------------

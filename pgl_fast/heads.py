@@ -108,9 +108,9 @@ class MLPSRHead(nn.Module):
         self.mlp = nn.Sequential(*mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.adaptive_avg_pool2d(x, self.pool_size)
+        h = adaptive_avg_pool(x, self.pool_size)
         h = self.convs(h)
-        h = F.adaptive_avg_pool2d(h, 2)
+        h = adaptive_avg_pool(h, 2)
         return self.mlp(torch.flatten(h, 1))
 
 
@@ -125,7 +125,11 @@ def build_head(config: str, in_channels: int, in_size: int, out_dim: int, widen:
 
 class Decoder(nn.Module):
     """InfoPro's estimate of I(h, x): upsample to the image size (bilinear, align_corners=True),
-    conv3x3 (C -> 12w, bias) -> BN -> ReLU -> conv3x3 (12w -> 3, bias) -> sigmoid."""
+    conv3x3 (C -> 12w, bias) -> BN -> ReLU -> conv3x3 (12w -> 3, bias) -> sigmoid.
+
+    Training uses ``logits`` (everything but the sigmoid) with a BCE-with-logits loss: plain BCE on
+    a sigmoid output is refused under CUDA autocast, and the fused form is also the more accurate
+    one in half precision."""
 
     def __init__(self, in_channels: int, image_size: int, widen: float = 1.0):
         super().__init__()
@@ -139,9 +143,67 @@ class Decoder(nn.Module):
             nn.Sigmoid(),
         )
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = upsample_bilinear(x, self.image_size)
+        for layer in self.body[:-1]:
+            x = layer(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=[self.image_size, self.image_size], mode="bilinear", align_corners=True)
-        return self.body(x)
+        return self.body[-1](self.logits(x))
+
+
+def adaptive_avg_pool(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` by deterministic means.
+
+    CUDA has no deterministic backward for adaptive average pooling, so ``--deterministic`` would
+    stop at the first backward. Where the input divides evenly (every CIFAR/SVHN/STL-10 shape) the
+    bins are equal and plain average pooling is the same operation; otherwise the bins (row i covers
+    ``floor(i*H/size) .. ceil((i+1)*H/size)``) are applied as two small averaging matrices."""
+    h, w = x.shape[-2:]
+    if h % size == 0 and w % size == 0:
+        return F.avg_pool2d(x, (h // size, w // size))
+    return _apply_rows_cols(x, _pool_matrix(h, size, x), _pool_matrix(w, size, x))
+
+
+def upsample_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling to ``size`` x ``size`` with ``align_corners=True``.
+
+    Under ``torch.use_deterministic_algorithms(True)`` the interpolation runs as two matrix
+    products with the interpolation weights (CUDA's bilinear backward accumulates with atomics and
+    is refused in deterministic mode); otherwise it is ``F.interpolate``, the fastest kernel."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return F.interpolate(x, size=[size, size], mode="bilinear", align_corners=True)
+    h, w = x.shape[-2:]
+    return _apply_rows_cols(x, _bilinear_matrix(h, size, x), _bilinear_matrix(w, size, x))
+
+
+def _apply_rows_cols(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows @ x @ cols.T`` over the last two dimensions."""
+    return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
+def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) matrix averaging adaptive-pooling bin i = [floor(i*n_in/n_out), ceil((i+1)*n_in/n_out))."""
+    i = torch.arange(n_out, device=like.device)
+    start = torch.div(i * n_in, n_out, rounding_mode="floor")
+    end = torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode="floor")
+    k = torch.arange(n_in, device=like.device)
+    member = (k[None, :] >= start[:, None]) & (k[None, :] < end[:, None])
+    return (member.to(like.dtype) / (end - start)[:, None].to(like.dtype))
+
+
+def _bilinear_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) align_corners=True linear-interpolation weights, built on the device with
+    elementwise ops only (so it can be recorded inside a CUDA graph)."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = torch.arange(n_out, device=like.device, dtype=torch.float64) * scale
+    lo = src.floor().clamp(max=n_in - 1)
+    frac = src - lo
+    hi = (lo + 1).clamp(max=n_in - 1)
+    k = torch.arange(n_in, device=like.device, dtype=torch.float64)
+    weights = (k[None, :] == lo[:, None]) * (1 - frac)[:, None] + (k[None, :] == hi[:, None]) * frac[:, None]
+    return weights.to(like.dtype)
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
@@ -150,10 +212,14 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def reconstruction_loss(decoded: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
-    """Mean BCE against the de-normalised input image in [0, 1] (computed in fp32: BCE is unsafe
-    under autocast)."""
-    return F.binary_cross_entropy(upcast(decoded), upcast(image01).to(upcast(decoded).dtype))
+def reconstruction_loss(decoded_logits: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of ``sigmoid(decoded_logits)`` against the de-normalised input image in [0, 1].
+
+    Computed as BCE-with-logits in at least fp32: the same value as BCE on the sigmoid output
+    (without its log clamp at -100), numerically stable in half precision, and allowed under CUDA
+    autocast, which refuses ``F.binary_cross_entropy`` whatever its input dtype."""
+    z = upcast(decoded_logits)
+    return F.binary_cross_entropy_with_logits(z, image01.to(z.dtype))
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
@@ -163,7 +229,13 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     Positives of i are the other same-label samples in the batch; an anchor with none contributes
     0 (its positive count is clamped to 1 on the device, so nothing syncs with the host).
     """
-    z = F.normalize(upcast(features), dim=1)
+    with torch.autocast(features.device.type, enabled=False):
+        return _supcon(upcast(features), labels, temperature, base_temperature)
+
+
+def _supcon(features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float) -> torch.Tensor:
+    # autocast is off here: the B x B similarity matmul would otherwise run in half precision
+    z = F.normalize(features, dim=1)
     sim = z @ z.t() / temperature
     sim = sim - sim.max(dim=1, keepdim=True).values.detach()
     n = z.shape[0]

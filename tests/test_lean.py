@@ -43,12 +43,33 @@ def test_lean_block_matches_eager(cin, cout, stride, batch, size, input_grad):
         torch.testing.assert_close(xl.grad, xr.grad, rtol=1e-9, atol=1e-11)
 
 
-def test_lean_block_is_not_used_in_eval_or_no_grad():
+def test_lean_block_is_not_used_in_eval_or_no_grad(monkeypatch):
+    import pgl_fast.lean as lean_mod
+
+    calls = []
+    real = lean_mod.lean_block_forward
+    monkeypatch.setattr(lean_mod, "lean_block_forward", lambda *a: calls.append(1) or real(*a))
     blk = BasicBlock(16, 16)
     blk.lean = True
-    blk.eval()
     x = torch.randn(2, 16, 4, 4)
-    assert blk(x).grad_fn.__class__.__name__ != "_LeanBlockFnBackward"
+    # positive control: training with autograd on takes the lean path
+    blk.train()
+    assert type(blk(x).grad_fn).__name__ == "_LeanBlockFnBackward" and calls == [1]
+    # eval mode with autograd on: the plain block
+    blk.eval()
+    assert type(blk(x).grad_fn).__name__ != "_LeanBlockFnBackward" and calls == [1]
+    # training mode under no_grad: the plain block, and nothing recorded for a backward
+    blk.train()
+    with torch.no_grad():
+        out = blk(x)
+    assert out.grad_fn is None and calls == [1]
+    torch.testing.assert_close(out, _plain(blk)(x))
+
+
+def _plain(blk):
+    plain = copy.deepcopy(blk)
+    plain.lean = False
+    return plain
 
 
 def test_lean_local_step_meets_the_memory_target():
