@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
 import torchvision.datasets as tvd
 
@@ -67,8 +67,14 @@ def _one_line(excinfo, tmp_path: Path) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _scipy_io():
+    # torchvision reads SVHN's .mat files with scipy, an optional dependency of both.
+    return pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (pip install scipy)")
+
+
 def write_svhn(root: Path, seed: int = 0) -> dict:
     """``root/{train,test,extra}_32x32.mat``; returns {split: (images NCHW, digits 0..9, X as saved)}."""
+    sio = _scipy_io()
     root.mkdir(parents=True, exist_ok=True)
     out = {}
     for k, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST), ("extra", SVHN_EXTRA))):
@@ -76,7 +82,7 @@ def write_svhn(root: Path, seed: int = 0) -> dict:
         digits = _classes(max(n, 10), seed + 10 + k)[:n]
         x = np.ascontiguousarray(img.transpose(2, 3, 1, 0))  # (H, W, C, N) like the release
         y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
-        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+        sio.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
         out[split] = (img, digits, x)
     return out
 
@@ -152,7 +158,7 @@ def test_svhn_mat_files_load_with_pixel_layout_labels_and_recipe(svhn):
         img, digits, saved = written[split]
         assert torch.equal(x, torch.from_numpy(img)), split
         # Pixel (c, h, w) of image i is X[h, w, c, i] of the .mat file, read back independently.
-        mat = scipy.io.loadmat(root / f"{split}_32x32.mat")
+        mat = _scipy_io().loadmat(root / f"{split}_32x32.mat")
         assert np.array_equal(mat["X"], saved)
         for i, c, h, w in ((0, 0, 0, 1), (3, 2, 31, 0), (N_TEST - 1, 1, 5, 27)):
             assert int(x[i, c, h, w]) == int(mat["X"][h, w, c, i])
@@ -324,6 +330,34 @@ def test_stl10_needs_the_unlabeled_file(tmp_path, monkeypatch):
     assert "missing" in msg and "<tmp>/stl10/stl10_binary/unlabeled_X.bin" in msg
     for present in ("train_X.bin", "test_y.bin"):
         assert present not in msg
+
+
+def test_cifar10_incomplete_folder_names_the_missing_batches(tmp_path):
+    folder = tmp_path / "c10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for f in ("data_batch_1", "data_batch_2", "batches.meta"):
+        (folder / f).write_bytes(b"x")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", tmp_path / "c10", download=False)
+    msg = _one_line(e, tmp_path)
+    assert "missing" in msg and "imagefolder" in msg
+    named = {f for f in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                         "test_batch", "batches.meta") if f"<tmp>/c10/cifar-10-batches-py/{f}" in msg}
+    assert named == {"data_batch_3", "data_batch_4", "data_batch_5", "test_batch"}
+
+
+def test_svhn_without_scipy_is_one_line(tmp_path, monkeypatch):
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / f"{split}_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file")  # never parsed
+    trust_svhn(monkeypatch, root)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy.io` raise ImportError
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(DataError) as e:
+        load_dataset("svhn", root, download=False)
+    msg = _one_line(e, tmp_path)
+    assert "scipy" in msg and "pip install" in msg and "<tmp>/svhn/train_32x32.mat" in msg
 
 
 def test_cli_rejects_unofficial_files_with_one_line(tmp_path, capsys):
