@@ -36,7 +36,6 @@ from pgl_fast.train import main
 N_TRAIN, N_TEST = 40, 20
 SVHN_EXTRA = 7
 STL_UNLABELED = 3
-STL_FILES = ("train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin", "test_y.bin")
 STL_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 
 
