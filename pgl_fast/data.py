@@ -521,6 +521,18 @@ _TV = {
     "stl10": ("STL-10", lambda split: "stl10_binary"),
 }
 
+# Files torchvision requires (and checks against the md5 of the official release) before it reads
+# a split, relative to data_dir. STL-10 needs all of them, unlabeled_X.bin included, even for the
+# train and test splits.
+_TV_REQUIRED = {
+    "cifar10": lambda split: [f"cifar-10-batches-py/{f}" for f in (
+        "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+        "batches.meta")],
+    "svhn": lambda split: [f"{split}_32x32.mat"],
+    "stl10": lambda split: [f"stl10_binary/{f}" for f in (
+        "train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin", "test_y.bin")],
+}
+
 
 def _tv_fingerprint(name, split, data_dir: Path) -> str | None:
     target = data_dir / _TV[name][1](split)
@@ -557,6 +569,25 @@ def _tv_build(name, split, data_dir: Path, download: bool):
     except Exception as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         hint = " (the offline JPEG copy loads with --dataset imagefolder)" if name == "cifar10" else ""
+        missing = [str(data_dir / f) for f in _TV_REQUIRED[name](split) if not (data_dir / f).is_file()]
+        if not (data_dir / rel).exists():
+            missing = [str(data_dir / rel)]
+        if missing and not download:
+            raise DataError(
+                f"{human} not found in {data_dir}: missing {', '.join(missing)} and download is off; "
+                f"enable downloading or copy the torchvision files there{hint}"
+            ) from None
+        corrupt = isinstance(exc, RuntimeError) and "corrupted" in str(exc)
+        if not missing and (corrupt or (download and isinstance(exc, OSError))):
+            # Every file is there, so torchvision's md5 check against the official release failed
+            # (when downloading, torchvision only fetches files that fail it).
+            files = [str(data_dir / f) for f in _TV_REQUIRED[name](split)]
+            which = files[0] if len(files) == 1 else f"one or more of {', '.join(files)}"
+            again = f" and downloading the official files failed ({reason})" if download else ""
+            raise DataError(
+                f"{human} {split} split: {which} failed torchvision's md5 check against the official release "
+                f"(truncated, modified or repackaged copy){again}; delete it and download again{hint}"
+            ) from None
         if download:
             raise DataError(
                 f"{human} not found in {data_dir} and download failed (no network?): {reason}; "
