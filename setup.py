@@ -20,7 +20,7 @@ setup(
     package_dir={"pgl_fast": "pgl_fast", "pgl_fast.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", "scipy"],
         "bench": ["pytest>=7", "pytest-benchmark>=4"],
         "report": ["matplotlib>=3.5"],
     },
