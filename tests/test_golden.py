@@ -1,0 +1,54 @@
+"""Golden metrics: a fixed-seed short run of a paper configuration (resnet32, J=16, PGL with
+AUX-ADAPT heads, one local and one global epoch, on a small subset of the offline CIFAR-10 copy,
+``--deterministic``) must reproduce, bit for bit, every loss and accuracy recorded in
+``tests/golden/`` before the engine's code was reorganised. Timing and memory fields are
+excluded (they depend on the machine, not on the arithmetic).
+
+To record new values after an *intended* change of the arithmetic, run this file with
+``PGL_FAST_WRITE_GOLDEN=1`` and say why in the commit.
+"""
+import json
+import os
+
+import pytest
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "pgl_r32_j16_adapt.json")
+VOLATILE = {"images_per_s", "epoch_seconds", "peak_mem_mib", "peak_reserved_mib", "mem_kind", "elapsed_s",
+            "eta_s", "wall_seconds"}
+ARGS = ["--dataset", "imagefolder", "--arch", "resnet32", "--method", "pgl", "-J", "16", "--aux", "adapt",
+        "-P", "1", "-Q", "1", "--epochs", "2", "--train-subset", "128", "--test-subset", "100", "-b", "32",
+        "--lr", "0.1", "--seed", "0", "--deterministic", "--progress", "off"]
+
+
+def _stable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
+@pytest.mark.slow
+def test_paper_configuration_matches_golden_metrics(offline_cifar, tmp_path):
+    import torch
+
+    from pgl_fast import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # conv reductions can depend on the thread count
+    try:
+        rc = train.main(ARGS + ["--data-dir", offline_cifar, "-o", str(tmp_path / "run")])
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)  # process-global: do not leak into other tests
+    assert rc == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        got = [_stable(json.loads(line)) for line in f if line.strip()]
+    if os.environ.get("PGL_FAST_WRITE_GOLDEN") == "1":
+        with open(GOLDEN, "w") as f:
+            json.dump({"args": ARGS, "epochs": got}, f, indent=1, sort_keys=True)
+        pytest.skip(f"wrote {GOLDEN}")
+    with open(GOLDEN) as f:
+        want = json.load(f)
+    assert want["args"] == ARGS
+    assert len(got) == len(want["epochs"])
+    for g, w in zip(got, want["epochs"]):
+        # every field recorded then must still be there with the same value (new fields may appear)
+        for k, v in w.items():
+            assert g.get(k) == v, f"epoch {w['epoch']} field {k}: {g.get(k)!r} != golden {v!r}"
