@@ -100,22 +100,3 @@ def test_graphed_local_steps_match_eager(amp, tol):
     assert got["losses"] == pytest.approx(ref["losses"], rel=tol, abs=tol)
     for (n, p), (_, q) in zip(net.named_parameters(), ref_net.named_parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=n)
-
-
-def test_gpu_check_refuses_cpu_and_formats_its_table(capsys):
-    from pgl_fast import gpu_check
-
-    if not torch.cuda.is_available():
-        assert gpu_check.main(["--skip-tests"]) == 2
-        assert "needs a CUDA GPU" in capsys.readouterr().err
-    rows = [
-        {"arch": "resnet32", "J": 1, "kind": "plain-pytorch-bp", "mode": "eager", "step_ms": 10.0, "images_per_s": 1000.0,
-         "peak_alloc_mib": 100.0, "peak_reserved_mib": 120.0, "epoch_s_50k": 0.5},
-        {"arch": "resnet32", "J": 16, "kind": "dgl", "mode": "graphs", "step_ms": 5.0, "images_per_s": 2000.0,
-         "peak_alloc_mib": 50.0, "peak_reserved_mib": 60.0, "epoch_s_50k": 0.25},
-        {"arch": "resnet32", "J": 16, "kind": "dgl", "mode": "graphs+triton", "error": "RuntimeError: boom"},
-    ]
-    info = {"device": "X", "torch": "t", "torchvision": "v", "triton": "tr", "cuda": "c", "cudnn": 1}
-    md = gpu_check.markdown(rows, info, None)
-    assert "| resnet32 | 16 | dgl | graphs | 5.00 | 2000 | 2.00 |" in md
-    assert "error: RuntimeError: boom" in md

@@ -20,6 +20,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: one intra-op thread is faster, and far faster on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _needs_triton():
     pytest.importorskip("triton")
     from pgl_fast.kernels import triton_available
