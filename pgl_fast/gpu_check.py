@@ -436,13 +436,15 @@ def run_rows(rows: list[Row], results: Results, *, batch: int, device: torch.dev
 
 
 def test_command(quick: bool) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+    # --durations: the slowest tests are listed, to size the next session's budget
+    return [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--durations=8",
             *(TESTS_QUICK if quick else TESTS_FULL)]
 
 
 def run_tests(quick: bool, timeout_s: float) -> dict:
     cmd = test_command(quick)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # unbuffered, so that a run stopped at its time limit still shows how far it got
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
@@ -529,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         # the tests may use at most this share of the budget, so the rows always get their turn
         cap = (0.45 if args.quick else 0.4) * budget if not args.tests_only else budget
-        print(f"tests on the device (at most {cap:.0f} s): {' '.join(test_command(args.quick)[3:])}", flush=True)
+        print(f"tests on the device (at most {cap:.0f} s): {' '.join(test_command(args.quick)[1:])}", flush=True)
         tests = run_tests(args.quick, max(min(cap, deadline - time.monotonic()), 1.0))
         print("\n".join(tests["tail"][-12:]), flush=True)
         results.append(tests)

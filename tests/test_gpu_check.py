@@ -4,6 +4,7 @@ GPU test subset itself is never run here."""
 import importlib.util
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -149,3 +150,51 @@ def test_results_stem_never_overwrites(tmp_path):
     assert os.path.basename(stem) == "gpu-check-nvidia-h100-80gb-hbm3-2026-12-01-quick"
     open(stem + ".jsonl", "w").close()
     assert gc.results_stem(str(tmp_path), "NVIDIA H100 80GB HBM3", quick=True, today="2026-12-01") == stem + "-2"
+
+
+def test_main_flow_prints_the_path_first_and_writes_every_record(tmp_path, monkeypatch, capsys):
+    """main() end to end with the device parts replaced: CUDA "available", fake versions, tests and
+    measurements (the real ones are exercised above on the CPU and by gpu_check on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(gc, "_versions", lambda: {"device": "Fake GPU 80GB", "torch": torch.__version__})
+    calls = []
+
+    def fake_tests(quick, timeout_s):
+        calls.append(("tests", quick, timeout_s))
+        return {"event": "tests", "command": "pytest", "returncode": 0, "outcome": "passed", "seconds": 1.0,
+                "summary": "3 passed", "tail": ["3 passed"]}
+
+    def fake_measure(row, **kw):
+        calls.append(row.name)
+        if row.mode == "graphs+fused":
+            raise RuntimeError("boom\nsecond line")
+        return dict(vars(row), name=row.name, status="ok", step_ms=1.0, images_per_s=1024e3 / (1 + len(calls)),
+                    first_call_s=0.1, peak_alloc_mib=1.0, peak_reserved_mib=2.0, graph_pool_mib=None,
+                    mem_kind="cuda_allocated", steps=5)
+
+    monkeypatch.setattr(gc, "run_tests", fake_tests)
+    monkeypatch.setattr(gc, "measure_row", fake_measure)
+    assert gc.main(["--quick", "--out", str(tmp_path)]) == 1  # a failed row fails the check
+    out = capsys.readouterr().out
+    stem = str(tmp_path / f"gpu-check-fake-gpu-80gb-{__import__('datetime').date.today().isoformat()}-quick")
+    assert out.splitlines()[0].startswith(f"results: {stem}.jsonl")
+    assert calls[0][0] == "tests" and calls[0][1] is True and calls[0][2] <= 0.45 * 165 + 1e-9
+    recs = [json.loads(x) for x in open(stem + ".jsonl")]
+    assert [r["event"] for r in recs][:2] == ["header", "tests"] and recs[-1]["event"] == "end"
+    rows = [r for r in recs if r["event"] == "row"]
+    assert len(rows) == len(gc.plan_rows(archs=("resnet32",))) and {r["arch"] for r in rows} == {"resnet32"}
+    assert {r["status"] for r in rows if r["mode"] == "graphs+fused"} == {"error"}
+    assert rows[[r["mode"] for r in rows].index("graphs+fused")]["error"] == "RuntimeError: boom"
+    md = open(stem + ".md").read()
+    assert "# GPU check: Fake GPU 80GB" in md and "3 passed" in md and "exit code 1" in md
+
+
+def test_tests_past_their_time_limit_keep_their_output(monkeypatch):
+    script = "import time; print('tests/x.py ..'); print('2 passed so far'); time.sleep(30)"
+    monkeypatch.setattr(gc, "test_command", lambda quick: [sys.executable, "-c", script])
+    t0 = time.monotonic()
+    r = gc.run_tests(True, timeout_s=2.0)
+    assert time.monotonic() - t0 < 20
+    assert r["outcome"] == "timed out after 2 s" and r["returncode"] is None
+    assert "2 passed so far" in r["tail"] and r["summary"] == "2 passed so far"

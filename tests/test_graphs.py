@@ -100,3 +100,55 @@ def test_graphed_local_steps_match_eager(amp, tol):
     assert got["losses"] == pytest.approx(ref["losses"], rel=tol, abs=tol)
     for (n, p), (_, q) in zip(net.named_parameters(), ref_net.named_parameters()):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=n)
+
+
+def _fake_cuda_counters(monkeypatch, allocated, reserved, segments=()):
+    """The allocator's counters as a graphed epoch leaves them, on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: list(segments))
+
+
+def _graphs_after_capture(capture_peaks: dict, outside=(0, 0), pool=(0, 7)):
+    """A GraphedLocalSteps as its captures leave it (the capture itself needs a GPU)."""
+    from pgl_fast.graphs import GraphedLocalSteps
+
+    g = object.__new__(GraphedLocalSteps)
+    g.pool = pool
+    g.capture_peak_bytes = dict(capture_peaks)
+    g.capture_reserved_bytes = {k: v + 2**20 for k, v in capture_peaks.items()}
+    g._replayed, g._outside_peak = set(), outside
+    return g
+
+
+def test_pool_reserved_bytes_counts_only_the_graph_pool(monkeypatch):
+    from pgl_fast.graphs import pool_reserved_bytes
+
+    segs = [{"segment_pool_id": (0, 7), "total_size": 2 * 2**20}, {"segment_pool_id": (0, 0), "total_size": 2**30},
+            {"segment_pool_id": [0, 7], "total_size": 2**20}]
+    _fake_cuda_counters(monkeypatch, 0, 0, segs)
+    assert pool_reserved_bytes((0, 7)) == 3 * 2**20
+
+
+def test_graphed_epoch_reports_the_capture_peak(monkeypatch):
+    from pgl_fast.metrics import PeakMemory
+
+    mib = 2**20
+    # replays never allocate: the counter saw only 100 MiB, the capture of batch 64 held 700 MiB
+    _fake_cuda_counters(monkeypatch, 100 * mib, 150 * mib, [{"segment_pool_id": (0, 7), "total_size": 600 * mib}])
+    graphs = _graphs_after_capture({64: 700 * mib, 10: 200 * mib}, outside=(120 * mib, 130 * mib))
+    memory = PeakMemory(torch.device("cuda"), graphs=graphs)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    memory.reset()
+    assert graphs._outside_peak == (0, 0)
+    graphs._replayed.add(10)  # only the partial-batch graph replayed in this window
+    r = memory.read()
+    assert r["kind"] == "cuda_allocated+graph_capture_peak"
+    assert r["peak_mib"] == 200 and r["peak_reserved_mib"] == 201 and r["graph_pool_mib"] == 600
+    graphs._replayed.add(64)
+    graphs._outside_peak = (900 * mib, 0)  # a peak before a capture's reset erased it from the counter
+    assert memory.read()["peak_mib"] == 900
+    memory.reset()  # a global (eager) epoch: no replay, the plain counter
+    r = memory.read()
+    assert r["kind"] == "cuda_allocated" and r["peak_mib"] == 100 and r["graph_pool_mib"] is None
