@@ -248,7 +248,11 @@ def select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, dev
     eager_s = time_stack(head, shape, dtype, device, eager_fn, channels_last=channels_last, timer=timer)
     fused_s = None
     if check["error"] is None:
-        fused_s = time_stack(head, shape, dtype, device, fused_fn, channels_last=channels_last, timer=timer)
+        try:
+            fused_s = time_stack(head, shape, dtype, device, fused_fn, channels_last=channels_last, timer=timer)
+        except Exception as e:  # failing only when timed is still a failure of the fused path
+            msg = str(e).strip()
+            check = dict(check, ok=False, error=f"{type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}")
     if not check["ok"]:
         choice = "eager"
         if check["error"] is not None:
@@ -260,18 +264,23 @@ def select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, dev
             reason = (f"fused kernels disagree with eager float64: {worst} error {check['errors'][worst]:.3g} of max "
                       f"(tolerance {atol:g})")
         if warn:
-            warnings.warn(f"--head-kernels auto: the {where} failed its check, so it runs eager: {reason}",
-                          UserWarning, stacklevel=2)
+            _warn_failed(where, reason)
     elif fused_s < eager_s:
         choice, reason = "triton", "passed the check and was faster"
     else:
         choice, reason = "eager", "fused passed the check but was not faster"
     return {
+        "where": where,
         "config": head.config, "in_shape": list(shape[1:]), "batch": shape[0], "dtype": _dtype_name(dtype),
         "channels_last": channels_last, "device": str(device), "check": check,
         "fused_ms": None if fused_s is None else fused_s * 1e3, "eager_ms": eager_s * 1e3,
         "choice": choice, "reason": reason,
     }
+
+
+def _warn_failed(where: str, reason: str) -> None:
+    warnings.warn(f"--head-kernels auto: the {where} failed its check, so it runs eager: {reason}",
+                  UserWarning, stacklevel=3)
 
 
 def _head_key(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -299,6 +308,8 @@ def select_for_net(net, *, batch: int, dtype: torch.dtype, device: torch.device,
         if key not in records:
             if key in cache:
                 rec = dict(cache[key], cached=True)
+                if not rec["check"]["ok"]:  # every run that falls back says so, measured or not
+                    _warn_failed(rec["where"], rec["reason"])
             else:
                 rec = select_head(head, shape, dtype, device, channels_last=channels_last, fused_fn=fused_fn,
                                   eager_fn=eager_fn, timer=timer)

@@ -149,8 +149,9 @@ def test_choice_is_per_head_shape_and_cached():
     assert [h.use_kernels for h in net.heads] == [True, True, False]
     calls = dict(clock.calls)
     net.set_head_kernels(False)
-    again = hs.select_for_net(net, batch=2, dtype=torch.float32, device=DEVICE, fused_fn=clock.fused,
-                              eager_fn=clock.eager, timer=clock.timer, cache=cache)
+    with pytest.warns(UserWarning, match="1c3f head on input 32x4x4"):  # the fallback is said again
+        again = hs.select_for_net(net, batch=2, dtype=torch.float32, device=DEVICE, fused_fn=clock.fused,
+                                  eager_fn=clock.eager, timer=clock.timer, cache=cache)
     assert clock.calls == calls  # nothing measured twice
     assert all(r["cached"] for r in again)
     assert [h.use_kernels for h in net.heads] == [True, True, False]
@@ -181,3 +182,17 @@ def test_auto_on_cpu_trains_eager_without_measuring(tmp_path, monkeypatch):
     header = json.loads((tmp_path / "header.json").read_text())
     assert header["head_kernels"] == "eager" and header["head_kernels_mode"] == "auto"
     assert header["head_kernel_selection"] is None
+
+
+def test_cached_failure_still_warns():
+    torch.manual_seed(0)
+    net = LocalNet("resnet8", 2, image_size=8, split="even", aux="1c2f").to(DEVICE)
+    clock = FakeClock(0.5, 1.0, fused_fn=lambda h, x: hs.fused_stack(h, x) + 1.0)
+    cache = {}
+    kw = dict(batch=2, dtype=torch.float32, device=DEVICE, fused_fn=clock.fused, eager_fn=clock.eager,
+              timer=clock.timer, cache=cache)
+    with pytest.warns(UserWarning, match="failed its check"):
+        hs.select_for_net(net, **kw)
+    with pytest.warns(UserWarning, match="failed its check"):
+        (rec,) = hs.select_for_net(net, **kw)
+    assert rec["cached"] and rec["choice"] == "eager" and not net.heads[0].use_kernels
