@@ -17,6 +17,15 @@ lazily-created state, runs cuDNN's and Triton's autotuning, and compiles kernels
 updates are then undone *in place* -- parameters, buffers, momentum buffers and statistics are
 copied back into the same tensors -- so the training trajectory is exactly that of the eager run and
 graphs captured earlier keep pointing at valid memory.
+
+Memory. A replay never calls the allocator: the activations of a graphed step live in the graph
+pool, which ``max_memory_allocated`` counts only while the capture is allocating them. So every
+capture records its own peak (the peak statistics are reset right before ``torch.cuda.graph`` and
+read right after it; the epoch's peak up to that point is kept alongside, since the reset erases
+it), and ``memory_reading`` hands the largest capture peak of the graphs replayed since
+``begin_epoch`` to ``metrics.PeakMemory``. The warm-up's cached blocks are released before the
+capture, so they do not inflate the reserved figure, and the pool's own reserved bytes come from the
+allocator's segment snapshot.
 """
 from __future__ import annotations
 
@@ -52,6 +61,14 @@ class InPlaceSnapshot:
                 t.copy_(s)
 
 
+def pool_reserved_bytes(pool) -> int:
+    """Bytes the caching allocator holds in segments of the private pool ``pool`` (a
+    ``graph_pool_handle``): what the graphs' activations occupy for as long as the graphs live."""
+    want = tuple(pool)
+    return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+               if tuple(seg.get("segment_pool_id", ())) == want)
+
+
 class GraphedLocalSteps:
     def __init__(self, exe: Executor, stats: StepStats, warmup_iters: int = 3):
         if not torch.cuda.is_available():
@@ -64,11 +81,43 @@ class GraphedLocalSteps:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple] = {}
         self.captures = 0
+        # per batch size: max_memory_allocated / max_memory_reserved during its capture
+        self.capture_peak_bytes: dict[int, int] = {}
+        self.capture_reserved_bytes: dict[int, int] = {}
+        self._replayed: set[int] = set()
+        self._outside_peak = (0, 0)  # (allocated, reserved) peaks erased by a capture's reset
+
+    def begin_epoch(self) -> None:
+        """Start a new measurement window (``PeakMemory.reset`` calls this with its own reset)."""
+        self._replayed.clear()
+        self._outside_peak = (0, 0)
+
+    def memory_reading(self) -> dict | None:
+        """What the graphs replayed since ``begin_epoch`` held, or None if none was replayed.
+
+        ``capture_peak_bytes``: the largest peak allocated during the capture of one of them (the
+        memory a replay really holds: parameters, optimizer state, static inputs and the
+        activations in the pool); ``outside_peak_*``: the allocator's peaks earlier in the window,
+        which a capture's reset erased; ``pool_reserved_bytes``: the shared pool's segments now."""
+        if not self._replayed:
+            return None
+        return {
+            "capture_peak_bytes": max(self.capture_peak_bytes[k] for k in self._replayed),
+            "capture_reserved_bytes": max(self.capture_reserved_bytes[k] for k in self._replayed),
+            "outside_peak_bytes": self._outside_peak[0],
+            "outside_reserved_bytes": self._outside_peak[1],
+            "pool_reserved_bytes": pool_reserved_bytes(self.pool),
+        }
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> tuple:
         exe, stats = self.exe, self.stats
         static_x, static_y = x.clone(), y.clone()
         static_img = image01.clone() if image01 is not None else None
+        dev = static_x.device
+        torch.cuda.synchronize(dev)
+        # the window's peaks so far, before the warm-up adds its own and the reset below erases them
+        self._outside_peak = (max(self._outside_peak[0], torch.cuda.max_memory_allocated(dev)),
+                              max(self._outside_peak[1], torch.cuda.max_memory_reserved(dev)))
         snapshot = InPlaceSnapshot(training_state_tensors(exe, stats))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -78,11 +127,18 @@ class GraphedLocalSteps:
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         snapshot.restore()
+        del snapshot  # its copies must not count in the capture's peak
         for opt in exe.optimizers:
             opt.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()  # the warm-up's cached blocks are not the graph's memory
+        torch.cuda.reset_peak_memory_stats(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             exe.local_step(static_x, static_y, stats, static_img)
+        torch.cuda.synchronize(dev)
+        key = static_x.shape[0]
+        self.capture_peak_bytes[key] = torch.cuda.max_memory_allocated(dev)
+        self.capture_reserved_bytes[key] = torch.cuda.max_memory_reserved(dev)
         self.captures += 1
         return graph, static_x, static_y, static_img
 
@@ -92,6 +148,7 @@ class GraphedLocalSteps:
         if entry is None:
             entry = self.graphs[key] = self._capture(x, y, image01)
         graph, sx, sy, simg = entry
+        self._replayed.add(key)
         sx.copy_(x)
         sy.copy_(y)
         if simg is not None:

@@ -45,6 +45,9 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the fused head kernels may run at all. With ``--head-kernels auto`` on CUDA the
+    choice per head is then measured (``head_select.configure_head_kernels``); on the CPU ``auto``
+    is eager, since Triton runs there only under its interpreter."""
     if cfg.head_kernels == "eager" or cfg.method == "bp":
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
@@ -231,7 +234,11 @@ def run(cfg: TrainConfig) -> dict:
     net = build_network(cfg, spec.num_classes, spec.image_size).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    net.set_head_kernels(use_kernels)
+    from .head_select import configure_head_kernels
+
+    head_kernels = configure_head_kernels(
+        net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
+        dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32)
     net.set_lean_blocks(cfg.lean_blocks)
     segments, plan_text = plan_memory(cfg, net, spec.image_size, spec.num_classes)
     exe = build_executor(cfg, net, segments)
@@ -262,7 +269,8 @@ def run(cfg: TrainConfig) -> dict:
     header = run_header(cfg.to_dict(), device)
     header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": plan_text,
                    "global_segments": segments,
-                   "head_kernels": "triton" if use_kernels else "eager",
+                   "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
+                   "head_kernel_selection": head_kernels["selection"],
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None})
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
@@ -289,6 +297,7 @@ def run(cfg: TrainConfig) -> dict:
         from .graphs import GraphedLocalSteps
 
         graphed = GraphedLocalSteps(exe, stats)
+        memory.graphs = graphed  # graphed epochs report the capture peaks too
     n_train = int(data.train_y.shape[0])
     t_start = time.time() - elapsed
 
@@ -372,7 +381,7 @@ def run(cfg: TrainConfig) -> dict:
             "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
             "images_per_s": tr["samples"] / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
             "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
-            "mem_kind": mem["kind"],
+            "mem_kind": mem["kind"], "graph_pool_mib": mem["graph_pool_mib"],
         }
         records.append(record)
         # checkpoint first, then the metrics line: a kill in between is repaired on resume, since

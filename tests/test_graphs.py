@@ -1,6 +1,8 @@
 """CUDA-graph local steps. On the CPU: the warm-up-and-undo machinery the capture relies on. On a
 GPU (marked `cuda`): N graphed local steps give the same losses and parameters as N eager steps."""
 
+import copy
+
 import pytest
 import torch
 
@@ -48,12 +50,33 @@ def test_warmup_is_undone_in_place():
 
 
 def test_step_statistics_have_no_host_side_counters():
-    """Replays of a captured step only update tensors: every counter the step touches must be one."""
+    """Replays of a captured step only update tensors, in place: every counter the step touches must
+    be one of StepStats' tensors, still at the same address afterwards, holding the right values."""
     net, exe, stats = _setup()
-    before = {k: v for k, v in vars(stats).items() if not torch.is_tensor(v)}
-    exe.local_step(*_batches(1, "cpu")[0], stats)
-    after = {k: v for k, v in vars(stats).items() if not torch.is_tensor(v)}
-    assert before == after
+    ref_net = copy.deepcopy(net)
+    x, y = _batches(1, "cpu")[0]
+    fields = vars(stats)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in fields.items()}
+    assert set(fields) == set(StepStats._FIELDS) and all(torch.is_tensor(v) for v in fields.values())
+    # independent reference: module j's loss is computed before any module's update (inputs are
+    # detached and module j's parameters are only stepped after its own backward)
+    with torch.no_grad():
+        h, want = x, []
+        for j in range(net.J):
+            h = ref_net.blocks[j](h)
+            out = ref_net.heads[j](h) if j < net.J - 1 else ref_net.classifier(h)
+            want.append(torch.nn.functional.cross_entropy(out, y).item())
+        correct = int((out.argmax(1) == y).sum())
+    exe.local_step(x, y, stats)
+    after = vars(stats)
+    assert set(after) == set(before)
+    for k, (ptr, old) in before.items():
+        assert torch.is_tensor(after[k]) and after[k].data_ptr() == ptr, f"{k} was replaced, not updated in place"
+        assert after[k].dtype == old.dtype and after[k].shape == old.shape, k
+    assert stats.loss_sum.tolist() == pytest.approx([w * 8 for w in want], rel=1e-5)
+    assert int(stats.samples_t) == 8 and int(stats.step_t) == 1
+    assert int(stats.final_correct) == correct
+    assert stats.first_bad.tolist() == stats.first_bad_grad.tolist() == [-1] * net.J
     assert stats.read()["samples"] == 8
 
 
@@ -79,20 +102,53 @@ def test_graphed_local_steps_match_eager(amp, tol):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol, msg=n)
 
 
-def test_gpu_check_refuses_cpu_and_formats_its_table(capsys):
-    from pgl_fast import gpu_check
+def _fake_cuda_counters(monkeypatch, allocated, reserved, segments=()):
+    """The allocator's counters as a graphed epoch leaves them, on a machine without CUDA."""
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: list(segments))
 
-    if not torch.cuda.is_available():
-        assert gpu_check.main(["--skip-tests"]) == 2
-        assert "needs a CUDA GPU" in capsys.readouterr().err
-    rows = [
-        {"arch": "resnet32", "J": 1, "kind": "plain-pytorch-bp", "mode": "eager", "step_ms": 10.0, "images_per_s": 1000.0,
-         "peak_alloc_mib": 100.0, "peak_reserved_mib": 120.0, "epoch_s_50k": 0.5},
-        {"arch": "resnet32", "J": 16, "kind": "dgl", "mode": "graphs", "step_ms": 5.0, "images_per_s": 2000.0,
-         "peak_alloc_mib": 50.0, "peak_reserved_mib": 60.0, "epoch_s_50k": 0.25},
-        {"arch": "resnet32", "J": 16, "kind": "dgl", "mode": "graphs+triton", "error": "RuntimeError: boom"},
-    ]
-    info = {"device": "X", "torch": "t", "torchvision": "v", "triton": "tr", "cuda": "c", "cudnn": 1}
-    md = gpu_check.markdown(rows, info, None)
-    assert "| resnet32 | 16 | dgl | graphs | 5.00 | 2000 | 2.00 |" in md
-    assert "error: RuntimeError: boom" in md
+
+def _graphs_after_capture(capture_peaks: dict, outside=(0, 0), pool=(0, 7)):
+    """A GraphedLocalSteps as its captures leave it (the capture itself needs a GPU)."""
+    from pgl_fast.graphs import GraphedLocalSteps
+
+    g = object.__new__(GraphedLocalSteps)
+    g.pool = pool
+    g.capture_peak_bytes = dict(capture_peaks)
+    g.capture_reserved_bytes = {k: v + 2**20 for k, v in capture_peaks.items()}
+    g._replayed, g._outside_peak = set(), outside
+    return g
+
+
+def test_pool_reserved_bytes_counts_only_the_graph_pool(monkeypatch):
+    from pgl_fast.graphs import pool_reserved_bytes
+
+    segs = [{"segment_pool_id": (0, 7), "total_size": 2 * 2**20}, {"segment_pool_id": (0, 0), "total_size": 2**30},
+            {"segment_pool_id": [0, 7], "total_size": 2**20}]
+    _fake_cuda_counters(monkeypatch, 0, 0, segs)
+    assert pool_reserved_bytes((0, 7)) == 3 * 2**20
+
+
+def test_graphed_epoch_reports_the_capture_peak(monkeypatch):
+    from pgl_fast.metrics import PeakMemory
+
+    mib = 2**20
+    # replays never allocate: the counter saw only 100 MiB, the capture of batch 64 held 700 MiB
+    _fake_cuda_counters(monkeypatch, 100 * mib, 150 * mib, [{"segment_pool_id": (0, 7), "total_size": 600 * mib}])
+    graphs = _graphs_after_capture({64: 700 * mib, 10: 200 * mib}, outside=(120 * mib, 130 * mib))
+    memory = PeakMemory(torch.device("cuda"), graphs=graphs)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    memory.reset()
+    assert graphs._outside_peak == (0, 0)
+    graphs._replayed.add(10)  # only the partial-batch graph replayed in this window
+    r = memory.read()
+    assert r["kind"] == "cuda_allocated+graph_capture_peak"
+    assert r["peak_mib"] == 200 and r["peak_reserved_mib"] == 201 and r["graph_pool_mib"] == 600
+    graphs._replayed.add(64)
+    graphs._outside_peak = (900 * mib, 0)  # a peak before a capture's reset erased it from the counter
+    assert memory.read()["peak_mib"] == 900
+    memory.reset()  # a global (eager) epoch: no replay, the plain counter
+    r = memory.read()
+    assert r["kind"] == "cuda_allocated" and r["peak_mib"] == 100 and r["graph_pool_mib"] is None
