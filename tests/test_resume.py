@@ -113,7 +113,7 @@ def no_tmp_files(out):
     return [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with tests/test_run_protection.py
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     r = train(out)
@@ -238,14 +238,6 @@ def test_resume_of_a_different_config_is_refused(tmp_path, reference, capsys, ex
     # nothing in the run directory was touched
     assert {p: (out / p).read_bytes() for p in before} == before
     assert ckpt_names(out) == ckpt_names(reference)
-
-
-def test_auto_resume_with_nothing_to_resume(tmp_path, capsys):
-    out = tmp_path / "empty"
-    assert main(FAST + ["-o", str(out), "--resume", "auto"]) == 2
-    line = one_error_line(capsys)
-    assert "nothing to resume" in line
-    assert ckpt_names(out) == [] and not (out / "metrics.jsonl").exists()
 
 
 def test_auto_resume_with_only_corrupt_checkpoints(tmp_path, reference, capsys):
