@@ -147,6 +147,9 @@ class DirLock:
             os.close(fd)
             raise RunDirError(f"{path} is in use by {describe_holder(lock_path)}; wait for it to end or "
                               "use another --output-dir") from None
+        except OSError as e:  # e.g. a file system without locks
+            os.close(fd)
+            raise RunDirError(f"--output-dir {path}: cannot lock {lock_path} ({e.strerror or e})") from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)

@@ -250,7 +250,7 @@ class _Interrupts:
                         "is intact\n".encode())
             os._exit(128 + signum)
         self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
                     "(send it again to exit at once)\n".encode())
 
 
