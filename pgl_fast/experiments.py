@@ -543,7 +543,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
             elif r.name in res.pending:
                 print(f"# {r.name}: {s}, left for later (--max-runs)")
             else:
-                print(shlex.join(command(r, st, resume=s == "resumable")))
+                print(shlex.join(command(r, st, resume=s == "resumable" or rundir.inspect(st.run_dir(r)) is not None)))
         return res
 
     os.makedirs(st.grid_dir, exist_ok=True)
