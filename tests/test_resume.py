@@ -113,7 +113,7 @@ def no_tmp_files(out):
     return [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".tmp")]
 
 
-@pytest.fixture(scope="session")  # shared with tests/test_run_protection.py
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     r = train(out)
