@@ -392,3 +392,21 @@ def test_resume_command_drops_resume_and_overwrite():
     assert cmd[3:] == ["--dataset", "synthetic", "-o", "runs/x", "-J", "4", "--epochs", "3", "--resume", "auto"]
     parsed = vars(build_parser().parse_args(cmd[3:]))
     assert (parsed["resume"], parsed["overwrite"], parsed["output_dir"], parsed["modules"]) == ("auto", False, "runs/x", 4)
+
+
+def test_runner_resumes_a_start_that_left_files_but_no_checkpoint(tmp_path, capsys):
+    # the experiment runner calls such a run "new"; started without --resume, the training would
+    # refuse the dir, so it passes --resume auto (which replaces the partial files)
+    from pgl_fast import experiments
+
+    out = tmp_path / "exp"
+    partial = out / "table1" / "resnet8-dgl-J4-s0"
+    partial.mkdir(parents=True)
+    (partial / "header.json").write_text("{}")
+    (partial / "metrics.jsonl").write_text("")
+    assert experiments.main(["table1", "--protocol", "tiny", "--device", "cpu", "--only", "J=4,variant=dgl",
+                             "--out", str(out), "--dry-run"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "pgl_fast.train" in ln]
+    assert len(lines) == 2
+    for ln in lines:
+        assert ln.endswith("--resume auto") == (f"-o {partial} " in ln + " "), ln
