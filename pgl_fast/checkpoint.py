@@ -23,6 +23,13 @@ STRUCTURAL_FIELDS = ("method", "arch", "modules", "split", "aux", "aux_widen", "
 DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
 # ... and, inside an epoch, the same batches.
 MID_EPOCH_FIELDS = ("batch_size", "drop_last")
+# Fields that define the learning-rate schedule and the PGL phase of every epoch: a resume that
+# changes one of them changes the rest of the run's trajectory, so it is refused unless asked for
+# (--allow-schedule-change), and then recorded.
+SCHEDULE_FIELDS = ("epochs", "lr", "sched", "warmup_epochs", "warmup_lr", "period", "duration")
+# Optimizer hyper-parameters live in the optimizers' saved state and are restored from it on
+# resume: a new value on the command line would be silently ignored, so a change is always refused.
+OPTIMIZER_FIELDS = ("momentum", "no_nesterov", "weight_decay")
 _NAME = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
 
 
@@ -128,33 +135,51 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def check_compatible(state: dict, config: dict, path: str) -> None:
+def schedule_changes(state: dict, config: dict) -> dict:
+    """{field: checkpoint's value} for every schedule field the resumed run changes."""
+    saved = state.get("config", {})
+    return {k: saved.get(k) for k in SCHEDULE_FIELDS if k in saved and saved.get(k) != config.get(k)}
+
+
+def check_compatible(state: dict, config: dict, path: str, allow_schedule_change: bool = False) -> None:
     saved = state.get("config", {})
     fields = STRUCTURAL_FIELDS + DATA_FIELDS + (MID_EPOCH_FIELDS if state.get("step", 0) > 0 else ())
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
              for k in fields if saved.get(k) != config.get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
+    opt = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
+           for k in OPTIMIZER_FIELDS if k in saved and saved.get(k) != config.get(k)]
+    if opt:
+        raise CheckpointError(f"checkpoint {path}: the optimizer state it holds was made with other settings "
+                              f"({'; '.join(opt)}); resume with the original values")
+    changed = schedule_changes(state, config)
+    if changed and not allow_schedule_change:
+        what = "; ".join(f"{k}: checkpoint {v!r} vs now {config.get(k)!r}" for k, v in changed.items())
+        raise CheckpointError(f"checkpoint {path}: resuming would change the schedule ({what}); resume with the "
+                              "original values, or pass --allow-schedule-change to continue on the new schedule")
+    if "epochs" in changed and state.get("epoch", 0) + (state.get("step", 0) > 0) > config.get("epochs", 0):
+        raise CheckpointError(f"checkpoint {path}: --epochs {config.get('epochs')} is fewer than the "
+                              f"{state.get('epoch')} epochs{' and a part' if state.get('step', 0) else ''} it has done")
 
 
-def find_resume(resume: str, output_dir: str, config: dict) -> dict:
+def find_resume(resume: str, output_dir: str, config: dict, allow_schedule_change: bool = False) -> dict | None:
     """The checkpoint to resume from: an explicit path (any problem is an error), or ``auto``: the
-    newest complete checkpoint in ``output_dir``, skipping corrupt ones with a warning."""
+    newest complete checkpoint in ``output_dir``, skipping corrupt ones with a warning, or None when
+    there is no checkpoint at all (``auto`` then means: start a new run)."""
     if resume != "auto":
         state = load_checkpoint(resume)
-        check_compatible(state, config, resume)
+        check_compatible(state, config, resume, allow_schedule_change)
         return state
     candidates = list_checkpoints(output_dir)
     if not candidates:
-        raise CheckpointError(
-            f"--resume auto: nothing to resume in {checkpoint_dir(output_dir)} (no checkpoint); "
-            "drop --resume to start a new run")
+        return None
     for path in reversed(candidates):
         try:
             state = load_checkpoint(path)
         except CheckpointError as e:
             print(f"warning: {e}; falling back to an older checkpoint", flush=True)
             continue
-        check_compatible(state, config, path)
+        check_compatible(state, config, path, allow_schedule_change)
         return state
     raise CheckpointError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")

@@ -121,6 +121,8 @@ class TrainConfig:
     progress: str = _f("auto", "progress bar within epochs (auto = only on a terminal)", group="output", choices=("auto", "on", "off"))
     no_head_eval: bool = _f(False, "skip scoring each aux head on the test set every epoch", group="output")
     resume: str | None = _f(None, "resume from a checkpoint file, or 'auto': the newest complete one in --output-dir", group="output", metavar="PATH|auto")
+    overwrite: bool = _f(False, "start a new run into an --output-dir that holds one, removing the earlier run's files (config, header, metrics, summary, checkpoints; nothing else)", group="output")
+    allow_schedule_change: bool = _f(False, "let --resume continue with another --epochs/--lr/--sched/--warmup-*/-P/-Q than the checkpoint's (recorded in header.json)", group="output")
     save_every: int = _f(0, "also checkpoint every N training steps inside an epoch (0: only at epoch ends)", group="output", metavar="N")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep", group="output", metavar="K")
 
@@ -196,6 +198,10 @@ class TrainConfig:
             bad("--save-every", f"must be >= 0, got {self.save_every}")
         if self.keep_checkpoints < 1:
             bad("--keep-checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        if self.overwrite and self.resume is not None:
+            bad("--overwrite", "starts a new run and --resume continues one: give one of them")
+        if self.resume is not None and not self.resume.strip():
+            bad("--resume", "needs a checkpoint file or 'auto'")
         if self.method == "infopro":
             self._resolve_lambdas(bad)
 

@@ -95,6 +95,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from . import rundir
 from .metrics import read_json, write_json_atomic
 from .config import ConfigError, INFOPRO_LAMBDAS, config_from_args
 
@@ -454,7 +455,8 @@ def _append(path: str, text: str) -> None:
 
 
 def _try_lock(run_dir: str):
-    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    # not the training's own .lock: that one is taken by the training process this runner starts
+    fd = os.open(os.path.join(run_dir, ".runner.lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -541,7 +543,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
             elif r.name in res.pending:
                 print(f"# {r.name}: {s}, left for later (--max-runs)")
             else:
-                print(shlex.join(command(r, st, resume=s == "resumable")))
+                print(shlex.join(command(r, st, resume=s == "resumable" or rundir.inspect(st.run_dir(r)) is not None)))
         return res
 
     os.makedirs(st.grid_dir, exist_ok=True)
@@ -575,7 +577,8 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
             res.skipped.append(r.name)
             statuses[r.name] = status
             return
-        cmd = command(r, st, resume=status == "resumable")
+        # a start that died before its first checkpoint left files: --resume auto replaces them
+        cmd = command(r, st, resume=status == "resumable" or rundir.inspect(rd) is not None)
         line = shlex.join(cmd)
         stamp = f"# {_now()} {r.name} ({'resume' if status == 'resumable' else 'start'})\n"
         _append(os.path.join(rd, "command.txt"), stamp + line + "\n")

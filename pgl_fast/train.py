@@ -8,8 +8,11 @@ device), ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``checkpoi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
 import time
 
@@ -17,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import rundir
 from .config import ConfigError, TrainConfig, config_from_args
 from .engine import Executor, LossSpec, StepStats
 from .metrics import JsonlWriter, PeakMemory, run_header, write_json_atomic
@@ -154,15 +158,154 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(path: str) -> None:
+def check_output_dir(path: str) -> None:
+    """Refuse an --output-dir that can never work, before anything is created."""
+    try:
+        rundir.check_output_path(path)
+    except rundir.RunDirError as e:
+        raise UserError(str(e)) from None
+
+
+def prepare_output_dir(path: str, command: str) -> "rundir.DirLock":
+    """Create the output dir and lock it for this run's lifetime. Nothing in it is touched before
+    the lock is held, so what it holds is inspected under the lock."""
+    check_output_dir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        return rundir.DirLock.acquire(path, command)
+    except rundir.RunDirError as e:
+        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"--output-dir {path}: not writable ({e.strerror or e})") from None
+
+
+def claim_output_dir(cfg: TrainConfig) -> tuple[dict | None, str | None]:
+    """Decide, under the lock, what to do with what ``--output-dir`` already holds: continue it
+    (``--resume``), clear it (``--overwrite``, or ``--resume auto`` over a start that never reached
+    a checkpoint), or refuse. Returns (checkpoint state for ``--resume auto`` or None, a line to
+    print or None)."""
+    out = cfg.output_dir
+    info = rundir.inspect(out)
+    if cfg.resume == "auto":
+        try:
+            state = ckpt.find_resume("auto", out, cfg.to_dict(), cfg.allow_schedule_change)
+        except ckpt.CheckpointError as e:
+            raise UserError(str(e)) from None
+        if state is not None:
+            return state, None
+        note = f"--resume auto: no checkpoint in {ckpt.checkpoint_dir(out)}; starting a new run"
+        if info is not None:
+            # an earlier start that died before its first checkpoint: its files hold nothing a
+            # restart could continue from, and would otherwise sit beside the new run's
+            note += f" (removed the files of an earlier start that has none: {rundir.summarize_removed(rundir.clear_run(out))})"
+        return None, note
+    if cfg.resume is not None:
+        inside = os.path.dirname(os.path.abspath(cfg.resume)) == os.path.abspath(ckpt.checkpoint_dir(out))
+        if info is not None and not inside:
+            raise UserError(f"--resume {cfg.resume}: {out} holds another run ({info.describe()}); resume into "
+                            "an empty --output-dir, or use --resume auto to continue the run that is there")
+        return None, None
+    if info is None:
+        return None, None
+    if not cfg.overwrite:
+        raise UserError(f"{out} holds a run: {info.describe()}; use --resume auto, another --output-dir, "
+                        "or --overwrite")
+    return None, f"--overwrite: removed the earlier run in {out} ({info.describe()}): " \
+                 f"{rundir.summarize_removed(rundir.clear_run(out))}"
+
+
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM during training, after the mid-epoch checkpoint was written."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM handlers for the training loop: the first signal is recorded and acted on
+    at the next step boundary (a checkpoint, then a clean exit); a second one exits at once. Every
+    checkpoint is written to a temporary file and renamed, so exiting at any instant never leaves a
+    half-written one under a final name."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; the defaults stay
+        for s in self.SIGNALS:
+            self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os.write(2, f"\n{signal.Signals(signum).name} again: exiting now; the newest complete checkpoint "
+                        "is intact\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping at the next step boundary with a checkpoint "
+                    "(send it again to exit at once)\n".encode())
+
+
+def _flag_names() -> dict[str, str]:
+    """Every long and short flag of the CLI -> its config field."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        for flag in f.metadata["flags"] or ("--" + f.name.replace("_", "-"),):
+            out[flag] = f.name
+    return out
+
+
+def _cli_args(cfg: TrainConfig, argv: list[str] | None) -> list[str]:
+    """The flags this run was started with: ``argv``, or (for a run started in-process without
+    one) every flag whose value differs from its default."""
+    if argv is not None:
+        return list(argv)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(cfg, f.name)
+        if v == f.default:
+            continue
+        flag = (f.metadata["flags"] or ("--" + f.name.replace("_", "-"),))[-1]
+        out += [flag] if isinstance(v, bool) else [flag, str(v)]
+    return out
+
+
+def command_line(cfg: TrainConfig, argv: list[str] | None) -> str:
+    return shlex.join([sys.executable, "-m", "pgl_fast.train", *_cli_args(cfg, argv)])
+
+
+def resume_command(cfg: TrainConfig, argv: list[str] | None) -> str:
+    """The command line that continues this run: the one it was started with, minus
+    --resume/--overwrite/--allow-schedule-change, plus ``--resume auto``."""
+    drop = {"resume", "overwrite", "allow_schedule_change"}
+    argv = _cli_args(cfg, argv)
+    names = _flag_names()
+    longs = [n for n in names if n.startswith("--")]
+    kept, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        name, eq, _ = tok.partition("=")
+        dest = names.get(name)
+        if dest is None and name.startswith("--") and len(name) > 2:  # argparse accepts unique prefixes
+            hits = {names[n] for n in longs if n.startswith(name)}
+            dest = hits.pop() if len(hits) == 1 else None
+        if dest in drop:
+            i += 1 if eq or dest != "resume" else 2
+            continue
+        kept.append(tok)
+        i += 1
+    return shlex.join([sys.executable, "-m", "pgl_fast.train", *kept, "--resume", "auto"])
 
 
 def _test_batches(data, spec, cfg: TrainConfig):
@@ -185,6 +328,19 @@ def _check_finite(tr: dict, epoch: int, phase: str, J: int, *, partial: bool = F
             f"{' (found before a mid-epoch checkpoint)' if partial else ''}")
 
 
+def _signal_hook(epoch: int, step) -> None:
+    """Test hook: ``PGL_FAST_SIGNAL_AT=epoch:step:SIG[,epoch:step:SIG...]`` (1-based epoch,
+    completed steps of it; SIG one of INT, TERM) sends this process that signal right there, once
+    per entry, so that interrupt handling is tested at a known step."""
+    spec = os.environ.get("PGL_FAST_SIGNAL_AT")
+    if not spec:
+        return
+    for entry in spec.split(","):
+        e, s, name = entry.split(":")
+        if f"{e}:{s}" == f"{epoch + 1}:{step}":
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
+
+
 def _kill_hook(epoch: int, step) -> None:
     """Test hook: ``PGL_FAST_KILL_AT=epoch:step`` (1-based epoch, completed steps of it, or ``end``
     once the epoch's checkpoint and metrics line are written) SIGKILLs this process right there, to
@@ -196,7 +352,18 @@ def _kill_hook(epoch: int, step) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    """Train ``cfg``. ``argv``, the command line it came from, is what the resume hint after an
+    interrupt is built from. The output dir's lock and the signal handlers end with the call."""
+    cleanups: list = []
+    try:
+        return _run(cfg, argv, cleanups)
+    finally:
+        for undo in reversed(cleanups):
+            undo()
+
+
+def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
     device = resolve_device(cfg)
     use_kernels = resolve_head_kernels(cfg, device)
     seed_everything(cfg.seed)
@@ -215,11 +382,12 @@ def run(cfg: TrainConfig) -> dict:
             print(plan_memory(cfg, net, spec_size, 10)[1])
         return {}
 
-    prepare_output_dir(cfg.output_dir)
+    # everything is validated before the output dir is created or touched
+    check_output_dir(cfg.output_dir)
     resume_state = None
-    if cfg.resume is not None:
+    if cfg.resume is not None and cfg.resume != "auto":
         try:
-            resume_state = ckpt.find_resume(cfg.resume, cfg.output_dir, cfg.to_dict())
+            resume_state = ckpt.find_resume(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
         except ckpt.CheckpointError as e:
             raise UserError(str(e)) from None
     try:
@@ -244,8 +412,16 @@ def run(cfg: TrainConfig) -> dict:
     exe = build_executor(cfg, net, segments)
     gen = data_mod.make_generator(cfg.seed, device)
 
+    cleanups.append(prepare_output_dir(cfg.output_dir, command_line(cfg, argv)).release)
+    auto_state, note = claim_output_dir(cfg)
+    resume_state = auto_state if cfg.resume == "auto" else resume_state
+    if note:
+        print(note, flush=True)
+
     # -- the run's state, restored from a checkpoint when resuming --------------------------------
     start_epoch, start_step = 0, 0
+    schedule_log: list[dict] = []   # every --allow-schedule-change of this run, oldest first
+    changed: dict = {}
     records: list[dict] = []
     best_acc, best_epoch, elapsed = -1.0, -1, 0.0
     peak_by_phase: dict[str, float] = {}
@@ -263,6 +439,17 @@ def run(cfg: TrainConfig) -> dict:
         best_acc, best_epoch = resume_state["best_acc"], resume_state["best_epoch"]
         elapsed, peak_by_phase = resume_state["elapsed"], dict(resume_state["peak_by_phase"])
         mid_epoch = resume_state.get("mid_epoch")
+        schedule_log = list(resume_state.get("schedule_changes", []))
+        changed = ckpt.schedule_changes(resume_state, cfg.to_dict())
+        if changed:  # only reachable with --allow-schedule-change
+            schedule_log.append({"at_epoch": start_epoch, "at_step": start_step, "from": changed,
+                                 "to": {k: getattr(cfg, k) for k in changed}})
+            print("warning: --allow-schedule-change: the rest of this run follows a new schedule ("
+                  + ", ".join(f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in changed.items())
+                  + f") from epoch {start_epoch + 1}{f' step {start_step + 1}' if start_step else ''} on; "
+                  "recorded in header.json", flush=True)
+        if start_epoch < cfg.epochs and os.path.exists(os.path.join(cfg.output_dir, "summary.json")):
+            os.remove(os.path.join(cfg.output_dir, "summary.json"))  # the run is not finished any more
         print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
               f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
@@ -272,7 +459,8 @@ def run(cfg: TrainConfig) -> dict:
                    "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
                    "head_kernel_selection": head_kernels["selection"],
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
-                   "resumed_from": resume_state["path"] if resume_state else None})
+                   "resumed_from": resume_state["path"] if resume_state else None,
+                   "schedule_changed_from": changed or None, "schedule_changes": schedule_log})
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
     write_json_atomic(os.path.join(cfg.output_dir, "header.json"), header)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -311,8 +499,19 @@ def run(cfg: TrainConfig) -> dict:
             "records": records, "best_acc": best_acc, "best_epoch": best_epoch,
             "elapsed": time.time() - t_start, "peak_by_phase": peak_by_phase, "config": cfg.to_dict(),
             "versions": {"torch": str(torch.__version__), "pgl_fast": str(header["pgl_fast"])},
+            "schedule_changes": schedule_log,
         }
-        ckpt.save_checkpoint(cfg.output_dir, state, cfg.keep_checkpoints)
+        return ckpt.save_checkpoint(cfg.output_dir, state, cfg.keep_checkpoints)
+
+    interrupts = _Interrupts()
+    interrupts.install()
+    cleanups.append(interrupts.restore)
+
+    def stop(epoch_done: int, step: int, n_steps: int, path: str) -> RunInterrupted:
+        name = signal.Signals(interrupts.signum).name
+        where = f"epoch {epoch_done + 1}, step {step}/{n_steps}" if step else f"the end of epoch {epoch_done}"
+        return RunInterrupted(f"interrupted ({name}) at {where}; saved {path}\n"
+                              f"resume with: {resume_command(cfg, argv)}", 128 + interrupts.signum)
 
     for epoch in range(start_epoch, cfg.epochs):
         phase = "bp" if cfg.method == "bp" else phase_of_epoch(cfg.method, epoch, cfg.period, cfg.duration)
@@ -340,7 +539,7 @@ def run(cfg: TrainConfig) -> dict:
         else:
             batches = data_mod.epoch_batches(n_train, cfg.batch_size, generator=gen, drop_last=cfg.drop_last,
                                              device=device)
-        perm_all = torch.cat(batches) if cfg.save_every and batches else None
+        perm_all = torch.cat(batches) if batches else None  # saved by mid-epoch checkpoints
         bar = _progress(cfg, len(batches), f"epoch {epoch + 1} {phase}")
         if bar is not None and first_step:
             bar.update(first_step)
@@ -362,6 +561,15 @@ def run(cfg: TrainConfig) -> dict:
                 save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
                                    "seconds": epoch_seconds + time.time() - t0})
             _kill_hook(epoch, done)
+            _signal_hook(epoch, done)
+            if interrupts.signum is not None and done < len(batches):
+                # the same save as --save-every's, after the same check: never save poisoned weights
+                _check_finite(stats.read(), epoch, phase, net.J, partial=True)
+                path = save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
+                                          "seconds": epoch_seconds + time.time() - t0})
+                if bar is not None:
+                    bar.close()
+                raise stop(epoch, done, len(batches), path)
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -386,13 +594,15 @@ def run(cfg: TrainConfig) -> dict:
         records.append(record)
         # checkpoint first, then the metrics line: a kill in between is repaired on resume, since
         # metrics.jsonl is rewritten from the checkpoint's records
-        save(epoch + 1, 0, None)
+        path = save(epoch + 1, 0, None)
         metrics.write(record)
         _kill_hook(epoch, "end")
         print(f"epoch {epoch + 1:>4} {phase:<6} lr {lr:.4f} loss {tr['losses'][-1]:.4f} "
               f"train {100 * tr['train_acc']:.2f}% test {100 * ev['test_acc']:.2f}% "
               f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
               flush=True)
+        if interrupts.signum is not None and epoch + 1 < cfg.epochs:
+            raise stop(epoch + 1, 0, len(batches), path)
 
     last = records[-1] if records else None
     counts = net.count_parameters()
@@ -417,13 +627,16 @@ class NonFiniteError(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        run(cfg)
+        run(cfg, sys.argv[1:] if argv is None else argv)
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"error: {e}; the last checkpoint is intact", file=sys.stderr)
         return 3
+    except RunInterrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

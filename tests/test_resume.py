@@ -240,14 +240,6 @@ def test_resume_of_a_different_config_is_refused(tmp_path, reference, capsys, ex
     assert ckpt_names(out) == ckpt_names(reference)
 
 
-def test_auto_resume_with_nothing_to_resume(tmp_path, capsys):
-    out = tmp_path / "empty"
-    assert main(FAST + ["-o", str(out), "--resume", "auto"]) == 2
-    line = one_error_line(capsys)
-    assert "nothing to resume" in line
-    assert ckpt_names(out) == [] and not (out / "metrics.jsonl").exists()
-
-
 def test_auto_resume_with_only_corrupt_checkpoints(tmp_path, reference, capsys):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
