@@ -232,6 +232,19 @@ class TrainConfig:
             if getattr(self, name) is None:
                 setattr(self, name, float(v))
 
+    def infopro_lambda_record(self) -> dict:
+        """The InfoPro lambdas a run uses and where they come from, for ``header.json``."""
+        ends = [self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2]
+        table = INFOPRO_LAMBDAS.get((self.recipe_name, self.arch, self.modules, self.split == "balanced"))
+        if table is not None and [float(v) for v in table] == ends:
+            source = "InfoPro's published per-run table" + (
+                "" if self.infopro_loss == "contrast"
+                else " (published for its contrastive loss; reused unchanged for the softmax loss)")
+        else:
+            source = "given on the command line"
+        return {"endpoints": dict(zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), ends)), "source": source,
+                "per_module": [list(self.infopro_lambdas(j)) for j in range(self.modules - 1)]}
+
     def infopro_lambdas(self, j: int) -> tuple[float, float]:
         """(lambda_1, lambda_2) of local module j = 0 .. J-2, linear between the endpoints."""
         ratio = j / (self.modules - 2) if self.modules > 2 else 0.0

@@ -461,6 +461,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None,
                    "schedule_changed_from": changed or None, "schedule_changes": schedule_log})
+    if cfg.method == "infopro":
+        header["infopro_lambdas"] = cfg.infopro_lambda_record()
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
     write_json_atomic(os.path.join(cfg.output_dir, "header.json"), header)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
