@@ -222,6 +222,7 @@ MISMATCH = [
     (["--arch", "resnet14", "-J", "7"], "arch"),
     (["--split", "even", "-J", "2"], "modules"),
     (["--aux", "0c1f"], "aux"),
+    (["--droprate", "0.1"], "droprate"),
 ]
 
 
