@@ -271,11 +271,21 @@ def run(cfg: TrainConfig) -> dict:
         torch.backends.cudnn.benchmark = True
 
     if cfg.describe or cfg.plan:
-        spec_size = 96 if cfg.recipe_name == "stl10" else 32
-        net = build_network(cfg, 10, spec_size)
+        spec_size, n_classes = 96 if cfg.recipe_name == "stl10" else 32, 10
+        if cfg.plan and cfg.dataset == "imagefolder":
+            # the plan depends on the images' size and the class count: read them as the run will
+            try:
+                spec = data_mod.load_dataset(
+                    cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
+                    test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
+                    recipe=cfg.recipe).spec
+            except data_mod.DataError as e:
+                raise UserError(str(e)) from None
+            spec_size, n_classes = spec.image_size, spec.num_classes
+        net = build_network(cfg, n_classes, spec_size)
         print(describe(cfg, net, spec_size))
         if cfg.plan:
-            print(plan_memory(cfg, net, spec_size, 10).text())
+            print(plan_memory(cfg, net, spec_size, n_classes).text())
         return {}
 
     prepare_output_dir(cfg.output_dir)

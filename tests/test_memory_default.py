@@ -163,3 +163,28 @@ def test_bad_global_memory_flags(tmp_path, capsys, extra, flag):
     assert rc == 2
     err = capsys.readouterr().err
     assert flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plan_of_an_imagefolder_tree_is_the_runs_plan(tmp_path, monkeypatch, capsys):
+    """16x16 images in 3 classes: ``--plan`` must measure the network the run trains, not a
+    CIFAR-shaped one."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c in ("ant", "bee", "cat"):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / split / c / f"{i}.png")
+    args = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "tree"), "--cache-dir", str(tmp_path / "cache"),
+            "--arch", "resnet8", "-J", "2", "--split", "even", "-b", "6", "--lr", "0.05", "--progress", "off",
+            "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2"]
+    assert main(args + ["--plan"]) == 0
+    printed = re.findall(r"(local steps|checkpoint \w+) +([\d.]+) MiB", capsys.readouterr().out)
+    observed_run(monkeypatch, args + ["-o", str(tmp_path / "run")])
+    pred = json.loads((tmp_path / "run" / "header.json").read_text())["memory_plan"]["predicted"]
+    recorded = [("local steps", f"{pred['local_mib']:.1f}")] + [
+        (f"checkpoint {c}", f"{pred['global_mib'][c]:.1f}") for c in planner.COST_ORDER]
+    assert printed == recorded
