@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .heads import AUX_CONFIGS
 from .models import blocks_per_stage
+from .planner import DEFAULT_FACTOR
 from .splits import SPLIT_KINDS, SplitError, resolve_split
 
 METHODS = ("bp", "dgl", "infopro", "pgl")
@@ -110,9 +111,9 @@ class TrainConfig:
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
     lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
     global_segments: str = _f("modules", "checkpoint segments of global steps with --checkpoint-global: one per module, per unit, ~sqrt(units) coarse ones, or auto (the planner's smallest predicted peak)", group="runtime", choices=("modules", "units", "coarse", "auto"))
-    memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the global-step checkpointing (none, modules, units, coarse) that fits, from measured predictions", group="runtime", metavar="MiB")
+    memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the fastest global-step checkpointing that fits (among none, coarse, modules, units, or those --global-memory / --checkpoint-global name), from measured predictions", group="runtime", metavar="MiB")
     global_memory: str = _f("auto", "checkpointing of global steps: auto = for pgl the fastest segmentation whose predicted peak stays within --global-memory-factor x the local-step peak (bp: none); or exactly none / modules / units / coarse", group="runtime", choices=("auto", "none", "modules", "units", "coarse"))
-    global_memory_factor: float = _f(1.25, "with --global-memory auto: how far above the predicted local-step peak PGL's global steps may go", group="runtime", metavar="F")
+    global_memory_factor: float = _f(DEFAULT_FACTOR, "with --global-memory auto: how far above the predicted local-step peak PGL's global steps may go", group="runtime", metavar="F")
     plan: bool = _f(False, "print the memory plan (predicted peak per phase and checkpoint choice) and exit", group="output")
     seed: int = _f(0, "random seed", group="runtime")
     deterministic: bool = _f(False, "deterministic algorithms (slower)", group="runtime")
