@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .heads import AUX_CONFIGS
 from .models import blocks_per_stage
+from .planner import DEFAULT_FACTOR
 from .splits import SPLIT_KINDS, SplitError, resolve_split
 
 METHODS = ("bp", "dgl", "infopro", "pgl")
@@ -110,7 +111,9 @@ class TrainConfig:
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
     lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
     global_segments: str = _f("modules", "checkpoint segments of global steps with --checkpoint-global: one per module, per unit, ~sqrt(units) coarse ones, or auto (the planner's smallest predicted peak)", group="runtime", choices=("modules", "units", "coarse", "auto"))
-    memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the global-step checkpointing (none, modules, units, coarse) that fits, from measured predictions", group="runtime", metavar="MiB")
+    memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the fastest global-step checkpointing that fits (among none, coarse, modules, units, or those --global-memory / --checkpoint-global name), from measured predictions", group="runtime", metavar="MiB")
+    global_memory: str = _f("auto", "checkpointing of global steps: auto = for pgl the fastest segmentation whose predicted peak stays within --global-memory-factor x the local-step peak (bp: none); or exactly none / modules / units / coarse", group="runtime", choices=("auto", "none", "modules", "units", "coarse"))
+    global_memory_factor: float = _f(DEFAULT_FACTOR, "with --global-memory auto: how far above the predicted local-step peak PGL's global steps may go", group="runtime", metavar="F")
     plan: bool = _f(False, "print the memory plan (predicted peak per phase and checkpoint choice) and exit", group="output")
     seed: int = _f(0, "random seed", group="runtime")
     deterministic: bool = _f(False, "deterministic algorithms (slower)", group="runtime")
@@ -194,6 +197,14 @@ class TrainConfig:
             bad("--lean-blocks", "does not implement dropout; use --droprate 0")
         if self.memory_budget is not None and self.memory_budget <= 0:
             bad("--memory-budget", f"must be > 0 MiB, got {self.memory_budget}")
+        if self.global_memory != "auto" and self.checkpoint_global:
+            bad("--global-memory", f"{self.global_memory} and --checkpoint-global both set the global-step "
+                "checkpointing; give one of them")
+        if self.method in ("dgl", "infopro") and (self.global_memory != "auto" or self.checkpoint_global):
+            bad("--global-memory" if self.global_memory != "auto" else "--checkpoint-global",
+                f"--method {self.method} has no global steps; drop the flag")
+        if not self.global_memory_factor > 0:
+            bad("--global-memory-factor", f"must be > 0, got {self.global_memory_factor}")
         if self.save_every < 0:
             bad("--save-every", f"must be >= 0, got {self.save_every}")
         if self.keep_checkpoints < 1:

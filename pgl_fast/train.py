@@ -83,36 +83,102 @@ def build_network(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalN
 
 
 def plan_memory(cfg: TrainConfig, net: LocalNet, image_size: int, num_classes: int):
-    """(segments for the global steps, text of the plan). The planner measures only when asked:
-    ``--memory-budget``, ``--global-segments auto`` or ``--plan``."""
+    """The global-step checkpointing of this run, resolved once: ``--plan`` prints this
+    :class:`~pgl_fast.planner.MemoryPlan`, the executor runs exactly its segments (None: no
+    checkpointing) and ``header.json`` records it.
+
+    The flags name the candidates -- ``--global-memory X`` or ``--checkpoint-global --global-segments
+    X`` one of them (``--global-segments auto``: every checkpointed one), ``--global-memory auto`` all
+    four -- and a rule picks among them: under ``--memory-budget`` the fastest that fits; else, for
+    ``auto`` on PGL, the fastest within ``--global-memory-factor`` x the predicted local-step peak;
+    else the smallest predicted peak. ``auto`` on ``bp`` is plain backprop. The planner measures
+    only where the rule needs predictions, or for ``--plan``."""
     from . import planner
+    from .schedule import GLOBAL, phase_table
 
-    planned = cfg.memory_budget is not None or cfg.plan or (cfg.checkpoint_global and cfg.global_segments == "auto")
-    if not planned:
-        if not cfg.checkpoint_global:
-            return None, "global steps: no checkpointing"
-        segs = planner.candidate_segments(cfg.global_segments, net, cfg.arch, image_size)
-        return segs, f"global steps: checkpoint segments = {cfg.global_segments} ({len(segs)})"
-    pred = planner.predict(method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
-                           dtype=("bf16" if cfg.amp_dtype == "bf16" else "fp16") if cfg.amp else "fp32",
-                           image_size=image_size, split=cfg.split, num_classes=num_classes,
-                           lean_blocks=cfg.lean_blocks)
-    try:
-        chosen, why = planner.choose(pred, cfg.memory_budget)
-    except planner.PlanError as e:
-        raise UserError(str(e)) from None
-    segs = planner.candidate_segments(chosen, net, cfg.arch, image_size)
-    return segs, planner.format_plan(pred, chosen) + f"\n  choice: {chosen}: {why}"
+    budget = cfg.memory_budget
+    fixed_why = "as asked"
+    if cfg.global_memory != "auto":
+        candidates, selected_by = (cfg.global_memory,), f"--global-memory {cfg.global_memory}"
+    elif cfg.checkpoint_global:
+        candidates = (("modules", "units", "coarse") if cfg.global_segments == "auto" else (cfg.global_segments,))
+        selected_by = f"--checkpoint-global --global-segments {cfg.global_segments}"
+    elif cfg.method == "bp" and budget is None:
+        candidates, selected_by = ("none",), "--global-memory auto"
+        fixed_why = "bp trains end to end: auto leaves it plain backprop, as fast as it gets"
+    else:
+        candidates, selected_by = planner.CANDIDATES, "--global-memory auto"
+    rule = "budget" if budget is not None else (
+        "fixed" if len(candidates) == 1 else "factor" if cfg.global_memory == "auto" and not cfg.checkpoint_global
+        else "smallest")
+    if budget is not None:
+        selected_by += f" --memory-budget {budget:g}"
+    has_global = GLOBAL in phase_table(cfg.method, cfg.epochs, cfg.period, cfg.duration)
+    if not has_global:
+        # nothing to plan; a budget still has to hold for the local steps
+        rule = "budget" if budget is not None else "fixed"
+        candidates = (candidates[0],) if len(candidates) == 1 else ("none",)
+
+    prediction = None
+    if cfg.plan or rule != "fixed":
+        measured = (planner.CANDIDATES if cfg.plan else candidates) if has_global else ()
+        prediction = planner.predict(
+            method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
+            # fp16 and bf16 tensors have the same size; the CPU planner measures fp16 as bf16
+            dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
+            num_classes=num_classes, lean_blocks=cfg.lean_blocks, candidates=tuple(planner.by_cost(measured)))
+
+    if not has_global:
+        why = (f"--method {cfg.method} trains locally only" if cfg.method != "pgl" else
+               f"-P {cfg.period} -Q {cfg.duration} over --epochs {cfg.epochs} reaches no global epoch")
+        if budget is not None:
+            try:
+                planner.check_local(prediction, budget)
+            except planner.PlanError as e:
+                raise UserError(str(e)) from None
+        choice = candidates[0]
+        return planner.MemoryPlan(
+            choice=choice, segments=planner.candidate_segments(choice, net, cfg.arch, image_size),
+            selected_by=selected_by, reason=why, prediction=prediction, budget_mib=budget, global_steps=False)
+
+    if rule == "fixed":
+        choice, why = candidates[0], fixed_why
+    else:
+        sub = dict(prediction, **{"global": {c: prediction["global"][c] for c in candidates}})
+        try:
+            choice, why = planner.choose(sub, budget, factor=cfg.global_memory_factor if rule == "factor" else None)
+        except planner.PlanError as e:
+            raise UserError(str(e)) from None
+    # the exact flags that would select each other candidate from this command
+    alternatives = {}
+    for c in planner.COST_ORDER:
+        if c == choice:
+            continue
+        drop = (["--checkpoint-global"] if cfg.checkpoint_global else []) + (
+            ["--memory-budget"] if budget is not None and (prediction is None or c not in prediction["global"]
+                                                           or prediction["global"][c] > budget * planner.MiB) else [])
+        alternatives[c] = f"--global-memory {c}" + (f" (without {' and '.join(drop)})" if drop else "")
+    return planner.MemoryPlan(
+        choice=choice, segments=planner.candidate_segments(choice, net, cfg.arch, image_size),
+        selected_by=selected_by, reason=why, prediction=prediction,
+        factor=cfg.global_memory_factor if rule == "factor" else None, budget_mib=budget, alternatives=alternatives)
 
 
-def build_executor(cfg: TrainConfig, net: LocalNet, segments: list[tuple[int, int]] | None = None) -> Executor:
-    """The executor a run of ``cfg`` trains ``net`` with (also used by the profiler)."""
+def build_executor(cfg: TrainConfig, net: LocalNet, plan=None) -> Executor:
+    """The executor a run of ``cfg`` trains ``net`` with (also used by the profiler). With a
+    :class:`~pgl_fast.planner.MemoryPlan` its global steps checkpoint exactly the plan's segments
+    (None: not at all); without one (the profiler's fixed step kinds), ``--checkpoint-global``
+    alone means one segment per module."""
     amp_dtype = None
     if cfg.amp:
         amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+    if plan is not None:
+        checkpoint_global, segments = plan.segments is not None, plan.segments
+    else:
+        checkpoint_global, segments = cfg.checkpoint_global, None
     return Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
-                    checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last, segments=segments)
+                    checkpoint_global=checkpoint_global, channels_last=cfg.channels_last, segments=segments)
 
 
 def loss_spec(cfg: TrainConfig, J: int) -> LossSpec:
@@ -375,11 +441,21 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         torch.backends.cudnn.benchmark = True
 
     if cfg.describe or cfg.plan:
-        spec_size = 96 if cfg.recipe_name == "stl10" else 32
-        net = build_network(cfg, 10, spec_size)
+        spec_size, n_classes = 96 if cfg.recipe_name == "stl10" else 32, 10
+        if cfg.plan and cfg.dataset == "imagefolder":
+            # the plan depends on the images' size and the class count: read them as the run will
+            try:
+                spec = data_mod.load_dataset(
+                    cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
+                    test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
+                    recipe=cfg.recipe).spec
+            except data_mod.DataError as e:
+                raise UserError(str(e)) from None
+            spec_size, n_classes = spec.image_size, spec.num_classes
+        net = build_network(cfg, n_classes, spec_size)
         print(describe(cfg, net, spec_size))
         if cfg.plan:
-            print(plan_memory(cfg, net, spec_size, 10)[1])
+            print(plan_memory(cfg, net, spec_size, n_classes).text())
         return {}
 
     # everything is validated before the output dir is created or touched
@@ -408,8 +484,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32)
     net.set_lean_blocks(cfg.lean_blocks)
-    segments, plan_text = plan_memory(cfg, net, spec.image_size, spec.num_classes)
-    exe = build_executor(cfg, net, segments)
+    mem_plan = plan_memory(cfg, net, spec.image_size, spec.num_classes)
+    exe = build_executor(cfg, net, mem_plan)
     gen = data_mod.make_generator(cfg.seed, device)
 
     cleanups.append(prepare_output_dir(cfg.output_dir, command_line(cfg, argv)).release)
@@ -454,8 +530,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
               f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
     header = run_header(cfg.to_dict(), device)
-    header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": plan_text,
-                   "global_segments": segments,
+    header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": mem_plan.record(),
+                   "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
                    "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
                    "head_kernel_selection": head_kernels["selection"],
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
@@ -476,7 +552,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
           f"({device}) | {cfg.method} {cfg.arch} J={net.J} aux={cfg.aux if cfg.method != 'bp' else '-'} "
           f"| {header['train_images']} train / {header['test_images']} test images")
     print(describe(cfg, net, spec.image_size))
-    print(plan_text)
+    print(mem_plan.text())
 
     augment = data_mod.BatchAugmenter(spec, device)
     memory = PeakMemory(device)

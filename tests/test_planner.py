@@ -47,11 +47,40 @@ def test_choice_under_budgets():
             "global": {"none": 400 * 2**20, "modules": 120 * 2**20, "units": 110 * 2**20, "coarse": 150 * 2**20}}
     assert planner.choose(pred, None)[0] == "units"
     assert planner.choose(pred, 500)[0] == "none"
-    assert planner.choose(pred, 130)[0] == "units"
+    # the fastest that fits: coarse when it does, modules before units
+    assert planner.choose(pred, 160)[0] == "coarse"
+    assert planner.choose(pred, 130)[0] == "modules"
+    assert planner.choose(pred, 115)[0] == "units"
     with pytest.raises(planner.PlanError, match="smallest predicted global-step peak is 110 MiB"):
         planner.choose(pred, 100)
     with pytest.raises(planner.PlanError, match="even the local steps"):
         planner.choose(pred, 40)
+
+
+def test_choice_within_factor_of_local_peak():
+    M = 2**20
+    pred = {"batch": 8, "local": 100 * M,
+            "global": {"none": 300 * M, "modules": 120 * M, "units": 110 * M, "coarse": 124 * M}}
+    assert planner.choose(pred, factor=1.25)[0] == "coarse"   # 124 <= 125: the fastest that fits
+    assert planner.choose(pred, factor=1.2)[0] == "modules"   # coarse over, modules 120 <= 120
+    assert planner.choose(pred, factor=3.0)[0] == "none"
+    choice, why = planner.choose(pred, factor=1.05)           # nothing fits: the smallest
+    assert choice == "units" and "nothing fits" in why
+    # equal predictions (modules = units where every module is one unit): the faster one
+    tie = dict(pred, **{"global": {"none": 300 * M, "modules": 110 * M, "units": 110 * M, "coarse": 150 * M}})
+    assert planner.choose(tie, factor=1.0)[0] == "modules" and planner.choose(tie)[0] == "modules"
+    # a budget is absolute and wins over the factor
+    assert planner.choose(pred, 1000, factor=1.25)[0] == "none"
+
+
+def test_predictions_are_cached_per_configuration():
+    kw = dict(method="pgl", arch="resnet8", J=2, aux="1c2f", split="even", candidates=("none",))
+    a = planner.predict(batch=16, **kw)
+    a["global"]["none"] = -1  # a caller's changes never reach the cache
+    b = planner.predict(batch=16, **kw)
+    assert b["global"]["none"] > 0
+    c = planner.predict(batch=32, **kw)
+    assert c["global"]["none"] > b["global"]["none"] and c["local"] > b["local"]
 
 
 def test_coarse_segments_cover_all_units_in_order():
@@ -66,9 +95,10 @@ def test_plan_flag_and_budget_run(tmp_path, capsys):
             "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1"]
     assert main(base + ["--plan"]) == 0
     out = capsys.readouterr().out
-    assert "local steps" in out and "checkpoint modules" in out and "choice:" in out
+    assert "local steps" in out and "checkpoint modules" in out and out.count("<- will run") == 1
     assert main(base + ["--memory-budget", "0.01", "-o", str(tmp_path / "x")]) == 2
     assert "--memory-budget" in capsys.readouterr().err
     assert main(base + ["--memory-budget", "100000", "--epochs", "2", "-o", str(tmp_path / "ok")]) == 0
     header = json.loads((tmp_path / "ok" / "header.json").read_text())
-    assert "choice: none" in header["memory_plan"] and header["global_segments"] is None
+    assert header["memory_plan"]["choice"] == "none" and header["global_segments"] is None
+    assert header["memory_plan"]["budget_mib"] == 100000
