@@ -17,11 +17,11 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from .config import ConfigError, TrainConfig, config_from_args
+from .config import ConfigError, TrainConfig, config_from_args, explicit_fields
 from .engine import Executor, LossSpec, StepStats
 from .metrics import JsonlWriter, PeakMemory, run_header, write_json_atomic
 from .network import LocalNet
-from .schedule import lr_at_epoch, phase_of_epoch
+from .schedule import lr_at_epoch, phase_of_epoch, phase_table
 
 
 class UserError(Exception):
@@ -141,6 +141,61 @@ def _progress(cfg: TrainConfig, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+def format_duration(seconds: float) -> str:
+    """Compact wall time: 45s, 12m05s, 3h10m, 2d04h."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def run_eta(phases: list[str], done: list[tuple[str, float]], next_epoch: int) -> float | None:
+    """Seconds left for epochs ``next_epoch ..`` of a run whose epoch phases are ``phases``, from the
+    wall times ``done`` = [(phase, seconds)] of epochs timed so far: every remaining epoch costs the
+    mean time of the timed epochs of its own phase (PGL's global epochs cost more than its local
+    ones), or the mean of all timed epochs while its phase has none yet. None before any epoch."""
+    if not done:
+        return None
+    overall = sum(t for _, t in done) / len(done)
+    by_phase: dict[str, list[float]] = {}
+    for ph, t in done:
+        by_phase.setdefault(ph, []).append(t)
+    mean = {ph: sum(ts) / len(ts) for ph, ts in by_phase.items()}
+    return sum(mean.get(ph, overall) for ph in phases[next_epoch:])
+
+
+class Heartbeat:
+    """Progress lines inside an epoch where no progress bar is drawn (a log file, nohup): at most
+    one every ``every`` seconds. It only reads the host clock, never the device, so it adds no
+    synchronisation; on CUDA the rate it reports is the rate batches are queued, which the bounded
+    launch queue keeps close to the rate they run."""
+
+    def __init__(self, every: float, epoch: int, epochs: int, steps: int, batch: int, *, clock=time.monotonic,
+                 first_step: int = 0, out=None):
+        self.every, self.epoch, self.epochs, self.steps, self.batch = every, epoch, epochs, steps, batch
+        self.clock, self.out = clock, out
+        self.t0 = self.last = clock()
+        self.first_step = first_step
+
+    def step(self, done: int) -> str | None:
+        """Call after step ``done`` (1-based) finished; returns the line it printed, if any."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return None
+        self.last = now
+        ran = done - self.first_step
+        per_step = (now - self.t0) / max(ran, 1)
+        rate = ran * self.batch / max(now - self.t0, 1e-9)
+        line = (f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps}, {rate:.1f} img/s, "
+                f"epoch ETA {format_duration(per_step * (self.steps - done))}")
+        print(line, file=self.out or sys.stdout, flush=True)
+        return line
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -193,7 +248,12 @@ def _kill_hook(epoch: int, step) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
+    """Train ``cfg``. ``explicit``: the fields set on the command line (``config.explicit_fields``),
+    for the warnings about flags that have no effect; None compares with the defaults instead."""
+    warnings = cfg.no_effect_warnings(explicit)
+    for w in warnings:
+        print(w, file=sys.stderr, flush=True)
     device = resolve_device(cfg)
     use_kernels = resolve_head_kernels(cfg, device)
     seed_everything(cfg.seed)
@@ -264,7 +324,7 @@ def run(cfg: TrainConfig) -> dict:
                    "global_segments": segments,
                    "head_kernels": "triton" if use_kernels else "eager",
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
-                   "resumed_from": resume_state["path"] if resume_state else None})
+                   "resumed_from": resume_state["path"] if resume_state else None, "warnings": warnings})
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
     write_json_atomic(os.path.join(cfg.output_dir, "header.json"), header)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -291,6 +351,8 @@ def run(cfg: TrainConfig) -> dict:
         graphed = GraphedLocalSteps(exe, stats)
     n_train = int(data.train_y.shape[0])
     t_start = time.time() - elapsed
+    phases = phase_table(cfg.method, cfg.epochs, cfg.period, cfg.duration)
+    timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
     def save(epoch_done: int, step: int, mid: dict | None) -> None:
         state = {
@@ -306,6 +368,7 @@ def run(cfg: TrainConfig) -> dict:
         ckpt.save_checkpoint(cfg.output_dir, state, cfg.keep_checkpoints)
 
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.time()
         phase = "bp" if cfg.method == "bp" else phase_of_epoch(cfg.method, epoch, cfg.period, cfg.duration)
         exe_phase = "global" if phase in ("global", "bp") else "local"
         lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched,
@@ -335,6 +398,8 @@ def run(cfg: TrainConfig) -> dict:
         bar = _progress(cfg, len(batches), f"epoch {epoch + 1} {phase}")
         if bar is not None and first_step:
             bar.update(first_step)
+        beat = Heartbeat(cfg.heartbeat, epoch, cfg.epochs, len(batches), cfg.batch_size, first_step=first_step) \
+            if bar is None and cfg.heartbeat > 0 else None
         t0 = time.time()
         for step in range(first_step, len(batches)):
             idx = batches[step]
@@ -348,6 +413,8 @@ def run(cfg: TrainConfig) -> dict:
             if bar is not None:
                 bar.update(1)
             done = step + 1
+            if beat is not None:
+                beat.step(done)
             if cfg.save_every and done % cfg.save_every == 0 and done < len(batches):
                 _check_finite(stats.read(), epoch, phase, net.J, partial=True)  # never save poisoned weights
                 save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
@@ -380,9 +447,13 @@ def run(cfg: TrainConfig) -> dict:
         save(epoch + 1, 0, None)
         metrics.write(record)
         _kill_hook(epoch, "end")
+        if not first_step:  # an epoch resumed midway took part of its time in another process
+            timed.append((phases[epoch], time.time() - t_epoch))
+        eta = run_eta(phases, timed, epoch + 1)
         print(f"epoch {epoch + 1:>4} {phase:<6} lr {lr:.4f} loss {tr['losses'][-1]:.4f} "
               f"train {100 * tr['train_acc']:.2f}% test {100 * ev['test_acc']:.2f}% "
-              f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
+              f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB) "
+              f"elapsed {format_duration(time.time() - t_start)} ETA {'?' if eta is None else format_duration(eta)}",
               flush=True)
 
     last = records[-1] if records else None
@@ -390,7 +461,7 @@ def run(cfg: TrainConfig) -> dict:
     summary = {
         "final_test_acc": last["test_acc"] if last else None,
         "best_test_acc": best_acc, "best_epoch": best_epoch, "epochs": cfg.epochs,
-        "parameters": counts, "parameters_with_aux": counts["total"], "parameters_without_aux": counts["backbone"],
+        "parameters": counts,
         "wall_seconds": time.time() - t_start, "peak_mem_mib_by_phase": peak_by_phase,
         "mem_kind": memory.read()["kind"], "method": cfg.method, "arch": cfg.arch, "J": net.J,
         "aux": None if cfg.method == "bp" else cfg.aux, "seed": cfg.seed,
@@ -408,7 +479,7 @@ class NonFiniteError(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        run(cfg)
+        run(cfg, explicit_fields(argv))
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
