@@ -435,7 +435,11 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
             peak_by_phase[phase] = max(peak_by_phase.get(phase, 0.0), mem["peak_mib"])
         record = {
             "event": "epoch", "epoch": epoch + 1, "phase": phase, "lr": lr,
-            "train_loss": tr["losses"][-1], "module_losses": tr["losses"], "train_acc": tr["train_acc"],
+            # module_losses[j]: mean training loss of module j (j < J-1: its aux head's local loss, also
+            # in global epochs; J-1: the final loss = train_loss); None where module j has no head (bp)
+            "train_loss": tr["losses"][-1],
+            "module_losses": tr["losses"] if net.heads else [None] * (net.J - 1) + tr["losses"][-1:],
+            "train_acc": tr["train_acc"],
             "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
             "images_per_s": tr["samples"] / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
             "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],

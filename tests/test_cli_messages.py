@@ -104,6 +104,10 @@ def test_warnings_printed_on_stderr_and_kept_in_header(tmp_path, capsys):
                 "warning: -P/--period has no effect with --method bp (only pgl alternates local and global epochs)"]
     assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == expected
     assert json.loads((out / "header.json").read_text())["warnings"] == expected
+    (row,) = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    # bp has no aux heads: no local losses to report (never a 0.0 that reads as a perfect fit)
+    assert row["module_losses"][:3] == [None, None, None] and row["module_losses"][3] == row["train_loss"] > 0
+    assert row["head_acc"] is None
 
 
 def test_no_prefix_matching():
