@@ -252,8 +252,11 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     """Train ``cfg``. ``explicit``: the fields set on the command line (``config.explicit_fields``),
     for the warnings about flags that have no effect; None compares with the defaults instead."""
     warnings = cfg.no_effect_warnings(explicit)
-    for w in warnings:
-        print(w, file=sys.stderr, flush=True)
+
+    def warn() -> None:  # once every check has passed: bad input stays a one-line error
+        for w in warnings:
+            print(w, file=sys.stderr, flush=True)
+
     device = resolve_device(cfg)
     use_kernels = resolve_head_kernels(cfg, device)
     seed_everything(cfg.seed)
@@ -267,6 +270,7 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
     if cfg.describe or cfg.plan:
         spec_size = 96 if cfg.recipe_name == "stl10" else 32
         net = build_network(cfg, 10, spec_size)
+        warn()
         print(describe(cfg, net, spec_size))
         if cfg.plan:
             print(plan_memory(cfg, net, spec_size, 10)[1])
@@ -319,6 +323,7 @@ def run(cfg: TrainConfig, explicit: set[str] | None = None) -> dict:
         print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
               f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
+    warn()
     header = run_header(cfg.to_dict(), device)
     header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": plan_text,
                    "global_segments": segments,

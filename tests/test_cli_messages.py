@@ -110,6 +110,13 @@ def test_warnings_printed_on_stderr_and_kept_in_header(tmp_path, capsys):
     assert row["head_acc"] is None
 
 
+def test_bad_input_stays_one_line_without_the_warnings(tmp_path, capsys):
+    assert main(TINY + ["--method", "dgl", "-P", "3", "-o", str(tmp_path / "r"),
+                        "--resume", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
 def test_no_prefix_matching():
     with pytest.raises(SystemExit) as e:
         config_from_args(["--epoch", "2"])
