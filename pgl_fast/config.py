@@ -128,6 +128,7 @@ class TrainConfig:
     allow_schedule_change: bool = _f(False, "let --resume continue with another --epochs/--lr/--sched/--warmup-*/-P/-Q than the checkpoint's (recorded in header.json)", group="output")
     save_every: int = _f(0, "also checkpoint every N training steps inside an epoch (0: only at epoch ends)", group="output", metavar="N")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep", group="output", metavar="K")
+    heartbeat: float = _f(60.0, "without a progress bar (no terminal, or --progress off): print a progress line every SECONDS inside an epoch (0: never)", group="output", metavar="SECONDS")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -213,6 +214,8 @@ class TrainConfig:
             bad("--overwrite", "starts a new run and --resume continues one: give one of them")
         if self.resume is not None and not self.resume.strip():
             bad("--resume", "needs a checkpoint file or 'auto'")
+        if not self.heartbeat >= 0:
+            bad("--heartbeat", f"must be >= 0 seconds (0: off), got {self.heartbeat}")
         if self.method == "infopro":
             self._resolve_lambdas(bad)
 
@@ -261,6 +264,26 @@ class TrainConfig:
         ratio = j / (self.modules - 2) if self.modules > 2 else 0.0
         return (self.ixx_1 * (1 - ratio) + self.ixx_2 * ratio, self.ixy_1 * (1 - ratio) + self.ixy_2 * ratio)
 
+    def no_effect_warnings(self, explicit=None) -> list[str]:
+        """One ``warning: FLAG has no effect ...`` line per flag the user set that this combination
+        ignores (see ``NO_EFFECT``). ``explicit`` is the set of field names given on the command line
+        (``explicit_fields``); without it (a config built from Python) every field that differs from
+        its default counts as set."""
+        if explicit is None:
+            explicit = {f.name for f in fields(self) if getattr(self, f.name) != f.default}
+        out, seen = [], set()
+        for names, why in NO_EFFECT:
+            given = [n for n in names if n in explicit and n not in seen]
+            if not given:
+                continue
+            reason = why(self)
+            if reason is None:
+                continue
+            for n in given:
+                seen.add(n)
+                out.append(f"warning: {flag_of(n)} has no effect {reason}")
+        return out
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -271,6 +294,59 @@ class TrainConfig:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def flag_of(name: str) -> str:
+    """The command-line spelling of a field, as the error and warning messages name it."""
+    md = next(f.metadata for f in fields(TrainConfig) if f.name == name)
+    return "/".join(md["flags"]) if md["flags"] else "--" + name.replace("_", "-")
+
+
+def _no_global_epochs(c: TrainConfig) -> str | None:
+    if c.method in ("dgl", "infopro"):
+        return f"with --method {c.method} (it has no global epochs)"
+    if c.method == "pgl" and c.duration == 0:
+        return "with -Q 0 (no global epochs)"
+    return None
+
+
+# Which flags matter for which combination: each entry is (fields, why), and ``why(cfg)`` returns
+# the reason the fields do nothing in this combination, or None when they do something. A flag the
+# user gave explicitly that lands here is one warning line, printed and kept in header.json, so a
+# mistyped intent (-P with dgl, --aux with bp) is visible instead of silently ignored.
+NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
+    (("aux", "aux_widen", "aux_feature_dim", "head_kernels", "no_head_eval"),
+     lambda c: "with --method bp (it has no aux heads)" if c.method == "bp" else None),
+    (("cuda_graphs",), lambda c: "with --method bp (only local steps are captured)" if c.method == "bp" else None),
+    (("modules", "split"),
+     lambda c: "with --method bp without --checkpoint-global (end-to-end training is the same for every split)"
+     if c.method == "bp" and not c.checkpoint_global and c.memory_budget is None and c.modules != 1 else None),
+    (("period", "duration"),
+     lambda c: f"with --method {c.method} (only pgl alternates local and global epochs)" if c.method != "pgl" else None),
+    (("infopro_loss", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+     lambda c: f"with --method {c.method} (InfoPro's loss only)" if c.method != "infopro" else None),
+    (("checkpoint_global", "global_segments"), _no_global_epochs),
+    (("global_segments",),
+     lambda c: "with --memory-budget (the planner chooses the checkpointing)" if c.memory_budget is not None
+     else ("without --checkpoint-global" if not c.checkpoint_global else None)),
+    (("aux_widen", "aux_feature_dim"),
+     lambda c: "with --aux mlpsr (DGL's head has a fixed width)" if c.aux == "mlpsr" else None),
+    (("amp_dtype",), lambda c: "without --amp" if not c.amp else None),
+    (("warmup_epochs", "warmup_lr"),
+     lambda c: f"with --sched {c.sched} (warm-up blends into a cosine schedule only)"
+     if c.sched in ("step", "constant") else None),
+    (("warmup_lr",), lambda c: "without --warmup-epochs" if c.warmup_epochs == 0 else None),
+    (("no_nesterov",), lambda c: "with --momentum 0" if c.momentum == 0 else None),
+    (("recipe",),
+     lambda c: f"with --dataset {c.dataset} (only imagefolder takes a recipe)" if c.dataset != "imagefolder" else None),
+    (("synthetic_train", "synthetic_test"),
+     lambda c: f"with --dataset {c.dataset}" if c.dataset != "synthetic" else None),
+    (("data_dir", "cache_dir", "no_download"),
+     lambda c: "with --dataset synthetic (generated in memory)" if c.dataset == "synthetic" else None),
+    (("no_download",),
+     lambda c: "with --dataset imagefolder (nothing is downloaded)" if c.dataset == "imagefolder" else None),
+    (("heartbeat",), lambda c: "with --progress on (the progress bar shows the same)" if c.progress == "on" else None),
+]
 
 
 GROUP_TITLES = {
@@ -284,9 +360,12 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The training CLI. Prefix matching is off (``--epoch`` is an error, never ``--epochs``).
+    With ``explicit_only`` every default is left out of the parsed namespace, so it holds exactly
+    the flags that appeared on the command line."""
     p = _OneLineParser(
-        prog="python -m pgl_fast.train",
+        prog="python -m pgl_fast.train", allow_abbrev=False,
         description="Train CIFAR ResNets with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
         epilog="example: python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg "
                "--arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2",
@@ -297,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         md = f.metadata
         flags = md["flags"] or ("--" + f.name.replace("_", "-"),)
         g = groups[md["group"]]
-        kw: dict = {"dest": f.name, "help": md["help"], "default": f.default}
+        kw: dict = {"dest": f.name, "help": md["help"], "default": argparse.SUPPRESS if explicit_only else f.default}
         if f.type in ("bool", bool):
             kw["action"] = "store_true"
         else:
@@ -315,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     return TrainConfig(**vars(args))
+
+
+def explicit_fields(argv: list[str] | None = None) -> set[str]:
+    """Names of the fields whose flag appeared in ``argv`` (whatever value it was given)."""
+    return set(vars(build_parser(explicit_only=True).parse_args(argv)))
 
 
 def config_from_dict(d: dict) -> TrainConfig:

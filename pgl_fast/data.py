@@ -492,18 +492,30 @@ def _tree_entries(path: Path):
     return out
 
 
-def _cached_split(name, split, root: Path, fingerprint: str, cache_dir: Path | None, build, meta):
-    """Load one split from the cache, or ``build()`` it and cache the result."""
+def _cached_split(name, split, root: Path, fingerprint: str, cache_dir: Path | None, build, meta, files=None):
+    """Load one split from the cache, or ``build()`` it and cache the result. With ``files`` (the
+    image paths ``build`` decodes) the decode and the cache load are announced on stdout: a first
+    decode of a large tree takes minutes and must not look like a hang."""
     path = _cache_file(cache_dir, name, split, root) if cache_dir is not None else None
     if path is not None:
+        t0 = time.perf_counter()
         hit = _read_cache(path, name, split, root, fingerprint)
         if hit is not None:
             meta[f"{split}_source"] = "cache"
             meta[f"{split}_cache"] = str(path)
+            if files is not None:
+                print(f"loaded {int(hit[1].shape[0])} {split} images of {root / split} from the cache {path} "
+                      f"in {time.perf_counter() - t0:.1f} s", flush=True)
             return hit
+    if files is not None:
+        kind = "JPEG images" if files and all(Path(p).suffix.lower() in (".jpg", ".jpeg") for p in files) else "images"
+        where = f"cached in {path}" if path is not None else "no writable cache folder: decoded again next run"
+        print(f"decoding {len(files)} {kind} from {root / split} (once; {where})...", flush=True)
     t0 = time.perf_counter()
     x, y, classes = build()
     meta[f"{split}_decode_seconds"] = time.perf_counter() - t0
+    if files is not None:
+        print(f"decoded {int(y.shape[0])} images in {meta[f'{split}_decode_seconds']:.1f} s", flush=True)
     meta[f"{split}_source"] = "decoded"
     if path is not None and _write_cache(path, name, split, root, fingerprint, x, y, classes):
         meta[f"{split}_cache"] = str(path)
@@ -841,7 +853,8 @@ def _load_imagefolder(data_dir: Path, cache_dir, meta):
             reference = reference or ref
             return x, y, classes
 
-        x, y, classes = _cached_split("imagefolder", split, root, fingerprint, cdir, build, meta)
+        x, y, classes = _cached_split("imagefolder", split, root, fingerprint, cdir, build, meta,
+                                      files=[p for p, _ in files])
         if reference is None:
             reference = ((int(x.shape[2]), int(x.shape[3])), str(root / split))
         elif (int(x.shape[2]), int(x.shape[3])) != reference[0]:

@@ -123,8 +123,11 @@ def collect_runs(grid_dir: str) -> list[dict]:
             "seed": summary.get("seed", cfg.get("seed")),
             "final_test_acc": summary.get("final_test_acc"), "best_test_acc": summary.get("best_test_acc"),
             "best_epoch": summary.get("best_epoch"),
-            "parameters_with_aux": summary.get("parameters_with_aux"),
-            "parameters_without_aux": summary.get("parameters_without_aux"),
+            # summary.json keeps the counts in ``parameters`` {backbone, aux, total}; summaries
+            # written before that also had the flat parameters_with_aux/parameters_without_aux
+            "parameters_with_aux": (summary.get("parameters") or {}).get("total", summary.get("parameters_with_aux")),
+            "parameters_without_aux": (summary.get("parameters") or {}).get(
+                "backbone", summary.get("parameters_without_aux")),
             "peak_mem_mib_by_phase": peaks, "peak_mem_mib": max(peaks.values()) if peaks else None,
             "mem_kind": summary.get("mem_kind") or (metrics[-1].get("mem_kind") if metrics else None),
             "wall_seconds": summary.get("wall_seconds"),
@@ -687,7 +690,7 @@ def write_report(grid_dir: str, layout: str | None = None, out_dir: str | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pgl_fast.report",
+    p = argparse.ArgumentParser(prog="python -m pgl_fast.report", allow_abbrev=False,
                                 description="Write report.md, results.json and PNG plots for a grid folder.")
     p.add_argument("grid_dir", help="OUT/GRID folder written by python -m pgl_fast.experiments")
     p.add_argument("--layout", default=None, help=f"one of {', '.join(LAYOUTS)} (default: the grid's own)")

@@ -21,11 +21,11 @@ import torch
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import rundir
-from .config import ConfigError, TrainConfig, config_from_args
+from .config import ConfigError, TrainConfig, config_from_args, explicit_fields
 from .engine import Executor, LossSpec, StepStats
 from .metrics import JsonlWriter, PeakMemory, run_header, write_json_atomic
 from .network import LocalNet
-from .schedule import lr_at_epoch, phase_of_epoch
+from .schedule import lr_at_epoch, phase_of_epoch, phase_table
 
 
 class UserError(Exception):
@@ -212,6 +212,61 @@ def _progress(cfg: TrainConfig, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def format_duration(seconds: float) -> str:
+    """Compact wall time: 45s, 12m05s, 3h10m, 2d04h."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def run_eta(phases: list[str], done: list[tuple[str, float]], next_epoch: int) -> float | None:
+    """Seconds left for epochs ``next_epoch ..`` of a run whose epoch phases are ``phases``, from the
+    wall times ``done`` = [(phase, seconds)] of epochs timed so far: every remaining epoch costs the
+    mean time of the timed epochs of its own phase (PGL's global epochs cost more than its local
+    ones), or the mean of all timed epochs while its phase has none yet. None before any epoch."""
+    if not done:
+        return None
+    overall = sum(t for _, t in done) / len(done)
+    by_phase: dict[str, list[float]] = {}
+    for ph, t in done:
+        by_phase.setdefault(ph, []).append(t)
+    mean = {ph: sum(ts) / len(ts) for ph, ts in by_phase.items()}
+    return sum(mean.get(ph, overall) for ph in phases[next_epoch:])
+
+
+class Heartbeat:
+    """Progress lines inside an epoch where no progress bar is drawn (a log file, nohup): at most
+    one every ``every`` seconds. It only reads the host clock, never the device, so it adds no
+    synchronisation; on CUDA the rate it reports is the rate batches are queued, which the bounded
+    launch queue keeps close to the rate they run."""
+
+    def __init__(self, every: float, epoch: int, epochs: int, steps: int, batch: int, *, clock=time.monotonic,
+                 first_step: int = 0, out=None):
+        self.every, self.epoch, self.epochs, self.steps, self.batch = every, epoch, epochs, steps, batch
+        self.clock, self.out = clock, out
+        self.t0 = self.last = clock()
+        self.first_step = first_step
+
+    def step(self, done: int) -> str | None:
+        """Call after step ``done`` (1-based) finished; returns the line it printed, if any."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return None
+        self.last = now
+        ran = done - self.first_step
+        per_step = (now - self.t0) / max(ran, 1)
+        rate = ran * self.batch / max(now - self.t0, 1e-9)
+        line = (f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.steps}, {rate:.1f} img/s, "
+                f"epoch ETA {format_duration(per_step * (self.steps - done))}")
+        print(line, file=self.out or sys.stdout, flush=True)
+        return line
 
 
 def seed_everything(seed: int) -> None:
@@ -418,18 +473,26 @@ def _kill_hook(epoch: int, step) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+def run(cfg: TrainConfig, argv: list[str] | None = None, explicit: set[str] | None = None) -> dict:
     """Train ``cfg``. ``argv``, the command line it came from, is what the resume hint after an
-    interrupt is built from. The output dir's lock and the signal handlers end with the call."""
+    interrupt is built from. ``explicit``: the fields set on the command line
+    (``config.explicit_fields``), for the warnings about flags that have no effect; None compares
+    with the defaults instead. The output dir's lock and the signal handlers end with the call."""
     cleanups: list = []
     try:
-        return _run(cfg, argv, cleanups)
+        return _run(cfg, argv, explicit, cleanups)
     finally:
         for undo in reversed(cleanups):
             undo()
 
 
-def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
+def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None, cleanups: list) -> dict:
+    warnings = cfg.no_effect_warnings(explicit)
+
+    def warn() -> None:  # once every check has passed: bad input stays a one-line error
+        for w in warnings:
+            print(w, file=sys.stderr, flush=True)
+
     device = resolve_device(cfg)
     use_kernels = resolve_head_kernels(cfg, device)
     seed_everything(cfg.seed)
@@ -453,6 +516,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
                 raise UserError(str(e)) from None
             spec_size, n_classes = spec.image_size, spec.num_classes
         net = build_network(cfg, n_classes, spec_size)
+        warn()
         print(describe(cfg, net, spec_size))
         if cfg.plan:
             print(plan_memory(cfg, net, spec_size, n_classes).text())
@@ -529,6 +593,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
               f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
+    warn()
     header = run_header(cfg.to_dict(), device)
     header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": mem_plan.record(),
                    "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
@@ -536,7 +601,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
                    "head_kernel_selection": head_kernels["selection"],
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None,
-                   "schedule_changed_from": changed or None, "schedule_changes": schedule_log})
+                   "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
+                   "warnings": warnings})
     if cfg.method == "infopro":
         header["infopro_lambdas"] = cfg.infopro_lambda_record()
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
@@ -566,6 +632,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         memory.graphs = graphed  # graphed epochs report the capture peaks too
     n_train = int(data.train_y.shape[0])
     t_start = time.time() - elapsed
+    phases = phase_table(cfg.method, cfg.epochs, cfg.period, cfg.duration)
+    timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
     def save(epoch_done: int, step: int, mid: dict | None) -> None:
         state = {
@@ -592,6 +660,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
                               f"resume with: {resume_command(cfg, argv)}", 128 + interrupts.signum)
 
     for epoch in range(start_epoch, cfg.epochs):
+        t_epoch = time.time()
         phase = "bp" if cfg.method == "bp" else phase_of_epoch(cfg.method, epoch, cfg.period, cfg.duration)
         exe_phase = "global" if phase in ("global", "bp") else "local"
         lr = lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched,
@@ -621,6 +690,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         bar = _progress(cfg, len(batches), f"epoch {epoch + 1} {phase}")
         if bar is not None and first_step:
             bar.update(first_step)
+        beat = Heartbeat(cfg.heartbeat, epoch, cfg.epochs, len(batches), cfg.batch_size, first_step=first_step) \
+            if bar is None and cfg.heartbeat > 0 else None
         t0 = time.time()
         for step in range(first_step, len(batches)):
             idx = batches[step]
@@ -634,6 +705,8 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
             if bar is not None:
                 bar.update(1)
             done = step + 1
+            if beat is not None:
+                beat.step(done)
             if cfg.save_every and done % cfg.save_every == 0 and done < len(batches):
                 _check_finite(stats.read(), epoch, phase, net.J, partial=True)  # never save poisoned weights
                 save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
@@ -663,7 +736,11 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
             peak_by_phase[phase] = max(peak_by_phase.get(phase, 0.0), mem["peak_mib"])
         record = {
             "event": "epoch", "epoch": epoch + 1, "phase": phase, "lr": lr,
-            "train_loss": tr["losses"][-1], "module_losses": tr["losses"], "train_acc": tr["train_acc"],
+            # module_losses[j]: mean training loss of module j (j < J-1: its aux head's local loss, also
+            # in global epochs; J-1: the final loss = train_loss); None where module j has no head (bp)
+            "train_loss": tr["losses"][-1],
+            "module_losses": tr["losses"] if net.heads else [None] * (net.J - 1) + tr["losses"][-1:],
+            "train_acc": tr["train_acc"],
             "test_acc": ev["test_acc"], "test_loss": ev["test_loss"], "head_acc": ev["head_acc"],
             "images_per_s": tr["samples"] / max(train_seconds, 1e-9), "epoch_seconds": train_seconds,
             "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
@@ -675,9 +752,13 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
         path = save(epoch + 1, 0, None)
         metrics.write(record)
         _kill_hook(epoch, "end")
+        if not first_step:  # an epoch resumed midway took part of its time in another process
+            timed.append((phases[epoch], time.time() - t_epoch))
+        eta = run_eta(phases, timed, epoch + 1)
         print(f"epoch {epoch + 1:>4} {phase:<6} lr {lr:.4f} loss {tr['losses'][-1]:.4f} "
               f"train {100 * tr['train_acc']:.2f}% test {100 * ev['test_acc']:.2f}% "
-              f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB)",
+              f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB) "
+              f"elapsed {format_duration(time.time() - t_start)} ETA {'?' if eta is None else format_duration(eta)}",
               flush=True)
         if interrupts.signum is not None and epoch + 1 < cfg.epochs:
             raise stop(epoch + 1, 0, len(batches), path)
@@ -687,7 +768,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, cleanups: list) -> dict:
     summary = {
         "final_test_acc": last["test_acc"] if last else None,
         "best_test_acc": best_acc, "best_epoch": best_epoch, "epochs": cfg.epochs,
-        "parameters": counts, "parameters_with_aux": counts["total"], "parameters_without_aux": counts["backbone"],
+        "parameters": counts,
         "wall_seconds": time.time() - t_start, "peak_mem_mib_by_phase": peak_by_phase,
         "mem_kind": memory.read()["kind"], "method": cfg.method, "arch": cfg.arch, "J": net.J,
         "aux": None if cfg.method == "bp" else cfg.aux, "seed": cfg.seed,
@@ -705,7 +786,7 @@ class NonFiniteError(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
-        run(cfg, sys.argv[1:] if argv is None else argv)
+        run(cfg, sys.argv[1:] if argv is None else argv, explicit_fields(argv))
     except (ConfigError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ def test_each_method_runs_and_writes_outputs(tmp_path, method, capsys):
         assert len(rows[0]["head_acc"]) == 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_test_acc"] >= summary["final_test_acc"] - 1e-12
-    assert summary["parameters_with_aux"] >= summary["parameters_without_aux"]
+    assert summary["parameters"]["total"] >= summary["parameters"]["backbone"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == method and cfg["batch_size"] == 32
     header = json.loads((out / "header.json").read_text())

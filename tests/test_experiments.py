@@ -78,6 +78,8 @@ def test_tiny_grid_runs_skips_resumes_and_reports(tmp_path):
         for k in ("method", "J", "aux", "P", "Q", "seed", "final_test_acc", "best_test_acc",
                   "parameters_with_aux", "peak_mem_mib_by_phase", "wall_seconds"):
             assert k in r, k
+        # read from summary.json's parameters dict (its only form of the counts)
+        assert r["parameters_with_aux"] > r["parameters_without_aux"] > 0
     assert {r["method"] for r in results} == {"dgl", "pgl"}
     for png in ("acc_per_epoch_J4.png", "memory_vs_J.png"):
         data = (grid / png).read_bytes()
