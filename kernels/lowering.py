@@ -218,20 +218,29 @@ def variants(launches, arch: int) -> list[Variant]:
     return out
 
 
-def covering(vs: list[Variant]) -> list[Variant]:
-    """One variant of each kernel x precision x POOL x TRAINING among ``vs``: every kernel body, dtype
-    path and epilogue the launches use, at a fraction of the compile time. Each pick takes the tile
-    shape (BLOCK_M/N/K, STRIDE) picked least often so far (the earliest on ties), so the tile configs
-    the launchers choose are spread over the picks rather than all left to the first head."""
+def covering(vs: list[Variant], turn: int = 0) -> list[Variant]:
+    """One variant of each kernel x POOL x TRAINING among ``vs``: every kernel body and epilogue the
+    launches use, at a fraction of the compile time.
+
+    The precision of each pick rotates through the precisions present (starting ``turn`` places
+    along), so two calls with ``turn`` 0 and 1 (e.g. one per arch) cover every kernel x pool x
+    precision between them; and each pick takes the tile shape (BLOCK_M/N/K, STRIDE) picked least
+    often so far (the earliest on ties), so the tile configs the launchers choose are spread over
+    the picks instead of all coming from the first head.
+    """
+    precisions = list(dict.fromkeys(v.precision for v in vs))
     groups: dict = {}
     for v in vs:
-        groups.setdefault((v.kernel.__name__, v.precision, v.meta.get("POOL"), v.meta.get("TRAINING")), []).append(v)
+        groups.setdefault((v.kernel.__name__, v.meta.get("POOL"), v.meta.get("TRAINING")), []).append(v)
+
+    def tile(v):
+        return tuple(v.meta.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STRIDE"))
+
     used: dict = {}
     out = []
-    for candidates in groups.values():
-        def tile(v):
-            return tuple(v.meta.get(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STRIDE"))
-
+    for i, candidates in enumerate(groups.values()):
+        want = precisions[(i + turn) % len(precisions)]
+        candidates = [v for v in candidates if v.precision == want] or candidates
         best = min(candidates, key=lambda v: used.get(tile(v), 0))  # min keeps the earliest on ties
         used[tile(best)] = used.get(tile(best), 0) + 1
         out.append(best)
@@ -303,7 +312,11 @@ _LAUNCH_SETS = {
 
 def _variants_of(set_name: str, arch: int) -> list[Variant]:
     launches, select = _LAUNCH_SETS[set_name]
-    return select(variants(launches(), arch))
+    vs = variants(launches(), arch)
+    if select is covering:
+        # sm_90 and sm_80 take opposite precisions of each kernel x pool
+        return covering(vs, turn=ARCHS.index(arch) if arch in ARCHS else 0)
+    return select(vs)
 
 
 def main(argv=None) -> int:
@@ -313,8 +326,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--set", choices=sorted(_LAUNCH_SETS), default="engine",
                    help="engine: what the aux heads launch at the engine defaults (bf16 and fp32/tf32, "
-                        "heads 1c2f/2c2f/adapt, batch 1024); quick: of those, the first of each kernel x "
-                        "precision x pool; matrix: every precision x listed tile config x pool")
+                        "heads 1c2f/2c2f/adapt, batch 1024); quick: of those, one per kernel x pool per arch, "
+                        "sm_90 and sm_80 taking opposite precisions; matrix: every precision x listed "
+                        "tile config x pool")
     p.add_argument("--arch", type=int, action="append", help="compute capability x10, repeatable (default: 90 80)")
     p.add_argument("-j", "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     p.add_argument("--list", action="store_true", help="list the variants without compiling")
@@ -342,21 +356,27 @@ def main(argv=None) -> int:
     if args.list:
         return 0
     t0 = time.perf_counter()
+    results = []
+
+    def report(r):
+        results.append(r)
+        status = "FAIL " + "; ".join(r["problems"]) if r["problems"] else "ok"
+        print(f"[{len(results)}/{len(jobs)}] sm_{r['arch']} {r['seconds']}s (cpu {r.get('cpu_seconds')}s) "
+              f"shared={r.get('shared_bytes')} {r['label']}: {status}", flush=True)
+
     if args.jobs == 1:
-        results = [_compile_job(j) for j in jobs]
+        for j in jobs:
+            report(_compile_job(j))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: a forked child would inherit the parent's triton/CUDA state
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_compile_job, jobs))
+            for r in pool.map(_compile_job, jobs):
+                report(r)
     wall = time.perf_counter() - t0
     bad = [r for r in results if r["problems"]]
-    for r in results:
-        status = "FAIL " + "; ".join(r["problems"]) if r["problems"] else "ok"
-        print(f"sm_{r['arch']} {r['seconds']}s (cpu {r.get('cpu_seconds')}s) shared={r.get('shared_bytes')} "
-              f"{r['label']}: {status}")
     import triton
 
     summary = dict(set=args.set, archs=archs, triton=triton.__version__, variants=len(results), failed=len(bad),
