@@ -13,13 +13,17 @@ Ladder (engineering-notes §7.4)::
     _conv_bn_relu_bwd_reduce_kernel       bwd 1: conv again + ReLU mask -> sum(dz), sum(dz * xhat)
     _conv_bn_relu_bwd_kernel              bwd 2: conv again -> BN-input gradient dy
     conv_bn_relu_fwd / conv_bn_relu_bwd   launchers (checks, allocation, launch, tiny finalizes)
+    record_launches                       the launchers' launches on meta tensors, not run
+                                          (kernels/lowering.py compiles exactly those for a GPU)
     _ConvBnReLUFunction                   torch.autograd.Function
     conv_bn_relu, conv_bn_relu_module     public API
 
 Work split: every program owns one sample and one block of output channels and walks that
 sample's output positions tile by tile, so the per-sample pooled sums and the per-sample statistic
 partials are produced without atomics (deterministic run to run). The partials (``[B, C_out]``
-fp32) are reduced in torch ("finalize"; a few tiny launches).
+fp32) are reduced in torch ("finalize"; a few tiny launches). Under
+``torch.use_deterministic_algorithms(True)`` nothing here raises: the finalize ops are deterministic
+and ``aten.convolution_backward`` then restricts cuDNN to its deterministic algorithms.
 
 Statistics: each program merges its tiles' (mean, M2) with Chan's parallel formula, and the
 finalize merges the samples the same way, so the variance never comes from E[y^2] - E[y]^2

@@ -192,7 +192,18 @@ def variants(launches, arch: int) -> list[Variant]:
     compile. Meta tensors report a null data pointer, i.e. a 16-byte aligned one, as the CUDA caching
     allocator's tensors are.
     """
-    from triton.runtime.jit import JITFunction, create_function_from_signature
+    import triton
+
+    try:
+        # the JIT's binder and argument packing: not public API, present alike in triton 3.6 and 3.8
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        JITFunction._pack_args  # noqa: B018
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(
+            f"triton {triton.__version__} lacks the JIT internals this lowering mirrors "
+            f"(create_function_from_signature, JITFunction._pack_args; known to work on 3.6 and 3.8): {exc}"
+        ) from exc
 
     _, backend = _backend(arch)
     seen, out = set(), []
