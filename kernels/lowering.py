@@ -58,7 +58,7 @@ PRECISIONS = {
     "bf16": (torch.bfloat16, True),  # --amp (default --amp-dtype)
     "fp32-tf32": (torch.float32, True),  # no --amp
     "fp16": (torch.float16, True),  # --amp --amp-dtype fp16
-    "fp32-ieee": (torch.float32, False),  # no --amp, allow_tf32 off (e.g. --deterministic setups)
+    "fp32-ieee": (torch.float32, False),  # no --amp, torch.backends.cudnn.allow_tf32 switched off
 }
 ENGINE_PRECISIONS = ("bf16", "fp32-tf32")
 # The InfoPro-style heads whose convs run fused: the default (1c2f), AUX-ADAPT (2c2f at 16
