@@ -14,6 +14,7 @@ interpreter's times mean nothing).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -26,7 +27,7 @@ import pytest  # noqa: E402
 
 from pgl_fast.kernels import conv_bn_relu, reference_conv_bn_relu, triton_available  # noqa: E402
 from pgl_fast.kernels.conv_bn_relu import _interpreting  # noqa: E402
-from pgl_fast.kernels.reference import saved_tensor_bytes  # noqa: E402
+from pgl_fast.kernels.reference import TOLERANCES, saved_tensor_bytes  # noqa: E402
 
 BATCH = 1024
 # (name, C_in, H=W, C_out, stride, pool): prior-art §5.1 head stages + the 2c2f second conv
@@ -94,6 +95,43 @@ def _measure(provider, c_in, hw, c_out, stride, pool):
     return dict(ms_p50=p50, ms_p20=p20, ms_p80=p80, peak_step_mib=peak_mib, saved_bytes=saved), step
 
 
+def _max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64 on the device (the kernel tests' atol scale)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
+
+
+def _check_fused_matches_reference(c_in, hw, c_out, stride, pool):
+    """The timed fused head at the timed shape and dtype against the float64 eager reference:
+    output, the four gradients and the running statistics, within the kernel tests' bf16 tolerance
+    (relative to each tensor's largest reference value). A benchmark of a wrong kernel is worthless."""
+    x, weight, bn_weight, bn_bias, (rm, rv) = _setup(c_in, hw, c_out, BATCH, "cuda", torch.bfloat16)
+    # the fused conv runs on the bf16-rounded weight; give the reference exactly those values
+    with torch.no_grad():
+        weight.copy_(weight.to(torch.bfloat16).float())
+    kw = dict(stride=stride, training=True, momentum=0.1, eps=1e-5, pool=pool)
+    leaves = (x, weight, bn_weight, bn_bias)
+    rm_f, rv_f = rm.clone(), rv.clone()
+    out = conv_bn_relu(*leaves, rm_f, rv_f, **kw)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rm_r, rv_r = rm.double(), rv.double()
+    ref = reference_conv_bn_relu(*ref_leaves, rm_r, rv_r, **kw)
+    ref.backward(grad_out.double())
+    atol, _ = TOLERANCES[torch.bfloat16]
+    pairs = [("out", out, ref), ("running_mean", rm_f, rm_r), ("running_var", rv_f, rv_r)]
+    pairs += [(f"d{n}", t.grad, r.grad) for n, t, r in zip(("x", "weight", "bn_weight", "bn_bias"), leaves, ref_leaves)]
+    errors = {}
+    for name, got, want in pairs:
+        assert got is not None, f"fused head returned no {name}"
+        assert torch.isfinite(got).all(), f"fused {name} has non-finite values"
+        errors[name] = _max_rel_err(got, want)
+    bad = {k: v for k, v in errors.items() if not v <= atol}
+    assert not bad, f"fused vs float64 reference, max error / max |ref| over {atol}: {bad}"
+    return errors
+
+
 @needs_cuda
 @pytest.mark.parametrize("provider", sorted(PROVIDERS))
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
@@ -103,12 +141,22 @@ def test_head_fwd_bwd_cuda(benchmark, shape, provider):
     stats, step = _measure(provider, c_in, hw, c_out, stride, pool)
     info = dict(provider=provider, shape=name, batch=BATCH, dtype="bf16", mode="fwd+bwd", **stats)
     if provider == "fused":
+        info["max_rel_err_vs_fp64"] = _check_fused_matches_reference(c_in, hw, c_out, stride, pool)
         # the baseline measured in this same run (same GPU state), so ratios are like for like
         eager, _ = _measure("eager", c_in, hw, c_out, stride, pool)
         info.update({f"eager_{k}": v for k, v in eager.items()})
         info["speedup_vs_eager"] = eager["ms_p50"] / stats["ms_p50"]
         info["peak_mem_ratio_vs_eager"] = stats["peak_step_mib"] / max(eager["peak_step_mib"], 1e-9)
         info["saved_bytes_ratio_vs_eager"] = stats["saved_bytes"] / max(eager["saved_bytes"], 1)
+        # structural, not a speed claim: the fused head saves only its input and per-channel vectors
+        assert info["saved_bytes_ratio_vs_eager"] < 1, info
+    for key in ("ms_p20", "ms_p50", "ms_p80", "saved_bytes"):
+        assert math.isfinite(info[key]) and info[key] > 0, f"{key} = {info[key]!r}"
+    assert info["ms_p20"] <= info["ms_p50"] <= info["ms_p80"], info
+    assert math.isfinite(info["peak_step_mib"]) and info["peak_step_mib"] >= 0, info
+    for key in ("speedup_vs_eager", "peak_mem_ratio_vs_eager", "saved_bytes_ratio_vs_eager"):
+        if provider == "fused":
+            assert math.isfinite(info[key]) and info[key] > 0, f"{key} = {info[key]!r}"
     benchmark.extra_info.update(info)
 
     def timed():

@@ -13,13 +13,17 @@ Ladder (engineering-notes §7.4)::
     _conv_bn_relu_bwd_reduce_kernel       bwd 1: conv again + ReLU mask -> sum(dz), sum(dz * xhat)
     _conv_bn_relu_bwd_kernel              bwd 2: conv again -> BN-input gradient dy
     conv_bn_relu_fwd / conv_bn_relu_bwd   launchers (checks, allocation, launch, tiny finalizes)
+    record_launches                       the launchers' launches on meta tensors, not run
+                                          (kernels/lowering.py compiles exactly those for a GPU)
     _ConvBnReLUFunction                   torch.autograd.Function
     conv_bn_relu, conv_bn_relu_module     public API
 
 Work split: every program owns one sample and one block of output channels and walks that
 sample's output positions tile by tile, so the per-sample pooled sums and the per-sample statistic
 partials are produced without atomics (deterministic run to run). The partials (``[B, C_out]``
-fp32) are reduced in torch ("finalize"; a few tiny launches).
+fp32) are reduced in torch ("finalize"; a few tiny launches). Under
+``torch.use_deterministic_algorithms(True)`` nothing here raises: the finalize ops are deterministic
+and ``aten.convolution_backward`` then restricts cuDNN to its deterministic algorithms.
 
 Statistics: each program merges its tiles' (mean, M2) with Chan's parallel formula, and the
 finalize merges the samples the same way, so the variance never comes from E[y^2] - E[y]^2
@@ -44,8 +48,9 @@ would do): TF32 tensor cores when it is on, exact IEEE fp32 dots otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -507,11 +512,11 @@ def _fit_config(cfg: KernelConfig, c_in: int, c_out: int) -> KernelConfig:
     return KernelConfig(cfg.block_m, block_n, block_k, cfg.num_warps)
 
 
-def _dot_settings(x: torch.Tensor, interpret: bool) -> tuple[bool, str | None]:
+def _dot_settings(x: torch.Tensor, interpret: bool, on_cuda: bool) -> tuple[bool, str | None]:
     """(DOT_FP32, INPUT_PRECISION) for this input."""
     if x.dtype == torch.float32:
         # match F.conv2d: cuDNN uses TF32 for fp32 convs when torch.backends.cudnn.allow_tf32
-        use_tf32 = x.is_cuda and not interpret and torch.backends.cudnn.allow_tf32
+        use_tf32 = on_cuda and not interpret and torch.backends.cudnn.allow_tf32
         return True, "tf32" if use_tf32 else "ieee"
     # 16-bit operands: input_precision only concerns fp32 x fp32 dots, leave tl.dot's default.
     # The interpreter cannot dot bf16 natively (numpy), so there the operands are upcast (exactly).
@@ -527,6 +532,57 @@ def _require_runnable(device: torch.device) -> None:
     ok, reason = triton_available(device)
     if not ok:
         raise RuntimeError(reason)
+
+
+class KernelLaunch(NamedTuple):
+    """One kernel launch as a launcher makes it: ``kernel[grid](*args, **meta)``."""
+
+    kernel: Any  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple  # positional arguments (tensors, ints, floats)
+    meta: dict  # constexpr keyword arguments and num_warps
+
+
+# Launches collected by record_launches(), or None when launching for real.
+_RECORDED: list[KernelLaunch] | None = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect the kernel launches of the launchers instead of running them.
+
+    Inside the context the launchers accept ``meta`` tensors (and only those), decide every launch
+    setting as for compiled kernels on a CUDA device (no interpreter tiles; fp32 follows
+    ``torch.backends.cudnn.allow_tf32``) and append a :class:`KernelLaunch` per launch to the list
+    this yields. The torch parts of the launchers (finalize, dgrad/wgrad) run on the meta tensors,
+    so forward and backward go through exactly the code training runs. This is how the
+    ahead-of-time compile checks (``kernels/lowering.py``) list what a real run would launch.
+    """
+    global _RECORDED
+    if _RECORDED is not None:
+        raise RuntimeError("record_launches() cannot be nested")
+    _RECORDED = []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = None
+
+
+def _launch_target(device: torch.device) -> tuple[bool, bool]:
+    """``(interpret, on_cuda)`` for a launch on ``device``; raises when the kernels cannot run there."""
+    if _RECORDED is not None:
+        if device.type != "meta":
+            raise RuntimeError(f"record_launches() takes meta tensors only, got a tensor on {device}")
+        return False, True
+    _require_runnable(device)
+    return _interpreting(), device.type == "cuda"
+
+
+def _launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    if _RECORDED is not None:
+        _RECORDED.append(KernelLaunch(kernel, tuple(grid), args, dict(meta)))
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _check_param(name: str, t: torch.Tensor | None, c_out: int, device: torch.device, optional: bool) -> None:
@@ -625,10 +681,9 @@ def conv_bn_relu_fwd(
         raise ValueError(
             f"conv_bn_relu: expected more than 1 value per channel when training, got input {tuple(x.shape)}"
         )
-    _require_runnable(x.device)
-    interpret = _interpreting()
+    interpret, on_cuda = _launch_target(x.device)
     cfg = _pick_config(P, C_in, C_out, interpret) if config is None else _fit_config(config, C_in, C_out)
-    dot_fp32, precision = _dot_settings(x, interpret)
+    dot_fp32, precision = _dot_settings(x, interpret, on_cuda)
     w_k = _prep_weight(weight, x.dtype)
     grid = (B, triton.cdiv(C_out, cfg.block_n))
     meta = dict(
@@ -640,7 +695,7 @@ def conv_bn_relu_fwd(
     if training:
         mean_part = torch.empty((B, C_out), device=x.device, dtype=torch.float32)
         m2_part = torch.empty_like(mean_part)
-        _conv_bn_relu_fwd_stats_kernel[grid](x, w_k, mean_part, m2_part, *sizes, *x.stride(), **meta)
+        _launch(_conv_bn_relu_fwd_stats_kernel, grid, x, w_k, mean_part, m2_part, *sizes, *x.stride(), **meta)
         # Finalize (tiny [B, C_out] tensors): every sample holds exactly P values, so Chan's merge is
         # mean = average of sample means, M2 = sum of sample M2 + P * sum of squared mean offsets.
         mean = mean_part.mean(dim=0)
@@ -662,7 +717,8 @@ def conv_bn_relu_fwd(
         out = torch.empty((B, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
                           memory_format=_memory_format(x))
         out_strides = out.stride()
-    _conv_bn_relu_fwd_kernel[grid](
+    _launch(
+        _conv_bn_relu_fwd_kernel, grid,
         x, w_k, mean, rstd, bn_weight.detach().contiguous(), bn_bias.detach().contiguous(), out,
         *sizes, *x.stride(), *out_strides, POOL=pool, **meta,
     )
@@ -686,7 +742,7 @@ def conv_bn_relu_bwd(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher: ``(dx, dweight, dbn_weight, dbn_bias)`` from the upstream gradient and the
     tensors saved by :func:`conv_bn_relu_fwd` (``x``, params, ``mean``, ``rstd``)."""
-    _require_runnable(x.device)
+    interpret, on_cuda = _launch_target(x.device)
     B, C_in, H, W = x.shape
     C_out = weight.shape[0]
     H_out, W_out = _out_size(H, stride), _out_size(W, stride)
@@ -697,9 +753,8 @@ def conv_bn_relu_bwd(
     if grad_out.device != x.device:
         raise ValueError(f"conv_bn_relu: grad_out is on {grad_out.device} but x is on {x.device}")
     need_dx, need_dw, need_dgamma, need_dbeta = needs_input_grad
-    interpret = _interpreting()
     cfg = _pick_config(P, C_in, C_out, interpret) if config is None else _fit_config(config, C_in, C_out)
-    dot_fp32, precision = _dot_settings(x, interpret)
+    dot_fp32, precision = _dot_settings(x, interpret, on_cuda)
     w_k = _prep_weight(weight, x.dtype)
     grid = (B, triton.cdiv(C_out, cfg.block_n))
     meta = dict(
@@ -713,7 +768,8 @@ def conv_bn_relu_bwd(
     # bwd 1: per-channel reductions for the BN backward (and the BN parameter gradients)
     sum_dz_part = torch.empty((B, C_out), device=x.device, dtype=torch.float32)
     sum_dzx_part = torch.empty_like(sum_dz_part)
-    _conv_bn_relu_bwd_reduce_kernel[grid](
+    _launch(
+        _conv_bn_relu_bwd_reduce_kernel, grid,
         x, w_k, mean, rstd, gamma, beta, grad_out, sum_dz_part, sum_dzx_part,
         *sizes, *x.stride(), *g_strides, **meta,
     )
@@ -725,7 +781,8 @@ def conv_bn_relu_bwd(
         # bwd 2: BN-input gradient dy, transient (freed when this function returns)
         dy = torch.empty((B, C_out, H_out, W_out), device=x.device, dtype=x.dtype,
                          memory_format=_memory_format(x))
-        _conv_bn_relu_bwd_kernel[grid](
+        _launch(
+            _conv_bn_relu_bwd_kernel, grid,
             x, w_k, mean, rstd, gamma, beta, dbeta, dgamma, grad_out, dy, 1.0 / (B * P),
             *sizes, *x.stride(), *g_strides, *dy.stride(), TRAINING=training, **meta,
         )

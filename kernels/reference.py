@@ -10,7 +10,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reference_conv_bn_relu", "saved_tensor_bytes"]
+__all__ = ["TF32_TOLERANCE", "TOLERANCES", "reference_conv_bn_relu", "saved_tensor_bytes"]
+
+# (atol, rtol) of the fused kernels against this reference computed in float64, per input dtype;
+# shared by the tests and the benchmarks' correctness checks. atol is relative to the largest
+# |reference| value of the compared tensor (outputs and gradients have very different magnitudes),
+# rtol is per element.
+TOLERANCES = {
+    # fp32: operands are exact; only the fp32 accumulation/reduction order differs from float64
+    # (observed <= 1e-6 of max); 1e-5 leaves room for bigger reductions on the GPU. Holds for IEEE
+    # fp32 dots only: with TF32 (torch.backends.cudnn.allow_tf32 on CUDA) see TF32_TOLERANCE.
+    torch.float32: (1e-5, 1e-5),
+    # fp16: conv output, statistics and BN are fp32; the errors come from rounding the stored output
+    # and the transient BN-input gradient to fp16 (2**-11 relative), the latter summed again by the
+    # dgrad/wgrad convs (observed ~6e-4 of max); 4e-3 = 8 ulps.
+    torch.float16: (4e-3, 4e-3),
+    # bf16: same path with 2**-8 precision; the CPU interpreter even *truncates* fp32 -> bf16
+    # stores (the GPU rounds to nearest), so a stored value can be off by one full bf16 ulp
+    # (0.4%), and dgrad/wgrad sum those (observed ~5e-3 of max); 2e-2 = 5 ulps.
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# fp32 inputs with TF32 dots: the conv operands are rounded to a 10-bit mantissa (2**-11 relative,
+# like fp16) before an fp32-accumulated dot, so fp16's budget applies; cuDNN's own TF32 convs in
+# backward add the same kind of error.
+TF32_TOLERANCE = (4e-3, 4e-3)
 
 
 def reference_conv_bn_relu(

@@ -26,30 +26,14 @@ from pgl_fast.kernels import (  # noqa: E402
     triton_available,
 )
 from pgl_fast.kernels.conv_bn_relu import CONFIGS, _conv_bn_relu, _interpreting  # noqa: E402
-from pgl_fast.kernels.reference import saved_tensor_bytes  # noqa: E402
+# (atol, rtol) per input dtype, shared with the benchmarks
+from pgl_fast.kernels.reference import TF32_TOLERANCE, TOLERANCES, saved_tensor_bytes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not _interpreting() else "cpu")
 _OK, _WHY = triton_available(DEVICE)
 # Skip (with the reason) when the kernels cannot run here, e.g. the kernel module was imported
 # before TRITON_INTERPRET=1 was set on a CPU-only machine.
 needs_triton = pytest.mark.skipif(not _OK, reason=_WHY)
-
-# (atol, rtol) per input dtype. atol is relative to the largest |reference| value of the compared
-# tensor (outputs and gradients have very different magnitudes), rtol is per element.
-TOLERANCES = {
-    # fp32: operands are exact; only the fp32 accumulation/reduction order differs from float64
-    # (observed <= 1e-6 of max); 1e-5 leaves room for bigger reductions on the GPU (TF32 is
-    # switched off for these tests, see the fixture).
-    torch.float32: (1e-5, 1e-5),
-    # fp16: conv output, statistics and BN are fp32; the errors come from rounding the stored output
-    # and the transient BN-input gradient to fp16 (2**-11 relative), the latter summed again by the
-    # dgrad/wgrad convs (observed ~6e-4 of max); 4e-3 = 8 ulps.
-    torch.float16: (4e-3, 4e-3),
-    # bf16: same path with 2**-8 precision; the CPU interpreter even *truncates* fp32 -> bf16
-    # stores (the GPU rounds to nearest), so a stored value can be off by one full bf16 ulp
-    # (0.4%), and dgrad/wgrad sum those (observed ~5e-3 of max); 2e-2 = 5 ulps.
-    torch.bfloat16: (2e-2, 2e-2),
-}
 
 
 @pytest.fixture(autouse=True)
@@ -268,36 +252,50 @@ def test_saves_less_than_eager(pool):
     assert eager - fused >= 2 * 4 * 32 * 16 * 16 * 4
 
 
-def _good_args():
-    x, weight, g, b, rm, rv = _make_inputs(2, 16, 32, 8, 8, F32)
+def _good_args(device):
+    x, weight, g, b, rm, rv = _make_inputs(2, 16, 32, 8, 8, F32, device=device)
     return dict(x=x, weight=weight, bn_weight=g, bn_bias=b, running_mean=rm, running_var=rv)
 
 
+# Each case builds its bad argument on the device under test: a strided view moved with .to(cuda)
+# arrives contiguous, so building it on the host would test nothing there. The checks all run before
+# any kernel launch, so the same cases also run on "meta" tensors, where .to() would densify a view
+# just as .to(cuda) does, and the CPU suite catches a case built the wrong way.
+@pytest.mark.parametrize("where", ["device", "meta"])
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(x=torch.randn(16, 8, 8)), "x must be 4-D"),
-        (dict(weight=torch.randn(32, 8, 3, 3)), "weight has C_in=8 but x has 16"),
-        (dict(weight=torch.randn(32, 16, 5, 5)), r"weight must be \[C_out, C_in, 3, 3\]"),
-        (dict(x=torch.randn(2, 16, 8, 8, dtype=torch.float64)), "x dtype must be"),
-        (dict(x=torch.randint(0, 3, (2, 16, 8, 8))), "x dtype must be"),
-        (dict(x=torch.randn(2, 16, 8, 16)[..., ::2]), "contiguous"),
-        (dict(bn_weight=torch.ones(16)), r"bn_weight must have shape \[32\]"),
-        (dict(running_var=torch.ones(31)), r"running_var must have shape \[32\]"),
-        (dict(stride=3), "stride must be 1 or 2"),
-        (dict(x=torch.randn(1, 16, 1, 1)), "more than 1 value per channel"),
-        (dict(training=False, running_mean=None, running_var=None), "running_mean is required"),
+        (lambda d: dict(x=torch.randn(16, 8, 8, device=d)), "x must be 4-D"),
+        (lambda d: dict(weight=torch.randn(32, 8, 3, 3, device=d)), "weight has C_in=8 but x has 16"),
+        (lambda d: dict(weight=torch.randn(32, 16, 5, 5, device=d)), r"weight must be \[C_out, C_in, 3, 3\]"),
+        (lambda d: dict(x=torch.randn(2, 16, 8, 8, dtype=torch.float64, device=d)), "x dtype must be"),
+        (lambda d: dict(x=torch.randint(0, 3, (2, 16, 8, 8), device=d)), "x dtype must be"),
+        (lambda d: dict(x=torch.randn(2, 16, 8, 16, device=d)[..., ::2]), "contiguous"),
+        (lambda d: dict(bn_weight=torch.ones(16, device=d)), r"bn_weight must have shape \[32\]"),
+        (lambda d: dict(running_var=torch.ones(31, device=d)), r"running_var must have shape \[32\]"),
+        (lambda d: dict(stride=3), "stride must be 1 or 2"),
+        (lambda d: dict(x=torch.randn(1, 16, 1, 1, device=d)), "more than 1 value per channel"),
+        (lambda d: dict(training=False, running_mean=None, running_var=None), "running_mean is required"),
     ],
     ids=["dims", "channels", "kernel-size", "float64", "int", "non-contiguous", "bn-shape",
          "running-shape", "stride", "single-value", "eval-without-stats"],
 )
-def test_clear_errors(change, match):
-    args = _good_args()
+def test_clear_errors(change, match, where):
+    device = DEVICE if where == "device" else torch.device("meta")
+    args = _good_args(device)
+    change = change(device)
     kwargs = dict(stride=1, training=True, pool=True)
     for k in ("stride", "training"):
         if k in change:
             kwargs[k] = change.pop(k)
-    args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    args.update(change)
+    for k, v in args.items():
+        assert v is None or v.device == device, f"{k} is on {v.device}, the case is for {device}"
+    if match == "contiguous":
+        x = args["x"]
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)), (
+            f"the non-contiguous case got a dense x (strides {x.stride()}) on {device}"
+        )
     with pytest.raises(ValueError, match=match):
         conv_bn_relu(*args.values(), **kwargs)
 
@@ -305,7 +303,182 @@ def test_clear_errors(change, match):
 def test_unsupported_device_raises_runtime_error():
     ok, reason = triton_available("meta")
     assert not ok and "--head-kernels eager" in reason
-    args = _good_args()
-    args = {k: v.to("meta") for k, v in args.items()}
+    args = _good_args("meta")
     with pytest.raises(RuntimeError, match="head-kernels eager"):
         conv_bn_relu(*args.values(), stride=1, pool=True)
+
+
+def _fused_and_reference(x, weight, g, b, rm, rv, *, stride, pool, training=True, grad_out=None):
+    """Fused forward + backward and the float64 reference on the same values:
+    ``(fused tensors, reference tensors)``, each ``[out, dx, dweight, dbn_weight, dbn_bias,
+    running_mean, running_var]``."""
+    kw = dict(stride=stride, training=training, momentum=0.1, eps=1e-5, pool=pool)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, g, b)]
+    rm_f, rv_f = rm.clone(), rv.clone()
+    out = conv_bn_relu(*leaves, rm_f, rv_f, **kw)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, device=out.device).to(out.dtype)
+    out.backward(grad_out)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, weight, g, b)]
+    rm_r, rv_r = rm.double(), rv.double()
+    ref = reference_conv_bn_relu(*ref_leaves, rm_r, rv_r, **kw)
+    ref.backward(grad_out.double())
+    return ([out] + [t.grad for t in leaves] + [rm_f, rv_f]), ([ref] + [t.grad for t in ref_leaves] + [rm_r, rv_r])
+
+
+_NAMES = ("out", "dx", "dweight", "dbn_weight", "dbn_bias", "running_mean", "running_var")
+
+
+@needs_triton
+def test_deterministic_mode_is_allowed_and_repeatable():
+    """Under torch.use_deterministic_algorithms(True) (what --deterministic sets) the fused path must
+    not raise (its dgrad/wgrad is aten.convolution_backward, i.e. cuDNN on CUDA, which has
+    deterministic algorithms) and must repeat bit for bit: the kernels use no atomics, the finalize
+    reductions are torch's. That mode also fills torch.empty with NaN, so an output element the
+    kernels failed to write would show up against the reference."""
+    from torch.utils import deterministic as det
+
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        inputs = _make_inputs(3, 16, 32, 16, 16, F32)
+        grad_out = torch.randn(3, 32, 8, 8, device=DEVICE)
+        runs = [_fused_and_reference(*inputs, stride=2, pool=False, grad_out=grad_out) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        det.fill_uninitialized_memory = prev[2]
+    (first, ref), (second, _) = runs
+    for name, a, b, r in zip(_NAMES, first, second, ref):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+        assert_verbose_allclose(a, r, atol=1e-5, rtol=1e-5, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU-only checks: what the CPU interpreter cannot show (TF32 dots, 64-bit offsets at sizes the
+# interpreter cannot reach, CUDA-graph capture, host synchronisation).
+# ----------------------------------------------------------------------------------------------
+
+on_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU with compiled Triton (TRITON_INTERPRET unset)")
+
+
+def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest value with TF32's 10-bit mantissa (ties away from zero), computed on the
+    bit pattern: clearing the 13 low mantissa bits after adding half of their range."""
+    bits = t.detach().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+@pytest.mark.cuda
+@on_gpu
+@pytest.mark.parametrize("pool", [True, False], ids=["pool", "full"])
+def test_tf32_dots_match_reference_cuda(pool):
+    # fp32 without --amp runs INPUT_PRECISION="tf32" on CUDA (cudnn.allow_tf32 is on by default);
+    # the other tests switch it off. On operands that TF32 represents exactly the fused conv must be
+    # exact up to fp32 accumulation (so the forward is held to the fp32 tolerance: any further
+    # rounding would be a bug); backward's cuDNN dgrad/wgrad round dy to TF32 (TF32_TOLERANCE).
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores it
+    x, weight, g, b, rm, rv = _make_inputs(64, 32, 64, 16, 16, F32)
+    x, weight = _round_to_tf32(x), _round_to_tf32(weight)
+    fused, ref = _fused_and_reference(x, weight, g, b, rm, rv, stride=2, pool=pool)
+    for name, a, r in zip(_NAMES, fused, ref):
+        atol, rtol = TF32_TOLERANCE if name in ("dx", "dweight") else TOLERANCES[F32]
+        assert_verbose_allclose(a, r, atol=atol, rtol=rtol, name=f"{name} [tf32 pool={pool}]")
+
+
+@pytest.mark.cuda
+@on_gpu
+def test_offsets_past_int32_cuda():
+    # x with more than 2**31 elements (a stage-3 head input at B = 2**19 + 8): per-sample offsets are
+    # int64 in the kernels. Eval mode makes every sample independent, so the first and last samples
+    # can be checked against the reference on those samples alone.
+    B, c, hw = 2**19 + 8, 64, 8
+    assert B * c * hw * hw > 2**31
+    # x, the output, its gradient, dy and dx: five bf16 tensors of 4.3 GB each
+    if torch.cuda.get_device_properties(DEVICE).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with at least 40 GiB for five 4.3 GB tensors")
+    x = torch.randn(B, c, hw, hw, device=DEVICE, dtype=torch.bfloat16)
+    _, weight, g, b, rm, rv = _make_inputs(1, c, c, hw, hw, torch.bfloat16)
+    xs = x.requires_grad_()
+    out = conv_bn_relu(xs, weight, g, b, rm, rv, stride=1, training=False, pool=False)
+    grad_out = torch.randn(out.shape, device=DEVICE, dtype=torch.bfloat16)
+    out.backward(grad_out)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    for sl in (slice(0, 4), slice(B - 4, B)):
+        xr = x.detach()[sl].double().requires_grad_()
+        ref = reference_conv_bn_relu(xr, weight.double(), g.double(), b.double(), rm.double(), rv.double(),
+                                     stride=1, training=False, momentum=0.1, eps=1e-5, pool=False)
+        ref.backward(grad_out[sl].double())
+        assert_verbose_allclose(out[sl], ref, atol=atol, rtol=rtol, name=f"out[{sl}]")
+        assert_verbose_allclose(xs.grad[sl], xr.grad, atol=atol, rtol=rtol, name=f"dx[{sl}]")
+
+
+@pytest.mark.cuda
+@on_gpu
+def test_fwd_bwd_do_not_synchronize_cuda():
+    # --cuda-graphs captures the heads, and an eager step should never wait for the GPU: no .item(),
+    # no host copy, no data-dependent allocation in the launchers.
+    x, weight, g, b, rm, rv = _make_inputs(8, 32, 64, 16, 16, torch.bfloat16)
+    leaves = [t.requires_grad_() for t in (x, weight, g, b)]
+    conv_bn_relu(*leaves, rm, rv, stride=2, pool=True).sum().backward()  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = conv_bn_relu(*leaves, rm, rv, stride=2, pool=True)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+@on_gpu
+def test_cuda_graph_replay_matches_eager_cuda():
+    # the fused head (module wrapper: running stats and num_batches_tracked update in place)
+    # captured once and replayed on new data gives what the eager fused call gives on that data
+    conv, bn = nn.Conv2d(16, 32, 3, 2, 1, bias=False).to(DEVICE), nn.BatchNorm2d(32).to(DEVICE)
+    conv_e, bn_e = copy.deepcopy(conv), copy.deepcopy(bn)
+    static_x = torch.randn(16, 16, 32, 32, device=DEVICE, requires_grad=True)
+    static_g = torch.randn(16, 32, device=DEVICE)
+
+    def step(conv, bn, x, g):
+        out = conv_bn_relu_module(x, conv, bn, pool=True)
+        out.backward(g)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) on a side stream, as capture requires
+        step(conv, bn, static_x, static_g)
+    torch.cuda.current_stream().wait_stream(side)
+    # start both copies from the same state
+    conv_e.load_state_dict(conv.state_dict())
+    bn_e.load_state_dict(bn.state_dict())
+    for m in (conv, bn):
+        for p in m.parameters():
+            p.grad = None
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(conv, bn, static_x, static_g)
+    for i in range(3):
+        x_new, g_new = torch.randn_like(static_x), torch.randn_like(static_g)
+        with torch.no_grad():
+            static_x.copy_(x_new)
+            static_g.copy_(g_new)
+        for t in [static_x] + list(conv.parameters()) + list(bn.parameters()):
+            if t.grad is not None:
+                t.grad.zero_()  # the graph accumulates into the captured .grad tensors
+        graph.replay()
+        xe = x_new.clone().requires_grad_()
+        for m in (conv_e, bn_e):
+            for p in m.parameters():
+                p.grad = None
+        out_e = step(conv_e, bn_e, xe, g_new)
+        torch.cuda.synchronize()
+        tol = dict(atol=1e-5, rtol=1e-5)
+        assert_verbose_allclose(static_out, out_e, name=f"out replay {i}", **tol)
+        assert_verbose_allclose(static_x.grad, xe.grad, name=f"dx replay {i}", **tol)
+        assert_verbose_allclose(conv.weight.grad, conv_e.weight.grad, name=f"dweight replay {i}", **tol)
+        assert_verbose_allclose(bn.running_mean, bn_e.running_mean, name=f"running_mean replay {i}", **tol)
+        assert_verbose_allclose(bn.running_var, bn_e.running_var, name=f"running_var replay {i}", **tol)
