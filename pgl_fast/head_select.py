@@ -32,22 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-# (atol, rtol) per dtype of the head input, for the fused kernels against a float64 eager reference:
-# atol is relative to max |reference| of the compared tensor (outputs and gradients have very
-# different magnitudes), rtol is per element. The kernel tests (tests/kernels) use the same table.
-TOLERANCES = {
-    # fp32: operands are exact; only the fp32 accumulation/reduction order differs from float64
-    # (observed <= 1e-6 of max); 1e-5 leaves room for bigger reductions on the GPU (TF32 off).
-    torch.float32: (1e-5, 1e-5),
-    # fp16: conv output, statistics and BN are fp32; the errors come from rounding the stored output
-    # and the transient BN-input gradient to fp16 (2**-11 relative), the latter summed again by the
-    # dgrad/wgrad convs (observed ~6e-4 of max); 4e-3 = 8 ulps.
-    torch.float16: (4e-3, 4e-3),
-    # bf16: same path with 2**-8 precision; the CPU interpreter even truncates fp32 -> bf16 stores
-    # (the GPU rounds to nearest), so a stored value can be off by one full bf16 ulp (0.4%), and
-    # dgrad/wgrad sum those (observed ~5e-3 of max); 2e-2 = 5 ulps.
-    torch.bfloat16: (2e-2, 2e-2),
-}
+# (atol, rtol) per dtype of the head input, against a float64 eager reference: the kernel tests' table.
+from .kernels.reference import TOLERANCES  # noqa: E402
 
 CHECK_SEED = 20240817  # the check's private generator: the global RNG stream is never touched
 
