@@ -139,6 +139,9 @@ def collect_runs(grid_dir: str) -> list[dict]:
             "device": header.get("device_name") or header.get("device"), "torch": header.get("torch"),
             "pgl_fast": header.get("pgl_fast"), "git_sha": header.get("git_sha"),
             "no_head_eval": cfg.get("no_head_eval"),
+            "infopro_loss": cfg.get("infopro_loss") if method == "infopro" else None,
+            "infopro_lambdas": tuple(cfg.get(k) for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"))
+            if method == "infopro" else None,
             "curve": [(r["epoch"], r.get("test_acc"), r.get("phase")) for r in metrics],
         })
     return runs
@@ -341,6 +344,22 @@ def _ordering_lines(runs, arch: str, Js: list[int]) -> list[str]:
     return lines
 
 
+def _infopro_lambda_lines(runs) -> list[str]:
+    """Which lambdas the InfoPro rows trained with: InfoPro published its per-run table for the
+    contrastive loss only, so a softmax row that uses it reuses values tuned for another loss."""
+    used = sorted({(r["J"], r["infopro_loss"], r["infopro_lambdas"]) for r in runs
+                   if r["method"] == "infopro" and r.get("infopro_lambdas")}, key=str)
+    if not used:
+        return []
+    lines = []
+    for J, loss, (a1, b1, a2, b2) in used:
+        note = (" InfoPro published its lambdas for the contrastive loss only; this softmax row reuses them "
+                "unless they were given explicitly." if loss == "softmax" else "")
+        lines.append(f"InfoPro row, J={J} ({loss} task loss): lambda_1 (reconstruction) {a1:g} -> {a2:g}, "
+                     f"lambda_2 (task) {b1:g} -> {b2:g} from the first to the last local module.{note}")
+    return lines + [""]
+
+
 def section_table1(runs, arch: str) -> list[str]:
     Js = _Js(runs)
     out = ["### Best test accuracy (%) over the run, mean ± std over seeds (n)", "",
@@ -349,6 +368,7 @@ def section_table1(runs, arch: str) -> list[str]:
            _acc_table(runs, "final_test_acc", Js), "",
            "### Parameters (with aux heads); peak memory per phase; wall time (means over seeds)", "",
            _cost_table(runs, Js), ""]
+    out += _infopro_lambda_lines(runs)
     pa = _paper_arch(arch)
     other = "" if pa == arch else f"; this grid's network is {arch}, so only the ordering and gaps compare"
     out += [f"### The paper's Table 1 ({pa}, CIFAR-10, 160 epochs, mean of 3 trials{other})", "",

@@ -40,3 +40,14 @@ def test_header_records_the_lambdas_used(tmp_path):
     assert rc == 0
     rec = json.loads((out / "header.json").read_text())["infopro_lambdas"]
     assert rec["per_module"] == [[2.0, 0.5], [0.0, 1.0]] and rec["source"] == "given on the command line"
+
+
+def test_report_names_the_lambdas_of_the_infopro_row():
+    from pgl_fast.report import _infopro_lambda_lines
+
+    runs = [{"method": "infopro", "J": 16, "infopro_loss": "softmax", "infopro_lambdas": (5.0, 0.05, 0.2, 0.5)},
+            {"method": "dgl", "J": 16, "infopro_loss": None, "infopro_lambdas": None}]
+    (line, blank) = _infopro_lambda_lines(runs)
+    assert "lambda_1 (reconstruction) 5 -> 0.2, lambda_2 (task) 0.05 -> 0.5" in line
+    assert "contrastive loss only" in line and blank == ""
+    assert _infopro_lambda_lines(runs[1:]) == []
