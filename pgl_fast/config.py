@@ -201,9 +201,6 @@ class TrainConfig:
         if self.global_memory != "auto" and self.checkpoint_global:
             bad("--global-memory", f"{self.global_memory} and --checkpoint-global both set the global-step "
                 "checkpointing; give one of them")
-        if self.method in ("dgl", "infopro") and (self.global_memory != "auto" or self.checkpoint_global):
-            bad("--global-memory" if self.global_memory != "auto" else "--checkpoint-global",
-                f"--method {self.method} has no global steps; drop the flag")
         if not self.global_memory_factor > 0:
             bad("--global-memory-factor", f"must be > 0, got {self.global_memory_factor}")
         if self.save_every < 0:
@@ -325,7 +322,10 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
      lambda c: f"with --method {c.method} (only pgl alternates local and global epochs)" if c.method != "pgl" else None),
     (("infopro_loss", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
      lambda c: f"with --method {c.method} (InfoPro's loss only)" if c.method != "infopro" else None),
-    (("checkpoint_global", "global_segments"), _no_global_epochs),
+    (("checkpoint_global", "global_segments", "global_memory", "global_memory_factor"), _no_global_epochs),
+    (("global_memory_factor",),
+     lambda c: f"with --global-memory {c.global_memory} (the factor only guides auto)"
+     if c.global_memory != "auto" or c.checkpoint_global else None),
     (("global_segments",),
      lambda c: "with --memory-budget (the planner chooses the checkpointing)" if c.memory_budget is not None
      else ("without --checkpoint-global" if not c.checkpoint_global else None)),

@@ -29,3 +29,13 @@ def _seed_and_release():
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: as fast for the tiny batches of these tests on an idle machine, and on a
+    busy one it avoids OpenMP threads spinning against each other (many times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,13 +18,7 @@ CPU = torch.device("cpu")
 TINY = dict(batch=8, device=CPU, dtype=None, channels_last=False, warmup=1, steps=2, max_timed_s=5.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: one intra-op thread is faster, and far faster on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bad_flags_and_no_cuda_are_one_line_errors(tmp_path, capsys):

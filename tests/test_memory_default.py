@@ -11,7 +11,6 @@ import json
 import re
 
 import pytest
-import torch
 
 import pgl_fast.engine as engine_mod
 import pgl_fast.train as train_mod
@@ -29,12 +28,7 @@ SEGMENTS = {"none": None, "modules": [[0, 1], [1, 2], [2, 3], [3, 4]], "units": 
 FACTOR = 1.25  # the documented default of --global-memory-factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def observed_run(monkeypatch, args):
@@ -150,8 +144,6 @@ def test_no_global_epoch_plans_nothing(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("extra, flag", [
     (["--global-memory", "units", "--checkpoint-global"], "--global-memory"),
-    (["--method", "dgl", "--global-memory", "modules"], "--global-memory"),
-    (["--method", "infopro", "--checkpoint-global"], "--checkpoint-global"),
     (["--global-memory-factor", "0"], "--global-memory-factor"),
     (["--global-memory", "all"], "--global-memory"),
 ])

@@ -97,14 +97,7 @@ def poison_input(monkeypatch, epoch, step, value):
     return calls
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These runs are tiny (batch 8): one intra-op thread is as fast on an idle machine, and on a
-    busy one it avoids OpenMP threads spinning against each other (many times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ckpt_names(out):

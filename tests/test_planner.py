@@ -3,7 +3,6 @@ budget, and the CLI around it."""
 import json
 
 import pytest
-import torch
 
 from pgl_fast import planner
 from pgl_fast.profile import build_step, measure_step
@@ -12,12 +11,7 @@ from pgl_fast.train import main
 KW = dict(arch="resnet14", J=7, aux="1c2f", image_size=16, split="layerwise")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _direct(kind, seg, batch):

@@ -253,14 +253,6 @@ def test_auto_resume_with_only_corrupt_checkpoints(tmp_path, reference, capsys):
     assert printed.out.count("warning") == 2  # one per skipped file
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("extra,field", [(["-b", "8"], "batch_size"), (["--synthetic-train", "48"], "synthetic_train")],
                          ids=["batch_size", "synthetic_train"])
 def test_mid_epoch_resume_with_another_batching_is_refused(tmp_path, reference, capsys, one_thread, extra, field):

@@ -20,7 +20,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from pgl_fast import rundir
 from pgl_fast.config import build_parser
@@ -34,12 +33,7 @@ from test_resume import (ARGS, EPOCHS, FINAL, REPO, assert_same_run, ckpt_names,
 FAST = [a for a in ARGS if a != "--deterministic"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_epochs(args, n):
