@@ -45,7 +45,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
-    if cfg.head_kernels == "eager" or cfg.method == "bp":
+    if cfg.head_kernels == "eager" or cfg.method == "bp" or cfg.compile:  # --compile: Inductor fuses the heads
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
         return False
@@ -105,7 +105,8 @@ def build_executor(cfg: TrainConfig, net: LocalNet, segments: list[tuple[int, in
         amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
     return Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
-                    checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last, segments=segments)
+                    checkpoint_global=cfg.checkpoint_global, channels_last=cfg.channels_last, segments=segments,
+                    compile_mode=cfg.compile_mode if cfg.compile else None)
 
 
 def loss_spec(cfg: TrainConfig, J: int) -> LossSpec:
@@ -263,6 +264,7 @@ def run(cfg: TrainConfig) -> dict:
     header.update({"split_ranges": net.ranges, "parameters": net.count_parameters(), "memory_plan": plan_text,
                    "global_segments": segments,
                    "head_kernels": "triton" if use_kernels else "eager",
+                   "compile": cfg.compile_mode if cfg.compile else None,
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None})
     cfg.save(os.path.join(cfg.output_dir, "config.json"))
