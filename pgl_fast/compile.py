@@ -22,10 +22,10 @@ Compiled variants. Every callable is compiled with ``dynamic=False``, so each di
 its own graph: the last partial batch of an epoch adds one compile per piece, once per run (a bounded
 two variants per piece; resumes within a process reuse them). Closures of one kind share their code
 object, and Dynamo's guards let modules of identical structure (e.g. the BasicBlocks of one stage)
-share one compiled graph, which roughly halves compile time at resnet32 J=16. Dynamo caps the
-variants per code object (8 by default) and silently runs a function eagerly beyond it; the cap is
-raised to what this network needs and hitting it is made an error, so a run never falls back to
-eager unnoticed. Switching between PGL's local and global phases compiles nothing new once both
+share one compiled graph, so compile time grows with the number of distinct module structures, not
+with J. Dynamo caps the variants per code object (8 by default) and beyond it runs the function
+eagerly with only a logged warning; the cap is raised to what this network needs and hitting it is
+made an error, so a run never falls back to eager unnoticed. Switching between PGL's local and global phases compiles nothing new once both
 have run.
 
 Modes: ``default``, ``max-autotune-no-cudagraphs`` (Inductor's autotuned kernels; composes with

@@ -124,6 +124,28 @@ def test_compiled_channels_last_equals_eager():
 
 
 @pytest.mark.slow
+def test_compiled_infopro_equals_eager():
+    """InfoPro's loss (decoder reconstruction + SupCon, per-module lambdas) traced as the executor
+    defines it."""
+    torch.manual_seed(0)
+    net = LocalNet("resnet8", 2, num_classes=10, image_size=32, aux="1c2f", decoders=True,
+                   head_out_dim=128).double()
+    kw = dict(method="infopro", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=None,
+              loss_spec=LossSpec("infopro", infopro_contrast=True, lambdas=((5.0, 0.5),)))
+    ref = copy.deepcopy(net)
+    exe_c, exe_e = Executor(net, compile_mode="default", **kw), Executor(ref, **kw)
+    sc, se = StepStats(2, CPU), StepStats(2, CPU)
+    for i in range(2):
+        x, y = _batch(16, i)
+        image01 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        exe_c.local_step(x, y, sc, image01)
+        exe_e.local_step(x, y, se, image01)
+    _assert_nets_close(exe_c.net, exe_e.net, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.tensor(sc.read()["losses"]), torch.tensor(se.read()["losses"]),
+                               rtol=1e-10, atol=0.0)
+
+
+@pytest.mark.slow
 def test_compiled_dgl_equals_eager_bf16_autocast():
     exe_c, exe_e = _pair(dtype=torch.float32, amp_dtype=torch.bfloat16, method="dgl", lr=0.05)
     rc, re_, _ = _train_both(exe_c, exe_e, [("local", 16)] * 3, dtype=torch.float32)
