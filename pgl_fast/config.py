@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+from .compile import COMPILE_MODES, CUDAGRAPH_MODES
 from .heads import AUX_CONFIGS
 from .models import blocks_per_stage
 from .planner import DEFAULT_FACTOR
@@ -107,6 +108,8 @@ class TrainConfig:
     amp_dtype: str = _f("bf16", "autocast dtype", group="runtime", choices=("bf16", "fp16"))
     channels_last: bool = _f(False, "channels-last memory format", group="runtime")
     cuda_graphs: bool = _f(False, "capture local steps in CUDA graphs (GPU only)", group="runtime")
+    compile: bool = _f(False, "torch.compile (Inductor) each module's forward and local loss, and the global step's segments and losses; evaluation stays eager", group="runtime")
+    compile_mode: str = _f("default", "torch.compile mode with --compile (reduce-overhead and max-autotune capture CUDA graphs themselves)", group="runtime", choices=COMPILE_MODES)
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
     lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
@@ -196,6 +199,19 @@ class TrainConfig:
             bad("--lean-blocks", "supports fp32 training only; drop --amp or --lean-blocks")
         if self.lean_blocks and self.droprate > 0:
             bad("--lean-blocks", "does not implement dropout; use --droprate 0")
+        if self.compile_mode not in COMPILE_MODES:
+            bad("--compile-mode", f"{self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile:
+            bad("--compile-mode", "only applies with --compile; add --compile")
+        if self.compile and self.cuda_graphs and self.compile_mode in CUDAGRAPH_MODES:
+            bad("--compile-mode", f"{self.compile_mode} captures CUDA graphs itself, as does --cuda-graphs; use "
+                "--compile-mode default or max-autotune-no-cudagraphs with --cuda-graphs, or drop --cuda-graphs")
+        if self.compile and self.lean_blocks:
+            bad("--compile", "does not trace --lean-blocks (a hand-written backward with in-place updates); "
+                "drop one of them")
+        if self.compile and self.head_kernels == "triton":
+            bad("--head-kernels", "triton kernels are not traced by --compile (Inductor fuses the heads itself); "
+                "use --head-kernels auto or eager")
         if self.memory_budget is not None and self.memory_budget <= 0:
             bad("--memory-budget", f"must be > 0 MiB, got {self.memory_budget}")
         if self.global_memory != "auto" and self.checkpoint_global:

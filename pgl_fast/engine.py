@@ -177,7 +177,7 @@ class Executor:
     def __init__(self, net: LocalNet, *, method: str, lr: float, momentum: float, nesterov: bool,
                  weight_decay: float, loss_spec: LossSpec, amp_dtype: torch.dtype | None,
                  checkpoint_global: bool = False, channels_last: bool = False,
-                 segments: list[tuple[int, int]] | None = None):
+                 segments: list[tuple[int, int]] | None = None, compile_mode: str | None = None):
         self.net = net
         self.method = method
         self.J = net.J
@@ -199,6 +199,12 @@ class Executor:
         self.stats: StepStats | None = None  # set by the train step for the gradient check
         # a CUDA-graph capture must not keep autocast's weight-cast cache across the capture boundary
         self.autocast_cache = True
+        # --compile: the steps' forward-and-loss pieces under torch.compile (None: eager)
+        self.compiled = None
+        if compile_mode is not None:
+            from .compile import CompiledPieces
+
+            self.compiled = CompiledPieces(self, compile_mode)
 
     # -- helpers ---------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -243,13 +249,20 @@ class Executor:
                    image01: torch.Tensor | None = None) -> None:
         net, n = self.net, x.shape[0]
         h = x
+        if self.compiled is not None:
+            self.compiled.begin_step()
         for j in range(self.J):
             with self.autocast():
-                h = net.blocks[j](h.detach())
-                if j < self.J - 1:
+                if self.compiled is not None:
+                    # module j's forward and local loss as one compiled graph; its output comes back
+                    # detached (the last module's: the logits)
+                    h, loss = self.compiled.local[j](h, y, image01)
+                    logits = h
+                elif j < self.J - 1:
+                    h = net.blocks[j](h.detach())
                     loss = self.local_loss(j, h, y, image01)
                 else:
-                    logits = net.classifier(h)
+                    logits = net.classifier(net.blocks[j](h.detach()))
                     loss = F.cross_entropy(upcast(logits), y)
             self.stats = stats
             self._backward(loss)
@@ -266,11 +279,18 @@ class Executor:
         # unit index -> aux head fed by that unit's output (the cut after module j)
         head_at = {b - 1: j for j, (a, b) in enumerate(net.ranges[:-1])} if len(net.heads) else {}
         segments = self.segments if self.segments is not None else [(u, u + 1) for u in range(len(units))]
+        if self.compiled is not None:
+            self.compiled.begin_step()
+            # not checkpointed: one compiled graph per module (the heads sit at module ends)
+            segments = self.segments if self.segments is not None else list(net.ranges)
         h = x
         for a, b in segments:
             taps = [u for u in range(a, b) if u in head_at]
             with self.autocast():
-                if self.segments is not None:
+                if self.compiled is not None:
+                    h, inner = self.compiled.segment(a, b, h, tuple(u - a for u in taps if u != b - 1),
+                                                     checkpointed=self.segments is not None)
+                elif self.segments is not None:
                     outs = checkpointed(units[a:b], h, tuple(u - a for u in taps if u != b - 1))
                     h, inner = outs[0], list(outs[1:])
                 else:
@@ -281,14 +301,20 @@ class Executor:
                 # eq. 4: the head learns from its local loss on detached features only; its graph
                 # is released right here instead of living until the final backward.
                 with self.autocast():
-                    aux_loss = self.local_loss(j, feat.detach(), y, None)
+                    if self.compiled is not None:
+                        aux_loss = self.compiled.aux[j](feat, y)
+                    else:
+                        aux_loss = self.local_loss(j, feat.detach(), y, None)
                 self._backward(aux_loss)
                 stats.add(j, aux_loss, n)
                 del aux_loss
             del tapped, inner
         with self.autocast():
-            logits = net.classifier(h)
-            loss = F.cross_entropy(upcast(logits), y)
+            if self.compiled is not None:
+                logits, loss = self.compiled.final(h, y)
+            else:
+                logits = net.classifier(h)
+                loss = F.cross_entropy(upcast(logits), y)
         self._backward(loss)  # eq. 3: the backbone learns from the final loss only
         self.stats = stats
         for j in range(self.J):

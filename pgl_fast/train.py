@@ -52,7 +52,7 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the fused head kernels may run at all. With ``--head-kernels auto`` on CUDA the
     choice per head is then measured (``head_select.configure_head_kernels``); on the CPU ``auto``
     is eager, since Triton runs there only under its interpreter."""
-    if cfg.head_kernels == "eager" or cfg.method == "bp":
+    if cfg.head_kernels == "eager" or cfg.method == "bp" or cfg.compile:  # --compile: Inductor fuses the heads
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
         return False
@@ -178,7 +178,8 @@ def build_executor(cfg: TrainConfig, net: LocalNet, plan=None) -> Executor:
         checkpoint_global, segments = cfg.checkpoint_global, None
     return Executor(net, method=cfg.method, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     weight_decay=cfg.weight_decay, loss_spec=loss_spec(cfg, net.J), amp_dtype=amp_dtype,
-                    checkpoint_global=checkpoint_global, channels_last=cfg.channels_last, segments=segments)
+                    checkpoint_global=checkpoint_global, channels_last=cfg.channels_last, segments=segments,
+                    compile_mode=cfg.compile_mode if cfg.compile else None)
 
 
 def loss_spec(cfg: TrainConfig, J: int) -> LossSpec:
@@ -599,6 +600,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None, cl
                    "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
                    "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
                    "head_kernel_selection": head_kernels["selection"],
+                   "compile": cfg.compile_mode if cfg.compile else None,
                    "train_images": int(data.train_y.shape[0]), "test_images": int(data.test_y.shape[0]),
                    "resumed_from": resume_state["path"] if resume_state else None,
                    "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
