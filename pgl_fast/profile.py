@@ -396,7 +396,11 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     net = build_network(cfg, num_classes, image_size).to(dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    net.set_head_kernels(use_kernels)
+    from .head_select import configure_head_kernels
+
+    # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)
+    configure_head_kernels(net, head_kernels, use_kernels, batch=batch, device=dev, channels_last=channels_last,
+                           dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     # --lean-blocks applies to the local-learning kinds; bp stays the plain eager baseline
     net.set_lean_blocks(lean_blocks and method != "bp")
     net.train()
