@@ -25,8 +25,8 @@ from pgl_fast import rundir
 from pgl_fast.config import build_parser
 from pgl_fast.train import main, resume_command
 from test_nonfinite import poison_output
-from test_resume import (ARGS, EPOCHS, FINAL, REPO, assert_same_run, ckpt_names, load, read_jsonl,  # noqa: F401
-                         reference)
+from test_resume import (ARGS, EPOCHS, FINAL, REPO, assert_same_run, ckpt_names, load, one_error_line,  # noqa: F401
+                         read_jsonl, reference)
 
 # in-process runs: no --deterministic (it would switch the test process itself to deterministic
 # algorithms); the same tiny PGL run otherwise (6 steps per epoch, epochs 1-2 local, 3 global)
@@ -39,14 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def with_epochs(args, n):
     i = args.index("--epochs")
     return args[:i + 1] + [str(n)] + args[i + 2:]
-
-
-def one_error_line(capsys):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def snapshot(d):
