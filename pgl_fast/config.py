@@ -11,17 +11,24 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from .compile import COMPILE_MODES, CUDAGRAPH_MODES
-from .heads import AUX_CONFIGS
-from .models import blocks_per_stage
-from .planner import DEFAULT_FACTOR
-from .splits import SPLIT_KINDS, SplitError, resolve_split
+from .runtime.compile import COMPILE_MODES, CUDAGRAPH_MODES
+from .models.heads import AUX_CONFIGS
+from .models.cifar_resnet import blocks_per_stage
+from .core.methods import METHODS as METHOD_CLASSES
+from .errors import UserError
+from .models.splits import SPLIT_KINDS, SplitError, resolve_split
 
-METHODS = ("bp", "dgl", "infopro", "pgl")
+METHODS = tuple(METHOD_CLASSES)
+# --global-memory-factor's default. Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to
+# 0.97x the local peak, at J=8 modules to 1.13x (coarse 1.42x), at J=16 the smallest is modules at
+# 1.62x. 1.25 takes the segmentation that gets near the local peak wherever one does, and refuses a
+# faster one that gives back much of the saving (coarse at J=8); where nothing fits, the smallest runs.
+DEFAULT_FACTOR = 1.25
 DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
 RECIPES = ("cifar10", "svhn", "stl10")
 
-# InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), prior-art §5.5 (EXP/comand.sh).
+# InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), as its published run commands set
+# them per data set, network, J and balanced-memory split.
 INFOPRO_LAMBDAS = {
     ("cifar10", "resnet32", 2, False): (5, 1, 0, 0),
     ("cifar10", "resnet32", 4, False): (6, 0, 1, 2),
@@ -48,10 +55,6 @@ INFOPRO_LAMBDAS = {
 }
 
 
-class ConfigError(ValueError):
-    """A bad flag value; the message is one line naming the flag and what is allowed."""
-
-
 def _f(default, help: str, *, flags: tuple[str, ...] = (), group: str = "training", choices=None, metavar=None):
     return field(default=default, metadata={"help": help, "flags": flags, "group": group,
                                             "choices": choices, "metavar": metavar})
@@ -72,7 +75,10 @@ class TrainConfig:
     synthetic_test: int = _f(256, "test images of --dataset synthetic", group="data")
 
     # -- model and split
-    arch: str = _f("resnet32", "CIFAR ResNet-(6n+2): resnet20, resnet32, resnet56, resnet110, ...", group="model")
+    arch: str = _f("resnet32", "CIFAR ResNet-(6n+2) (resnet20, resnet32, resnet56, resnet110, ...) or torchvision:<name> (e.g. torchvision:resnet18, torchvision:vgg11_bn, torchvision:mobilenet_v2; cut with --cuts)", group="model")
+    model: str | None = _f(None, "a user's network instead of --arch: package.module:factory, called as factory(num_classes=N), returning an nn.Module whose top-level children run in order (or an nn.Sequential); cut with --cuts", group="model", metavar="MODULE:FACTORY")
+    cuts: str | None = _f(None, "with --arch torchvision:<name> or --model: comma-separated children to cut after (child names such as layer1,layer2,layer3, features.7 inside a Sequential child, or indices of an nn.Sequential); J = cuts + 1", group="model")
+    cifar_stem: bool = _f(False, "with --arch torchvision:<ResNet>: replace the stem by a 3x3 stride-1 conv without max-pool, the usual change for 32x32 inputs", group="model")
     modules: int = _f(16, "J, the number of local modules (InfoPro: --local_module_num)", flags=("-J", "--modules"), group="model", metavar="J")
     split: str = _f("auto", "how the network is cut: InfoPro's tables, balanced-memory (InfoPro*), layerwise or even", group="model", choices=SPLIT_KINDS)
     droprate: float = _f(0.0, "dropout inside BasicBlocks (InfoPro uses 0)", group="model")
@@ -136,7 +142,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         def bad(flag: str, msg: str) -> None:
-            raise ConfigError(f"{flag}: {msg}")
+            raise UserError(f"{flag}: {msg}")
 
         if self.method not in METHODS:
             bad("--method", f"{self.method!r} is not one of {', '.join(METHODS)}")
@@ -144,16 +150,37 @@ class TrainConfig:
             bad("--dataset", f"{self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.aux not in AUX_CONFIGS:
             bad("--aux", f"{self.aux!r} is not one of {', '.join(AUX_CONFIGS)}")
-        try:
-            blocks_per_stage(self.arch)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.modules < 1:
-            bad("-J/--modules", f"must be >= 1, got {self.modules}")
-        try:
-            resolve_split(self.arch, self.modules, self.split, self.split_recipe)
-        except SplitError as e:
-            raise ConfigError(str(e)) from None
+        if self.model is not None and self.arch.startswith("torchvision:"):
+            bad("--model", f"names a network, and so does --arch {self.arch}; give one of them")
+        if self.cifar_stem and not self.arch.startswith("torchvision:"):
+            bad("--cifar-stem", "changes the stem of a torchvision ResNet: use it with --arch torchvision:<name>")
+        if self.custom_model:
+            if self.arch.startswith("torchvision:") and not self.arch.split(":", 1)[1]:
+                bad("--arch", "torchvision: needs a model name, e.g. torchvision:resnet18")
+            if not self.cut_list:
+                bad("--cuts", "is required with --arch torchvision:<name> or --model: name the children to cut "
+                    "after, e.g. --cuts layer1,layer2,layer3")
+            if self.modules not in (16, len(self.cut_list) + 1):
+                bad("-J/--modules", f"--cuts makes {len(self.cut_list) + 1} modules; -J {self.modules} disagrees "
+                    "(drop -J)")
+            self.modules = len(self.cut_list) + 1
+            if self.split != "auto":
+                bad("--split", "chooses among the CIFAR ResNets' split tables; --cuts sets the split of this model")
+            if self.lean_blocks:
+                bad("--lean-blocks", "is the CIFAR ResNets' BasicBlock backward; it has no effect on other models")
+        else:
+            if self.cuts is not None:
+                bad("--cuts", f"applies to --arch torchvision:<name> and --model; {self.arch} is cut by -J and --split")
+            try:
+                blocks_per_stage(self.arch)
+            except ValueError as e:
+                raise UserError(str(e) + " or torchvision:<name>") from None
+            if self.modules < 1:
+                bad("-J/--modules", f"must be >= 1, got {self.modules}")
+            try:
+                resolve_split(self.arch, self.modules, self.split, self.split_recipe)
+            except SplitError as e:
+                raise UserError(str(e)) from None
         if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
         if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
@@ -231,6 +258,15 @@ class TrainConfig:
             bad("--heartbeat", f"must be >= 0 seconds (0: off), got {self.heartbeat}")
         if self.method == "infopro":
             self._resolve_lambdas(bad)
+
+    @property
+    def custom_model(self) -> bool:
+        """A torchvision model or a user's factory, cut by --cuts (not a CIFAR ResNet preset)."""
+        return self.model is not None or self.arch.startswith("torchvision:")
+
+    @property
+    def cut_list(self) -> list[str]:
+        return [c.strip() for c in (self.cuts or "").split(",") if c.strip()]
 
     @property
     def recipe_name(self) -> str:

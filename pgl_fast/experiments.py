@@ -97,7 +97,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import rundir
 from .metrics import read_json, write_json_atomic
-from .config import ConfigError, INFOPRO_LAMBDAS, config_from_args
+from .config import INFOPRO_LAMBDAS, config_from_args
+from .errors import UserError as ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")

@@ -141,7 +141,7 @@ def _mark_step(compiled: bool) -> None:
 def plain_bp_step(arch: str, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
                   compile_mode: str | None = None) -> Callable[[], None]:
     """End-to-end BP as a user writes it: nn.Sequential of the same units, torch.optim.SGD."""
-    from .models import Classifier, build_units
+    from .models.cifar_resnet import Classifier, build_units
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*build_units(arch), Classifier(64, 10)).to(device)
@@ -166,7 +166,7 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
                    channels_last: bool, compile_mode: str | None = None) -> Callable[[], None]:
     """DGL's local step as a user writes it: per module, forward on the detached input, its 1c2f
     head's cross-entropy (the classifier's for the last), backward, its own torch.optim.SGD step."""
-    from .network import LocalNet
+    from .models.local_model import LocalNet
 
     torch.manual_seed(0)
     net = LocalNet(arch, J, aux="1c2f").to(device)
@@ -197,8 +197,8 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
 def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch.device,
               dtype: torch.dtype | None, channels_last: bool, compile_mode: str | None = None):
     """This engine's step: ``(step, graphed)`` where graphed is the GraphedLocalSteps (or None)."""
-    from .engine import Executor, LossSpec, StepStats
-    from .network import LocalNet
+    from .core.learner import Executor, LossSpec, StepStats
+    from .models.local_model import LocalNet
 
     if "fused" in mode and device.type != "cuda":
         raise RowSkip("fused heads are timed on CUDA only (the CPU runs Triton under its interpreter)")
@@ -224,7 +224,7 @@ def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch
     if kind == "pgl-global":
         return (lambda: exe.global_step(x, y, stats)), None
     if mode.startswith("graphs"):
-        from .graphs import GraphedLocalSteps
+        from .runtime.graphs import GraphedLocalSteps
 
         graphed = GraphedLocalSteps(exe, stats)
         return (lambda: graphed(x, y)), graphed
