@@ -22,7 +22,6 @@ full run fits 6 minutes (and ``--quick`` 3) and can run twice in one 15-minute s
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import inspect
@@ -38,6 +37,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .argparsing import OneLineParser
+from .jsonio import JsonlWriter, write_text_atomic
+from .versions import device_name, nvidia_smi, versions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -322,24 +325,18 @@ class Results:
 
     def __init__(self, stem: str):
         self.jsonl, self.md = stem + ".jsonl", stem + ".md"
+        # default=str: a record may carry a dtype or a path, which must not fail the write
+        self._writer = JsonlWriter(self.jsonl, default=str)
 
     def append(self, record: dict) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._writer.write(record)
         self.render()
 
     def read(self) -> list[dict]:
-        from .metrics import JsonlWriter
-
-        return JsonlWriter(self.jsonl).read()
+        return self._writer.read()
 
     def render(self) -> None:
-        tmp = self.md + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(markdown(self.read()))
-        os.replace(tmp, self.md)
+        write_text_atomic(self.md, markdown(self.read()))
 
 
 def results_stem(out_dir: str, device_name: str, quick: bool, today: str | None = None) -> str:
@@ -464,28 +461,12 @@ def run_tests(quick: bool, timeout_s: float) -> dict:
 
 
 def _versions() -> dict:
-    import torchvision
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = None
-    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "triton": tv,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": sys.version.split()[0],
-            "device": torch.cuda.get_device_name(0)}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        info["nvidia_smi"] = smi.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["nvidia_smi"] = None
-    return info
+    """The versions of everything the numbers depend on, the GPU's name and the driver's view of it."""
+    return dict(versions(), device=device_name(torch.device("cuda", 0)), nvidia_smi=nvidia_smi())
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pgl_fast.gpu_check", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m pgl_fast.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="resnet32 only, fewer steps, the fast tests (<= 3 min)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget for the whole check, tests included (default 330, --quick 165)")

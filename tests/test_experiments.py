@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pgl_fast import experiments, report
+from pgl_fast import experiments
+from pgl_fast.experiments import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # dgl (two seeds at J=4 in the tiny protocol) and PGL (Aux-Adapt): three runs
