@@ -170,8 +170,3 @@ def find_resume(resume: str, output_dir: str, config: dict, allow_schedule_chang
         check_compatible(state, config, path, allow_schedule_change)
         return state
     raise UserError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")
-
-
-# train.py still catches checkpoint.CheckpointError; until it catches UserError the old name points at it (drop this
-# line, and this commit, when train.py is switched)
-CheckpointError = UserError

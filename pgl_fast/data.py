@@ -1078,8 +1078,3 @@ def normalize(x: torch.Tensor, spec: DatasetSpec, dtype=torch.float32, channels_
     if channels_last and not out.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
-
-
-# train.py still catches data.DataError; until it catches UserError the old name points at it (drop this
-# line, and this commit, when train.py is switched)
-DataError = UserError

@@ -177,8 +177,3 @@ def describe_holder(lock_path: str) -> str:
     if not isinstance(rec, dict) or "pid" not in rec:
         return "another process (it has not recorded itself yet)"
     return f"pid {rec['pid']} on {rec.get('host', '?')} ({rec.get('command', '?')}) since {rec.get('since', '?')}"
-
-
-# train.py still catches rundir.RunDirError; until it catches UserError the old name points at it (drop this
-# line, and this commit, when train.py is switched)
-RunDirError = UserError
