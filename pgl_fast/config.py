@@ -16,6 +16,7 @@ from .models.heads import AUX_CONFIGS
 from .models.cifar_resnet import blocks_per_stage
 from .core.methods import METHODS as METHOD_CLASSES
 from .errors import UserError
+from .jsonio import write_json_atomic
 from .models.splits import SPLIT_KINDS, SplitError, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
@@ -337,12 +338,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
 
 def flag_of(name: str) -> str:

@@ -17,9 +17,6 @@ import time
 import torch
 
 from .versions import device_name, git_sha, versions
-# train.py still imports the file writers from here; they live in jsonio (drop this line once it
-# imports them from there)
-from .jsonio import JsonlWriter, write_json_atomic  # noqa: F401
 
 
 def _proc_status_kib(key: str) -> int | None:

@@ -60,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import UserError
+from .versions import device_name, versions
 
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
 DEFAULT_KINDS = ("bp", "bp_ckpt", "local", "global_ckpt")
@@ -530,21 +531,6 @@ def measure_step(setup: StepSetup, steps: int = 1, measure: str = "auto", record
             "peak_in_backward": None,
         })
     return result
-
-
-def versions() -> dict:
-    import torchvision
-
-    from . import __version__
-
-    return {"pgl_fast": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return platform.processor() or platform.machine()
 
 
 def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,

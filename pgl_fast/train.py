@@ -138,13 +138,10 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         spec_size, n_classes = 96 if cfg.recipe_name == "stl10" else 32, 10
         if cfg.plan and cfg.dataset == "imagefolder":
             # the plan depends on the images' size and the class count: read them as the run will
-            try:
-                spec = data_mod.load_dataset(
-                    cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
-                    test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
-                    recipe=cfg.recipe).spec
-            except data_mod.DataError as e:
-                raise UserError(str(e)) from None
+            spec = data_mod.load_dataset(
+                cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
+                test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
+                recipe=cfg.recipe).spec
             spec_size, n_classes = spec.image_size, spec.num_classes
         net = build_model(cfg, n_classes, spec_size)
         warn()
@@ -156,14 +153,11 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
     # everything is validated before the output dir is created or touched
     check_output_dir(cfg.output_dir)
     resume_state = find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
-    try:
-        data = data_mod.load_dataset(
-            cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
-            cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
-            synthetic_test=cfg.synthetic_test)
-    except data_mod.DataError as e:
-        raise UserError(str(e)) from None
+    data = data_mod.load_dataset(
+        cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
+        cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
+        synthetic_test=cfg.synthetic_test)
     spec = data.spec
     net = build_model(cfg, spec.num_classes, spec.image_size).to(device)
     if cfg.channels_last:

@@ -31,7 +31,8 @@ from . import data as data_mod
 from . import rundir
 from .core.learner import LocalLearner
 from .errors import UserError
-from .metrics import JsonlWriter, PeakMemory, run_header, write_json_atomic
+from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
+from .metrics import PeakMemory, run_header
 
 
 def _progress(mode: str, total: int, desc: str):
@@ -110,10 +111,7 @@ def seed_everything(seed: int) -> None:
 
 def check_output_dir(path: str) -> None:
     """Refuse an --output-dir that can never work, before anything is created."""
-    try:
-        rundir.check_output_path(path)
-    except rundir.RunDirError as e:
-        raise UserError(str(e)) from None
+    rundir.check_output_path(path)
 
 
 def prepare_output_dir(path: str, command: str) -> "rundir.DirLock":
@@ -123,8 +121,6 @@ def prepare_output_dir(path: str, command: str) -> "rundir.DirLock":
     try:
         os.makedirs(path, exist_ok=True)
         return rundir.DirLock.acquire(path, command)
-    except rundir.RunDirError as e:
-        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"--output-dir {path}: not writable ({e.strerror or e})") from None
 
@@ -137,10 +133,7 @@ def claim_output_dir(out: str, resume: str | None, overwrite: bool, config: dict
     print or None)."""
     info = rundir.inspect(out)
     if resume == "auto":
-        try:
-            state = ckpt.find_resume("auto", out, config, allow_schedule_change)
-        except ckpt.CheckpointError as e:
-            raise UserError(str(e)) from None
+        state = ckpt.find_resume("auto", out, config, allow_schedule_change)
         if state is not None:
             return state, None
         note = f"--resume auto: no checkpoint in {ckpt.checkpoint_dir(out)}; starting a new run"
@@ -259,10 +252,7 @@ def find_resume_state(resume: str | None, output_dir: str, config: dict, allow_s
     resolved under the output dir's lock), checked against ``config``."""
     if resume is None or resume == "auto":
         return None
-    try:
-        return ckpt.find_resume(resume, output_dir, config, allow_schedule_change)
-    except ckpt.CheckpointError as e:
-        raise UserError(str(e)) from None
+    return ckpt.find_resume(resume, output_dir, config, allow_schedule_change)
 
 
 class _TensorData:
@@ -499,10 +489,7 @@ class Trainer:
         write_json_atomic(os.path.join(self.output_dir, "header.json"), header)
         metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
         # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
-        with open(metrics_path + ".tmp", "w") as f:
-            for r in records:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(metrics_path + ".tmp", metrics_path)
+        write_jsonl_atomic(metrics_path, records)
         metrics = JsonlWriter(metrics_path)
         for line in self.banner(header):
             print(line, flush=True)
