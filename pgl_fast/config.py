@@ -17,6 +17,7 @@ from .models.cifar_resnet import blocks_per_stage
 from .core.methods import METHODS as METHOD_CLASSES
 from .errors import UserError
 from .jsonio import write_json_atomic
+from .argparsing import OneLineParser, add_fields
 from .models.splits import SPLIT_KINDS, SplitError, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
@@ -403,39 +404,18 @@ GROUP_TITLES = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: one line, exit 2, no traceback
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     """The training CLI. Prefix matching is off (``--epoch`` is an error, never ``--epochs``).
     With ``explicit_only`` every default is left out of the parsed namespace, so it holds exactly
     the flags that appeared on the command line."""
-    p = _OneLineParser(
-        prog="python -m pgl_fast.train", allow_abbrev=False,
-        description="Train CIFAR ResNets with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
+    p = OneLineParser(
+        prog="python -m pgl_fast.train",
+        description="Train a network with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
         epilog="example: python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg "
                "--arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    groups = {k: p.add_argument_group(v) for k, v in GROUP_TITLES.items()}
-    for f in fields(TrainConfig):
-        md = f.metadata
-        flags = md["flags"] or ("--" + f.name.replace("_", "-"),)
-        g = groups[md["group"]]
-        kw: dict = {"dest": f.name, "help": md["help"], "default": argparse.SUPPRESS if explicit_only else f.default}
-        if f.type in ("bool", bool):
-            kw["action"] = "store_true"
-        else:
-            typ = {"int": int, "float": float}.get(
-                str(f.type).replace(" | None", ""), str)
-            kw["type"] = typ
-            if md["choices"]:
-                kw["choices"] = md["choices"]
-            if md["metavar"]:
-                kw["metavar"] = md["metavar"]
-        g.add_argument(*flags, **kw)
+    add_fields(p, TrainConfig, groups=GROUP_TITLES, explicit_only=explicit_only)
     return p
 
 

@@ -538,7 +538,8 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
                   kinds: Iterable[str] = DEFAULT_KINDS, image_size: int = 32, seed: int = 0, *,
                   split: str = "auto", measure: str = "auto", warmup_batch: int | None = None,
                   head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
-                  progress: Callable[[str], None] | None = None, lean_blocks: bool = False) -> dict:
+                  progress: Callable[[str], None] | None = None, lean_blocks: bool = False,
+                  model: str | None = None, cuts: str | None = None, cifar_stem: bool = False) -> dict:
     """Peak memory per step kind (see the module docstring for the dict layout).
 
     ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
@@ -565,10 +566,12 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
     for kind in dict.fromkeys(kinds):
         setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
                            image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
-                           channels_last=channels_last, lean_blocks=lean_blocks)
+                           channels_last=channels_last, lean_blocks=lean_blocks, model=model, cuts=cuts,
+                           cifar_stem=cifar_stem)
         with _cudnn_benchmark(dev):
             setup.warm_up(warmup_batch)
         results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
+        J = setup.net.J  # with --cuts the cuts set J
         del setup
         gc.collect()
         if dev.type == "cuda":
@@ -580,7 +583,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         for r in results.values():
             r["ratio_to_bp"] = r["peak_bytes"] / bp if bp else None
     return {
-        "config": {"arch": arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
+        "config": {"arch": model or arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
                    "steps": steps, "kinds": list(results), "image_size": image_size, "seed": seed,
                    "split": split, "measure": measure, "warmup_batch": warmup_batch,
                    "head_kernels": head_kernels, "channels_last": channels_last},
@@ -619,22 +622,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .models.heads import AUX_CONFIGS
-    from .models.splits import SPLIT_KINDS
+    from .argparsing import OneLineParser, add_field
+    from .config import TrainConfig
 
-    p = _OneLineParser(prog="python -m pgl_fast.profile",
-                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet32", help="CIFAR ResNet-(6n+2)")
-    p.add_argument("-J", "--modules", dest="J", type=int, default=16, help="number of local modules")
-    p.add_argument("--aux", default="1c2f", choices=AUX_CONFIGS, help="aux head of the local/global kinds")
-    p.add_argument("-b", "--batch-size", dest="batch", type=int, default=256)
+    p = OneLineParser(prog="python -m pgl_fast.profile",
+                      description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # the flags a training run shares are TrainConfig's own: one help text, one set of choices
+    add_field(p, TrainConfig, "arch")
+    add_field(p, TrainConfig, "model")
+    add_field(p, TrainConfig, "cuts")
+    add_field(p, TrainConfig, "cifar_stem")
+    add_field(p, TrainConfig, "modules", dest="J")
+    add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
+    add_field(p, TrainConfig, "batch_size", dest="batch", default=256)
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS, metavar="KIND",
@@ -643,14 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="batch of the warm-up step (default: --batch-size); it only creates optimizer state")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--split", default="auto", choices=SPLIT_KINDS)
-    p.add_argument("--seed", type=int, default=0)
+    add_field(p, TrainConfig, "split")
+    add_field(p, TrainConfig, "seed")
     p.add_argument("--measure", default="auto", choices=MEASURES,
                    help="tracker (tensor-level, CPU or CUDA) or cuda (allocator counters); auto picks by device")
-    p.add_argument("--head-kernels", default="auto", choices=("auto", "triton", "eager"))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--lean-blocks", action="store_true",
-                   help="memory-lean BasicBlocks in the local-learning kinds (bp stays the eager baseline)")
+    add_field(p, TrainConfig, "head_kernels")
+    add_field(p, TrainConfig, "channels_last")
+    add_field(p, TrainConfig, "lean_blocks", note="in the local-learning kinds; bp stays the eager baseline")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
     return p
 
@@ -662,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device, steps=args.steps, kinds=args.kinds, image_size=args.image_size,
                                seed=args.seed, split=args.split, measure=args.measure,
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
-                               channels_last=args.channels_last, lean_blocks=args.lean_blocks)
+                               channels_last=args.channels_last, lean_blocks=args.lean_blocks,
+                               model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem)
     except UserError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2
