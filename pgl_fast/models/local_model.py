@@ -25,8 +25,26 @@ class ModuleInfo:
     head: str | None  # the aux head's config name, "classifier" for the last module
 
 
+def _in_place(m: nn.Module) -> bool:
+    return getattr(m, "inplace", False) is True and not any(True for _ in m.parameters())
+
+
 def block_units(block: nn.Module) -> list[nn.Module]:
-    return list(block.children()) if isinstance(block, nn.Sequential) and len(block) else [block]
+    """The units of a block: its children when it is an ``nn.Sequential``, else the block. A child
+    that works in place on its input (``ReLU(inplace=True)``) joins the unit before it: a checkpoint
+    boundary right before it would hand it a tensor the checkpoint keeps for its recomputation."""
+    if not (isinstance(block, nn.Sequential) and len(block)):
+        return [block]
+    units: list[nn.Module] = []
+    for child in block.children():
+        if units and _in_place(child):
+            prev = units[-1]
+            units[-1] = prev + nn.Sequential(child) if isinstance(prev, nn.Sequential) and getattr(
+                prev, "_pgl_merged", False) else nn.Sequential(prev, child)
+            units[-1]._pgl_merged = True
+        else:
+            units.append(child)
+    return units
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -79,9 +97,9 @@ class LocalModel(nn.Module):
         """One forward of a 2-sample batch at ``input_shape`` (per sample, e.g. (3, 32, 32)) in eval
         mode, recording every unit's output shape and the class count; returns self."""
         input_shape = tuple(int(s) for s in input_shape)
-        p = next(self.parameters(), None)
+        p = next((q for q in self.parameters() if q.is_floating_point()), None)
         x = torch.zeros((2, *input_shape), device=p.device if p is not None else None,
-                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+                        dtype=p.dtype if p is not None else torch.get_default_dtype())
         was = self.training
         self.eval()
         shapes = []

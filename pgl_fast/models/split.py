@@ -54,6 +54,16 @@ def _named_children(model: nn.Module, cuts: Sequence) -> list[tuple[str, nn.Modu
     return out
 
 
+def _probe_input(model: nn.Module, input_shape: tuple, zeros: bool) -> torch.Tensor:
+    """A 2-sample probe batch on the model's device, in its floating dtype."""
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    dtype = p.dtype if p is not None else torch.get_default_dtype()
+    if zeros:
+        return torch.zeros((2, *input_shape), device=p.device if p is not None else None, dtype=dtype)
+    x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return x.to(device=p.device if p is not None else "cpu", dtype=dtype)
+
+
 def _tail_start(children: list[tuple[str, nn.Module]]) -> int:
     k = len(children)
     while k > 0 and _is_tail(children[k - 1][1]):
@@ -64,8 +74,7 @@ def _tail_start(children: list[tuple[str, nn.Module]]) -> int:
 @torch.no_grad()
 def _feature_rank(body: list[nn.Module], input_shape: tuple, model: nn.Module) -> int | None:
     """Per-sample rank of the features the body hands to the classifier (3 for feature maps)."""
-    p = next(model.parameters(), None)
-    x = torch.zeros((2, *input_shape), device=p.device if p is not None else None)
+    x = _probe_input(model, input_shape, zeros=True)
     was = model.training
     model.eval()
     try:
@@ -150,9 +159,7 @@ def _build_heads(model: LocalModel, aux: AuxSpec, num_classes: int) -> list[nn.M
 
 
 def _check_equal(local: LocalModel, original: Callable, input_shape: tuple, what: str) -> None:
-    p = next(local.parameters(), None)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((2, *input_shape), generator=gen).to(p.device if p is not None else "cpu")
+    x = _probe_input(local, input_shape, zeros=False)
     modules = [m for m in (original if isinstance(original, list) else [original]) if isinstance(m, nn.Module)]
     was = [m.training for m in modules] + [local.training]
     for m in modules:
@@ -228,7 +235,7 @@ def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int]
     n_cls = num_classes if num_classes is not None else local.num_classes
     heads = _build_heads(local, aux, n_cls)
     if heads:
-        p = next(local.parameters(), None)
-        heads = [h.to(p.device) if p is not None else h for h in heads]
+        p = next((q for q in local.parameters() if q.is_floating_point()), None)
+        heads = [h.to(device=p.device, dtype=p.dtype) if p is not None else h for h in heads]
         local.heads = nn.ModuleList(heads)
     return local
