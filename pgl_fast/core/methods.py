@@ -110,6 +110,9 @@ class InfoPro(Method):
             self._pairs, self._one = pairs, None
         self.heads_output_logits = not self.contrast
 
+    def phase(self, epoch: int) -> str:
+        return LOCAL
+
     def lambdas(self, j: int) -> tuple[float, float]:
         if self._one is not None:
             return self._one
