@@ -20,7 +20,8 @@ from .jsonio import atomic_write
 
 FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.
-STRUCTURAL_FIELDS = ("method", "arch", "modules", "split", "aux", "aux_widen", "aux_feature_dim", "dataset",
+STRUCTURAL_FIELDS = ("method", "arch", "model", "cuts", "cifar_stem", "modules", "split", "aux", "aux_widen",
+                     "aux_feature_dim", "dataset",
                      "infopro_loss", "recipe", "droprate", "ixx_1", "ixy_1", "ixx_2", "ixy_2")
 # Fields that define the data order: a resumed run must see the same images in the same order.
 DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
