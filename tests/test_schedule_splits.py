@@ -3,7 +3,8 @@ import pytest
 
 from pgl_fast.models.local_model import LocalNet
 from pgl_fast.core.schedule import lr_at_epoch, phase_table
-from pgl_fast.models.splits import SplitError, resolve_split
+from pgl_fast.errors import UserError
+from pgl_fast.models.splits import resolve_split
 
 L, G = "local", "global"
 
@@ -105,7 +106,7 @@ def test_even_rule_and_layerwise():
     (("resnet20", 11, "even"), "supported J: 1..10"),
 ])
 def test_split_errors(args, match):
-    with pytest.raises(SplitError, match=match):
+    with pytest.raises(UserError, match=match):
         resolve_split(*args)
 
 
