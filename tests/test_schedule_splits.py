@@ -3,7 +3,7 @@ import pytest
 
 from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.core.methods import BP, DGL, PGL, InfoPro
-from pgl_fast.core.schedule import lr_at_epoch, phase_table
+from pgl_fast.core.schedule import lr_at_epoch
 from pgl_fast.errors import UserError
 from pgl_fast.models.splits import resolve_split
 
@@ -19,13 +19,12 @@ L, G = "local", "global"
     (5, 3, 10, [L, L, L, L, L, G, G, G, L, L]),
 ])
 def test_pgl_phase_table(P, Q, E, expected):
-    assert phase_table("pgl", E, P, Q) == expected
     # the method object the learner asks agrees with the table
     assert PGL(P, Q).phases(E) == expected
 
 
 def test_paper_default_cycle():
-    t = phase_table("pgl", 160, 10, 2)
+    t = PGL(10, 2).phases(160)
     # 13 full cycles of 12 epochs = 156 epochs with 26 global ones, then 4 local epochs
     assert t.count(G) == 26
     assert t[10:12] == [G, G] and t[:10] == [L] * 10
@@ -33,9 +32,6 @@ def test_paper_default_cycle():
 
 
 def test_other_methods_phase():
-    assert phase_table("dgl", 3, 10, 2) == [L] * 3
-    assert phase_table("infopro", 3, 10, 2) == [L] * 3
-    assert phase_table("bp", 3, 10, 2) == [G] * 3
     assert DGL().phases(3) == InfoPro().phases(3) == [L] * 3
     assert BP().phases(3) == [G] * 3
 
