@@ -4,7 +4,7 @@
    float64 references (``tests/kernels``), fused vs eager heads in training, the ``auto`` head
    selection, and ``tests/test_gpu.py`` (graphed vs eager local steps, InfoPro under ``--amp``, a
    checkpointed global step, graph memory, a 2-epoch PGL run through the CLI). Tests that only
-   build CPU float64 tensors (``tests/test_methods.py``) are left out: they add nothing here.
+   build CPU float64 tensors (``tests/core/test_methods.py``) are left out: they add nothing here.
 2. **Throughput and memory rows** at batch 1024, bf16 autocast, channels-last, synthetic
    device-resident data, for resnet32 and resnet110 at J in {4, 16}: plain PyTorch loops written as
    a user would (BP; DGL with 1c2f heads), ``torch.compile`` of each, and this engine (the DGL local
@@ -46,8 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What gpu_check runs on the device: everything that exercises CUDA (compiled Triton kernels,
 # capture, autocast on CUDA). The --quick set keeps the kernels' fast cases and the GPU tests.
-TESTS_FULL = ["tests/test_gpu.py", "tests/kernels", "tests/test_head_kernels_train.py", "tests/test_head_select.py",
-              "tests/test_graphs.py"]
+TESTS_FULL = ["tests/test_gpu.py", "tests/kernels", "tests/runtime/test_head_kernels_train.py", "tests/runtime/test_head_select.py",
+              "tests/runtime/test_graphs.py"]
 TESTS_QUICK = ["tests/test_gpu.py", "tests/kernels", "-m", "not slow"]
 
 # How each memory figure is taken (the .md prints this legend).

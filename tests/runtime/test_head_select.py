@@ -16,7 +16,7 @@ from pgl_fast.models.heads import AuxClassifier
 from pgl_fast.models.presets import cifar_resnet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
