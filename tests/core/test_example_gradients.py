@@ -8,8 +8,6 @@ learner: plain autograd on a deep copy of the model.
   local loss on detached features.
 """
 import copy
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -17,15 +15,7 @@ import torch.nn.functional as F
 
 import pgl_fast
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(REPO, "examples", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +26,7 @@ def _f64():
 
 
 @pytest.fixture(scope="module")
-def builders():
+def builders(load_example):
     return {n: load_example(n).build_model for n in ("custom_cnn", "torchvision_resnet18", "small_vit")}
 
 
