@@ -1,0 +1,234 @@
+"""--pipeline S on the CPU (gloo): S spawned ranks against the single-process executor.
+
+Every rank builds the same tiny network from the same seed and trains only its own modules; the
+single-process reference is the engine's own local and global steps on the same batches. Local
+steps must match bitwise (one thread per process, deterministic CPU kernels); a global step with one
+micro-batch within fp32 tolerance; with two micro-batches against a hand-written micro-batched
+reference. The failure tests kill (or interrupt) one rank mid-epoch and require every other rank to
+exit with a message naming it, well within the deadline."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgl_fast.distributed.pipeline import (PipelineError, balance_by_time, build_stage, parse_balance,
+                                           run_local_group)
+from pgl_fast.errors import UserError
+
+ARCH, J, IMG = "resnet14", 4, 16  # 7 units, even split 1,2,2,2
+SIZES = [8, 8, 6]  # the last batch partial, as an epoch's last batch is
+
+
+def make_learner(seed: int, method: str = "pgl"):
+    """The network and learner a run builds (one place to follow the API)."""
+    try:
+        from pgl_fast.engine import Executor, LossSpec
+        from pgl_fast.network import LocalNet
+    except ImportError:  # the re-laid-out package
+        from pgl_fast.core.learner import Executor, LossSpec
+        from pgl_fast.models.local_model import LocalNet
+    torch.manual_seed(seed)
+    net = LocalNet(ARCH, J, image_size=IMG, split="even", aux="1c2f")
+    exe = Executor(net, method=method, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                   loss_spec=LossSpec(kind="ce"), amp_dtype=None)
+    return net, exe
+
+
+def batches(sizes=SIZES, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+
+
+def snapshot(net, modules=None):
+    """Parameters and buffers, by name (of the given modules' parts only)."""
+    sd = net.state_dict()
+    if modules is None:
+        return {k: v.clone() for k, v in sd.items()}
+    keep = tuple(f"{p}.{j}." for j in modules for p in ("blocks", "heads", "decoders"))
+    return {k: v.clone() for k, v in sd.items()
+            if k.startswith(keep) or (J - 1 in modules and k.startswith("classifier."))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the ranks
+# ---------------------------------------------------------------------------------------------
+def _train_worker(rank, world, plan, ckpt_dir):
+    """Runs ``plan``: a list of (phase, micro_batches); returns the owned state after each phase,
+    the gathered stats, the test evaluation and the in-flight peak."""
+    net, exe = make_learner(0)
+    runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
+    data = batches()
+    fn = (lambda t: data[t]) if runner.first else None
+    out = {"modules": runner.modules, "phases": []}
+    for i, (phase, micro) in enumerate(plan):
+        runner.micro_batches = micro
+        runner.stats.reset()
+        if i == 0 and world == 2:
+            # stop after two steps, save, restore into a network built from another seed, go on
+            runner.train_epoch(phase, SIZES, fn, steps=[0, 1])
+            runner.save(ckpt_dir)
+            stats_state = runner.stats.state_dict()
+            net, exe = make_learner(123)
+            runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
+            runner.load(ckpt_dir)
+            runner.stats.load_state_dict(stats_state)
+            runner.train_epoch(phase, SIZES, fn, steps=[2])
+        else:
+            runner.train_epoch(phase, SIZES, fn)
+        out["phases"].append({"state": snapshot(net, runner.modules), "stats": runner.reduce_stats()})
+    test = batches([8, 5], seed=11)
+    out["eval"] = runner.evaluate([8, 5], (lambda t: test[t]) if runner.first else None)
+    return out
+
+
+def _reference(plan):
+    net, exe = make_learner(0)
+    from pgl_fast.distributed.pipeline import StepStats
+
+    data = batches()
+    phases = []
+    for phase, micro in plan:
+        stats = StepStats(J, torch.device("cpu"))
+        for x, y in data:
+            if phase == "local":
+                exe.local_step(x, y, stats)
+            elif micro == 1:
+                exe.global_step(x, y, stats)
+            else:
+                _micro_batched_global_step(net, exe, x, y, micro)
+        phases.append({"state": snapshot(net), "stats": stats.read()})
+    test = batches([8, 5], seed=11)
+    return phases, exe.evaluate(test)
+
+
+def _micro_batched_global_step(net, exe, x, y, M):
+    """A PGL global step on M micro-batches, written out in one process: heads on detached
+    features, the final loss through the backbone, each scaled by its share of the batch."""
+    n = x.shape[0]
+    for xm, ym in zip(x.tensor_split(M), y.tensor_split(M)):
+        w = xm.shape[0] / n
+        h = xm
+        for j in range(J):
+            h = net.blocks[j](h)
+            if j < J - 1:
+                (F.cross_entropy(net.heads[j](h.detach()), ym) * w).backward()
+        (F.cross_entropy(net.classifier(h), ym) * w).backward()
+    for opt in exe.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert res is not None and res[0] == "ok", f"rank {r}: {res}"
+    return [res[1] for res in results]
+
+
+@pytest.mark.parametrize("S", [2, 4])
+def test_pipeline_matches_single_process(S, tmp_path, one_thread):
+    # local epoch (dgl / PGL's local phase), a global step on one micro-batch, then on two
+    plan = [("local", 1), ("global", 1)] + ([("global", 2)] if S == 2 else [])
+    outs = _ok(run_local_group(_train_worker, S, plan, str(tmp_path), timeout_s=60))
+    ref_phases, ref_eval = _reference(plan)
+    assert [o["modules"] for o in outs] == ([[0, 1], [2, 3]] if S == 2 else [[0], [1], [2], [3]])
+    for i, (phase, micro) in enumerate(plan):
+        ref = ref_phases[i]["state"]
+        merged = {}
+        for o in outs:
+            merged.update(o["phases"][i]["state"])
+        assert merged.keys() == ref.keys()
+        for k, v in ref.items():
+            if phase == "local":
+                # sequential DGL and the pipeline compute the very same tensors
+                assert torch.equal(merged[k], v), f"phase {i} ({phase}): {k} differs"
+            else:
+                torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=f"phase {i}: {k}")
+        for o in outs:  # the gathered stats are the whole network's, on every rank
+            st, rs = o["phases"][i]["stats"], ref_phases[i]["stats"]
+            assert st["samples"] == sum(SIZES)
+            if micro == 1:
+                torch.testing.assert_close(torch.tensor(st["losses"]), torch.tensor(rs["losses"]),
+                                           rtol=1e-5, atol=1e-6)
+                assert st["train_acc"] == rs["train_acc"]
+            assert st["first_bad"] == [-1] * J
+    for o in outs:
+        ev = o["eval"]
+        assert abs(ev["test_loss"] - ref_eval["test_loss"]) < 1e-4
+        assert ev["test_acc"] == ref_eval["test_acc"]
+        assert ev["head_acc"] == pytest.approx(ref_eval["head_acc"])
+    # activations in flight are bounded by the queue depth (2 batches of 8 here), and reported
+    inflight = outs[0]["phases"][0]["stats"]["peak_inflight_bytes"]
+    assert len(inflight) == S and all(b > 0 for b in inflight)
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: every surviving rank exits with a message naming the failed one
+# ---------------------------------------------------------------------------------------------
+def _failing_worker(rank, world, victim, how):
+    net, exe = make_learner(0, "dgl")
+    runner = build_stage(exe, world, balance="1,1,2", input_shape=(3, IMG, IMG), timeout_s=20)
+    data = batches([8] * 40)
+
+    def fetch(t):
+        return data[t]
+
+    if rank == victim:
+        # the victim dies at its fourth batch: the others are mid-epoch, sending and receiving
+        orig = runner._local_modules
+        calls = [0]
+
+        def dying(*a):
+            calls[0] += 1
+            if calls[0] == 4:
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C on this rank only
+                time.sleep(5)
+            return orig(*a)
+
+        runner._local_modules = dying
+    runner.local_epoch([8] * 40, fetch if runner.first else None)
+    return "finished"
+
+
+@pytest.mark.parametrize("how,victim", [("kill", 1), ("interrupt", 2)])
+def test_one_rank_fails_all_exit(how, victim, one_thread):
+    t0 = time.monotonic()
+    results = run_local_group(_failing_worker, 3, victim, how, timeout_s=20, join_timeout_s=40)
+    assert time.monotonic() - t0 < 40
+    assert all(r != ("hung",) for r in results), results
+    if how == "kill":
+        assert results[victim] is None  # killed: no report
+    for r, res in enumerate(results):
+        if r == victim and how == "kill":
+            continue
+        assert res is not None and res[0] == "error", (r, res)
+        msg = res[1]
+        assert msg.startswith("PipelineError: pipeline stage"), msg
+        assert "\n" not in msg
+        if how == "interrupt":
+            assert f"stage {victim} (rank {victim}) was interrupted (Ctrl-C)" in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------
+# balance
+# ---------------------------------------------------------------------------------------------
+def test_balance_by_time_hand_cases():
+    assert balance_by_time([1, 1, 1, 1], 2) == [(0, 2), (2, 4)]
+    assert balance_by_time([4, 1, 1, 1, 1], 2) == [(0, 1), (1, 5)]  # period 4 either way: the data stage lighter
+    assert balance_by_time([1, 2, 3, 4, 5, 6], 3) == [(0, 3), (3, 5), (5, 6)]  # 6, 9, 6 -> period 9
+    assert balance_by_time([5, 1, 1, 1], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(UserError):
+        balance_by_time([1, 1], 3)
+
+
+def test_parse_balance():
+    assert parse_balance("1,3", 4, 2) == [(0, 1), (1, 4)]
+    for bad in ("1,2", "4,0", "a,b", "1,1,2"):
+        with pytest.raises(UserError):
+            parse_balance(bad, 4, 2)
