@@ -783,7 +783,7 @@ def _child(rank, world, port, fn, args, out_dir, threads, timeout_s):
 
 def run_local_group(fn, world: int, *args, threads: int = 1, timeout_s: float = 60.0,
                     join_timeout_s: float | None = None, on_start=None) -> list:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo group; returns
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group; returns
     each rank's ``("ok", value)`` or ``("error", message, traceback)`` (``None``: no report, the rank
     died). ``on_start(processes)`` runs in the parent once they are started (tests kill one there).
     Any process still alive after ``join_timeout_s`` is killed and reported as ``("hung",)``."""
@@ -791,7 +791,12 @@ def run_local_group(fn, world: int, *args, threads: int = 1, timeout_s: float = 
     import pickle
     import tempfile
 
-    ctx = mp.get_context("spawn")
+    # forkserver: the children fork from one clean server process that has imported torch once
+    # (per parent), instead of each importing it again as "spawn" would; unlike a plain fork they
+    # inherit no OpenMP or other threads from the parent
+    ctx = mp.get_context("forkserver")
+    # (torch.optim imports torch._dynamo on the first optimizer: a few seconds per process otherwise)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__])
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, out_dir, threads, timeout_s))
