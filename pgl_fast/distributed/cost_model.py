@@ -68,9 +68,19 @@ def activation_bytes(arch: str, J: int, *, split: str = "auto", image_size: int 
 
 
 def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 128, aux: str = "1c2f",
-                         steps: int = 3, device: str = "cpu", image_size: int = 32) -> list[float]:
+                         steps: int = 3, device: str = "cpu", image_size: int = 32,
+                         clock: str = "auto") -> list[float]:
     """Median seconds per module of a local step (forward, local loss, backward, optimizer step),
-    on a fresh network built as a training run builds it; one warm-up step first."""
+    on a fresh network built as a training run builds it; one warm-up step first.
+
+    ``clock``: "wall", or "cpu" (this process's CPU seconds: on a CPU shared with other jobs it is
+    what the module needs rather than what it got; exact for one intra-op thread, where the
+    work runs on the calling thread). "auto": cpu on the CPU with one thread, else wall."""
+    if clock == "auto":
+        clock = "cpu" if device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    if clock not in ("wall", "cpu"):
+        raise UserError(f"clock {clock!r} is not wall or cpu")
+    now = time.process_time if clock == "cpu" else time.perf_counter
     from ..profile import build_step
     from .pipeline import _Ops
 
@@ -84,7 +94,7 @@ def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 12
         for j in range(model.J):
             if cuda:
                 torch.cuda.synchronize(setup.device)
-            t0 = time.perf_counter()
+            t0 = now()
             with ops.autocast():
                 if j < model.J - 1:
                     h = model.blocks[j](h.detach())
@@ -96,7 +106,7 @@ def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 12
             if cuda:
                 torch.cuda.synchronize(setup.device)
             if step > 0:
-                per[j].append(time.perf_counter() - t0)
+                per[j].append(now() - t0)
         ops.end_step()
     return [statistics.median(p) for p in per]
 

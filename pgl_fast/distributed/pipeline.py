@@ -608,7 +608,7 @@ class StageRunner:
             s.final_correct.copy_(correct)
             s.first_bad.copy_(bad[0])
             s.first_bad_grad.copy_(bad[1])
-            peak = torch.tensor([self.peak_inflight_bytes], dtype=torch.int64)
+            peak = torch.tensor([self.peak_inflight_bytes], dtype=torch.int64, device=s.loss_sum.device)
             peaks = [torch.zeros_like(peak) for _ in range(self.S)]
             dist.all_gather(peaks, peak, group=self.group)
             out = s.read()
