@@ -481,7 +481,7 @@ class StageRunner:
             self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
         self.peak_inflight_bytes = max(recvs.peak, sends.peak)
 
-    def _fetch(self, batch_fn, t, n):
+    def _fetch(self, batch_fn, t, n, need_image=None):
         if batch_fn is None:
             raise PipelineError("pipeline stage 0 needs the data (batch_fn)")
         b = batch_fn(t)
@@ -489,7 +489,7 @@ class StageRunner:
         image01 = b[2] if len(b) > 2 else None
         if x.shape[0] != n or y.shape[0] != n:
             raise PipelineError(f"pipeline stage 0: batch {t} has {x.shape[0]} samples, the epoch said {n}")
-        if self.ops.needs_image and image01 is None:
+        if (self.ops.needs_image if need_image is None else need_image) and image01 is None:
             raise PipelineError("pipeline stage 0: InfoPro's decoders need image01 with every batch")
         return x, y, image01
 
@@ -632,7 +632,7 @@ class StageRunner:
             try:
                 for t, n in enumerate(sizes):
                     if self.first:
-                        x, y, _ = self._fetch(_no_image(batch_fn), t, n)
+                        x, y, _ = self._fetch(batch_fn, t, n, need_image=False)
                     else:
                         works, tensors = self._post_recv(n)
                         self._wait(works, f"test batch {t} from stage {self.stage - 1}")
@@ -715,12 +715,6 @@ class StageRunner:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
 
 
-def _no_image(batch_fn):
-    if batch_fn is None:
-        return None
-    return lambda t: tuple(batch_fn(t)[:2]) + (None,)
-
-
 def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None, depth: int = 2,
                 micro_batches: int = 1, input_shape=(3, 32, 32), timeout_s: float = DEFAULT_TIMEOUT_S,
                 group=None, ranks=None) -> StageRunner:
@@ -773,6 +767,8 @@ def _child(rank, world, port, fn, args, out_dir, threads, timeout_s):
         code = 1
         result = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
         print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # rank 0 hosts the store that carries the failure flag: keep it up while the peers read it
+        time.sleep(1.0)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     sys.stdout.flush()

@@ -33,15 +33,19 @@ def make_learner(seed: int, method: str = "pgl"):
         from pgl_fast.core.learner import Executor, LossSpec
         from pgl_fast.models.local_model import LocalNet
     torch.manual_seed(seed)
-    net = LocalNet(ARCH, J, image_size=IMG, split="even", aux="1c2f")
+    infopro = method == "infopro"
+    net = LocalNet(ARCH, J, image_size=IMG, split="even", aux="1c2f", decoders=infopro)
+    spec = LossSpec(kind="infopro", lambdas=((1.0, 0.5), (0.5, 0.8), (0.2, 1.0))) if infopro else LossSpec(kind="ce")
     exe = Executor(net, method=method, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                   loss_spec=LossSpec(kind="ce"), amp_dtype=None)
+                   loss_spec=spec, amp_dtype=None)
     return net, exe
 
 
-def batches(sizes=SIZES, seed=7):
+def batches(sizes=SIZES, seed=7, image=False):
+    """(x, y, image01 or None) per batch; image01 is InfoPro's reconstruction target."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
+    return [(torch.randn(n, 3, IMG, IMG, generator=g), torch.randint(0, 10, (n,), generator=g),
+             torch.rand(n, 3, IMG, IMG, generator=g) if image else None) for n in sizes]
 
 
 def snapshot(net, modules=None):
@@ -57,12 +61,12 @@ def snapshot(net, modules=None):
 # ---------------------------------------------------------------------------------------------
 # the ranks
 # ---------------------------------------------------------------------------------------------
-def _train_worker(rank, world, plan, ckpt_dir):
+def _train_worker(rank, world, plan, ckpt_dir, method="pgl"):
     """Runs ``plan``: a list of (phase, micro_batches); returns the owned state after each phase,
     the gathered stats, the test evaluation and the in-flight peak."""
-    net, exe = make_learner(0)
+    net, exe = make_learner(0, method)
     runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
-    data = batches()
+    data = batches(image=method == "infopro")
     fn = (lambda t: data[t]) if runner.first else None
     out = {"modules": runner.modules, "phases": []}
     for i, (phase, micro) in enumerate(plan):
@@ -73,7 +77,7 @@ def _train_worker(rank, world, plan, ckpt_dir):
             runner.train_epoch(phase, SIZES, fn, steps=[0, 1])
             runner.save(ckpt_dir)
             stats_state = runner.stats.state_dict()
-            net, exe = make_learner(123)
+            net, exe = make_learner(123, method)
             runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
             runner.load(ckpt_dir)
             runner.stats.load_state_dict(stats_state)
@@ -86,23 +90,23 @@ def _train_worker(rank, world, plan, ckpt_dir):
     return out
 
 
-def _reference(plan):
-    net, exe = make_learner(0)
+def _reference(plan, method="pgl"):
+    net, exe = make_learner(0, method)
     from pgl_fast.distributed.pipeline import StepStats
 
-    data = batches()
+    data = batches(image=method == "infopro")
     phases = []
     for phase, micro in plan:
         stats = StepStats(J, torch.device("cpu"))
-        for x, y in data:
+        for x, y, image01 in data:
             if phase == "local":
-                exe.local_step(x, y, stats)
+                exe.local_step(x, y, stats, image01)
             elif micro == 1:
                 exe.global_step(x, y, stats)
             else:
                 _micro_batched_global_step(net, exe, x, y, micro)
         phases.append({"state": snapshot(net), "stats": stats.read()})
-    test = batches([8, 5], seed=11)
+    test = [b[:2] for b in batches([8, 5], seed=11)]
     return phases, exe.evaluate(test)
 
 
@@ -110,7 +114,7 @@ def _micro_batched_global_step(net, exe, x, y, M):
     """A PGL global step on M micro-batches, written out in one process: heads on detached
     features, the final loss through the backbone, each scaled by its share of the batch."""
     n = x.shape[0]
-    for xm, ym in zip(x.tensor_split(M), y.tensor_split(M)):
+    for xm, ym in zip(x.tensor_split(M), y.tensor_split(M)):  # the pipeline's cut
         w = xm.shape[0] / n
         h = xm
         for j in range(J):
@@ -164,6 +168,16 @@ def test_pipeline_matches_single_process(S, tmp_path, one_thread):
     # activations in flight are bounded by the queue depth (2 batches of 8 here), and reported
     inflight = outs[0]["phases"][0]["stats"]["peak_inflight_bytes"]
     assert len(inflight) == S and all(b > 0 for b in inflight)
+
+
+def test_pipeline_infopro_local_epoch(tmp_path, one_thread):
+    """InfoPro's reconstruction target travels with the batch: its decoders train on every stage."""
+    outs = _ok(run_local_group(_train_worker, 2, [("local", 1)], str(tmp_path), "infopro", timeout_s=60))
+    ref, _ = _reference([("local", 1)], "infopro")
+    merged = {k: v for o in outs for k, v in o["phases"][0]["state"].items()}
+    assert any(k.startswith("decoders.") for k in merged) and merged.keys() == ref[0]["state"].keys()
+    for k, v in ref[0]["state"].items():
+        assert torch.equal(merged[k], v), k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,3 +246,30 @@ def test_parse_balance():
     for bad in ("1,2", "4,0", "a,b", "1,1,2"):
         with pytest.raises(UserError):
             parse_balance(bad, 4, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real launcher
+# ---------------------------------------------------------------------------------------------
+def test_torchrun_two_stages(tmp_path):
+    """``torchrun --nproc_per_node=2``: the process group from torchrun's environment, a local and
+    a global epoch, the same parameters as one process."""
+    import subprocess
+    import sys
+
+    from pgl_fast.distributed.pipeline import _free_port
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_torchrun_main.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", "--max-restarts=0", script, str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = {}
+    for r in range(2):
+        merged.update(torch.load(tmp_path / f"rank{r}.pt")["state"])
+    ref_phases, _ = _reference([("local", 1), ("global", 1)])
+    ref = ref_phases[-1]["state"]
+    assert merged.keys() == ref.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
