@@ -69,7 +69,7 @@ def activation_bytes(arch: str, J: int, *, split: str = "auto", image_size: int 
 
 def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 128, aux: str = "1c2f",
                          steps: int = 3, device: str = "cpu", image_size: int = 32,
-                         clock: str = "auto") -> list[float]:
+                         clock: str = "auto", split: str = "auto") -> list[float]:
     """Median seconds per module of a local step (forward, local loss, backward, optimizer step),
     on a fresh network built as a training run builds it; one warm-up step first.
 
@@ -84,7 +84,8 @@ def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 12
     from ..profile import build_step
     from .pipeline import _Ops
 
-    setup = build_step("local", arch=arch, J=J, aux=aux, batch=batch, device=device, image_size=image_size)
+    setup = build_step("local", arch=arch, J=J, aux=aux, batch=batch, device=device, image_size=image_size,
+                       split=split)
     ops, model = _Ops(setup.executor), setup.net
     x, y, stats = setup.x, setup.y, setup.stats
     cuda = setup.device.type == "cuda"

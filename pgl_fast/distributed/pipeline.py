@@ -696,23 +696,43 @@ class StageRunner:
         if state.get("scaler") is not None and self.ops.scaler is not None:
             self.ops.scaler.load_state_dict(state["scaler"])
 
-    def checkpoint_path(self, directory: str) -> str:
-        return os.path.join(directory, f"pipeline-stage{self.stage}-of{self.S}.pt")
+    def checkpoint_path(self, directory: str, tag: str | None = None) -> str:
+        """``tag``: the name of the run checkpoint this stage file belongs to (e.g. its epoch), so that
+        several kept checkpoints each have their stage files."""
+        suffix = f"-{tag}" if tag else ""
+        return os.path.join(directory, f"pipeline-stage{self.stage}-of{self.S}{suffix}.pt")
 
-    def save(self, directory: str) -> str:
+    def save(self, directory: str, tag: str | None = None) -> str:
         """This stage's file, written atomically (a crash mid-write leaves the previous one)."""
         os.makedirs(directory, exist_ok=True)
-        path = self.checkpoint_path(directory)
+        path = self.checkpoint_path(directory, tag)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
         return path
 
-    def load(self, directory: str) -> None:
-        path = self.checkpoint_path(directory)
+    def load(self, directory: str, tag: str | None = None) -> None:
+        path = self.checkpoint_path(directory, tag)
         if not os.path.exists(path):
             raise UserError(f"--resume: {path} is missing (was the run saved with --pipeline {self.S}?)")
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
+                          image_size: int = 32, group=None, src: int = 0) -> list[float]:
+    """``--pipeline-balance auto``: rank ``src`` measures the seconds of every module's local step on
+    its device (a fresh network, as :func:`~pgl_fast.distributed.cost_model.measure_module_times`)
+    and broadcasts them, so every rank balances by the same numbers."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    times = torch.zeros(J, dtype=torch.float64, device=device)
+    if dist.get_rank() == src:
+        from .cost_model import measure_module_times
+
+        times.copy_(torch.tensor(measure_module_times(arch, J, batch=batch, aux=aux, split=split,
+                                                      device=str(device), image_size=image_size, steps=2)))
+    dist.broadcast(times, src, group=group)
+    return times.tolist()
 
 
 def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None, depth: int = 2,
