@@ -9,9 +9,11 @@ modules' local steps on batch t, posts the *detached* output to stage r+1 (``ise
 t+1 at once. This is exactly sequential DGL, with no staleness: in a single process module j's input
 for batch t is computed by module j-1 *before* module j-1 steps on batch t, and that is the very tensor
 stage r receives. So S ranks reproduce the single-process parameters (bitwise where the kernels are
-deterministic, which they are on the CPU with one thread per rank). The number of batches in flight
-between two stages is bounded by ``depth`` (sends not yet completed plus receives posted ahead); the
-bytes they hold are the pipeline's activation memory, reported as ``peak_inflight_bytes``.
+deterministic, which they are on the CPU with one thread per rank). Each rank keeps at most ``depth``
+sends outstanding towards the next stage and ``depth`` receives posted ahead from the previous one;
+the bytes those messages hold (activations, labels) are the pipeline's activation memory in flight,
+reported per rank as ``peak_inflight_bytes``: at most ``depth * batch * (input + output bytes per
+sample + 16)``, on top of the one module's graph a local step keeps alive anyway.
 
 **Global steps** (PGL's global epochs) are a synchronous pipelined forward and backward, GPipe-style:
 the batch is cut into ``micro_batches`` pieces; every stage runs the forwards of all micro-batches
@@ -207,22 +209,29 @@ class _Ops:
 # the stage runner
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _Inflight:
-    """Posted messages and the bytes their tensors hold, with the peak over the epoch."""
+class _Meter:
+    """Bytes held by the messages in flight on this rank (both queues), and their peak."""
 
     bytes: int = 0
     peak: int = 0
+
+
+@dataclass
+class _Inflight:
+    """Posted messages in order; their tensors' bytes count on the shared meter."""
+
+    meter: _Meter = field(default_factory=_Meter)
     items: deque = field(default_factory=deque)
 
     def push(self, works, tensors) -> None:
         n = sum(t.numel() * t.element_size() for t in tensors)
         self.items.append((works, tensors, n))
-        self.bytes += n
-        self.peak = max(self.peak, self.bytes)
+        self.meter.bytes += n
+        self.meter.peak = max(self.meter.peak, self.meter.bytes)
 
     def pop(self):
         works, tensors, n = self.items.popleft()
-        self.bytes -= n
+        self.meter.bytes -= n
         return works, tensors
 
 
@@ -448,7 +457,8 @@ class StageRunner:
 
     def _local_epoch(self, sizes, batch_fn, steps):
         steps = list(range(len(sizes))) if steps is None else list(steps)
-        recvs, sends = _Inflight(), _Inflight()
+        meter = _Meter()
+        recvs, sends = _Inflight(meter), _Inflight(meter)
         # receives for the first `depth` batches are posted at once: they overlap this rank's compute
         posted = 0
         if not self.first:
@@ -471,15 +481,16 @@ class StageRunner:
             if self.last:
                 self.stats.add_correct(out, y)
             else:
+                # at most `depth` batches queued towards the next stage: wait for the oldest first
+                while len(sends.items) >= self.depth:
+                    self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
                 send = [out, y] + ([image01] if self.ops.needs_image else [])
                 sends.push(*self._post_send(send))
-                while len(sends.items) > self.depth:
-                    self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
             self.stats.end_step(n)
             del x, out
         while sends.items:
             self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
-        self.peak_inflight_bytes = max(recvs.peak, sends.peak)
+        self.peak_inflight_bytes = meter.peak
 
     def _fetch(self, batch_fn, t, n, need_image=None):
         if batch_fn is None:
@@ -649,9 +660,9 @@ class StageRunner:
                         loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
                         correct += (logits.argmax(1) == y).sum()
                     else:
-                        sends.push(*self._post_send([h, y]))
-                        while len(sends.items) > self.depth:
+                        while len(sends.items) >= self.depth:
                             self._wait(sends.pop()[0], f"sending test batch to stage {self.stage + 1}")
+                        sends.push(*self._post_send([h, y]))
                 while sends.items:
                     self._wait(sends.pop()[0], f"sending test batch to stage {self.stage + 1}")
             finally:

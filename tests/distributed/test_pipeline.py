@@ -168,6 +168,10 @@ def test_pipeline_matches_single_process(S, tmp_path, one_thread):
     # activations in flight are bounded by the queue depth (2 batches of 8 here), and reported
     inflight = outs[0]["phases"][0]["stats"]["peak_inflight_bytes"]
     assert len(inflight) == S and all(b > 0 for b in inflight)
+    if S == 4:  # stage 1: one module, 16 channels at 16x16 in and out (+ int64 labels), depth 2
+        # batch 0 received, its output sent while batches 1 and 2 (of 6) are posted
+        assert inflight[1] == (8 + 8 + 6) * (16 * 16 * 16 * 4 + 8)
+        assert inflight[0] == 2 * 8 * (16 * 16 * 16 * 4 + 8)
 
 
 def test_pipeline_infopro_local_epoch(tmp_path, one_thread):
