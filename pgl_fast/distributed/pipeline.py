@@ -771,6 +771,43 @@ def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None
     return runner
 
 
+def run_epoch(runner: StageRunner, *, phase: str, lr: float | None, sizes: Sequence[int], batch_fn,
+              test_sizes: Sequence[int] | None = None, test_fn=None, eval_heads: bool = True,
+              steps: Sequence[int] | None = None) -> dict:
+    """One epoch as the trainer runs it, on every rank: the lr, the phase's steps, the stats
+    gathered over the stages, the pipelined evaluation. ``batch_fn`` / ``test_fn`` are used on stage 0
+    only (pass them everywhere or None elsewhere). Returns ``{"train": <StepStats.read() dict with
+    peak_inflight_bytes per rank>, "eval": <evaluate dict or None>, "train_seconds": float}``."""
+    learner = runner.ops.learner
+    if lr is not None:
+        learner.set_lr(lr) if hasattr(learner, "set_lr") else [o.set_lr(lr) for o in learner.optimizers]
+    runner.model.train()
+    if not steps or steps[0] == 0:
+        runner.stats.reset()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    t0 = time.perf_counter()
+    runner.train_epoch(phase, sizes, batch_fn if runner.first else None, steps)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    seconds = time.perf_counter() - t0
+    train = runner.reduce_stats()
+    ev = None
+    if test_sizes is not None:
+        ev = runner.evaluate(test_sizes, test_fn if runner.first else None, eval_heads)
+    return {"train": train, "eval": ev, "train_seconds": seconds}
+
+
+def exit_on_error(e: BaseException) -> None:
+    """The CLI's way out of a failed pipeline: the one-line message on stderr and an immediate exit
+    (status 130 for Ctrl-C, else 1). It skips the interpreter's teardown, which can block in the
+    process group's destructor while a peer is gone."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130 if "interrupted" in msg else 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # a local launcher (tests, benchmarks): S processes on this machine, gloo
 # ----------------------------------------------------------------------------------------------

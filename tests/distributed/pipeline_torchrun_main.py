@@ -9,7 +9,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_pipeline as tp  # noqa: E402
 
-from pgl_fast.distributed.pipeline import PipelineError, build_stage, init_pipeline_group  # noqa: E402
+from pgl_fast.distributed.pipeline import (PipelineError, build_stage, exit_on_error, init_pipeline_group,  # noqa: E402
+                                           run_epoch)
 
 
 def main(out: str) -> int:
@@ -17,16 +18,14 @@ def main(out: str) -> int:
     init_pipeline_group(timeout_s=60)
     net, exe = tp.make_learner(0)
     runner = build_stage(exe, dist.get_world_size(), input_shape=(3, tp.IMG, tp.IMG), timeout_s=60)
-    data = tp.batches()
-    fn = (lambda t: data[t]) if runner.first else None
+    data, test = tp.batches(), tp.batches([8, 5], seed=11)
     try:
         for phase in ("local", "global"):
-            runner.train_epoch(phase, tp.SIZES, fn)
-        stats = runner.reduce_stats()
+            res = run_epoch(runner, phase=phase, lr=0.05, sizes=tp.SIZES, batch_fn=lambda t: data[t],
+                            test_sizes=[8, 5], test_fn=lambda t: test[t])
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    torch.save({"state": tp.snapshot(net, runner.modules), "stats": stats}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+        exit_on_error(e)
+    torch.save({"state": tp.snapshot(net, runner.modules), "res": res}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
     dist.destroy_process_group()
     return 0
 

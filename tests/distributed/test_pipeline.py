@@ -269,11 +269,17 @@ def test_torchrun_two_stages(tmp_path):
                            f"--master_port={_free_port()}", "--max-restarts=0", script, str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    merged = {}
+    merged, results = {}, []
     for r in range(2):
-        merged.update(torch.load(tmp_path / f"rank{r}.pt")["state"])
-    ref_phases, _ = _reference([("local", 1), ("global", 1)])
+        saved = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        merged.update(saved["state"])
+        results.append(saved["res"])
+    ref_phases, ref_eval = _reference([("local", 1), ("global", 1)])
     ref = ref_phases[-1]["state"]
     assert merged.keys() == ref.keys()
     for k, v in ref.items():
         torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for res in results:  # run_epoch: the same metrics on both ranks, those of one process
+        assert res["train"]["train_acc"] == ref_phases[-1]["stats"]["train_acc"]
+        torch.testing.assert_close(torch.tensor(res["train"]["losses"]), torch.tensor(ref_phases[-1]["stats"]["losses"]))
+        assert res["eval"]["test_acc"] == ref_eval["test_acc"]
