@@ -78,7 +78,8 @@ try:
 except ImportError:  # pragma: no cover
     from ..heads import upcast  # type: ignore
 
-FAIL_KEY = "pgl_fast/pipeline/failed"
+# one flag per torchrun restart round: a restarted group must not see the last round's failure
+FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -363,7 +364,7 @@ class StageRunner:
                 raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped while waiting for "
                                     f"{what}: {other}")
             if time.monotonic() >= deadline:
-                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}): nothing from {what} for "
+                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}): no progress on {what} for "
                                     f"{self.timeout_s:.0f} s (a peer hung?)")
         if pending.error is not None:
             e = pending.error
