@@ -1,7 +1,7 @@
 """pgl_fast: locally supervised learning with Periodic Global Guidance (PGL)."""
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # torch is deliberately unpinned from above: the GPU machine runs torch 2.11 and this
 # must not upgrade it; the CPU machines install 2.14.1 from local wheels first.
@@ -12,11 +12,11 @@ if sys.platform.startswith("linux"):
 setup(
     name="pgl_fast",
     version="0.1.0",
-    description="Fast local learning with Periodic Global Guidance (PGL) for CIFAR ResNets",
+    description="Fast local learning with Periodic Global Guidance (PGL) for any network",
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder but are installed under the
     # engine's namespace, so no top-level package called `kernels` is ever installed.
-    packages=["pgl_fast", "pgl_fast.kernels"],
+    packages=find_packages(include=["pgl_fast", "pgl_fast.*"]) + ["pgl_fast.kernels"],
     package_dir={"pgl_fast": "pgl_fast", "pgl_fast.kernels": "kernels"},
     install_requires=install_requires,
     extras_require={

@@ -39,8 +39,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.network import LocalNet
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.models.local_model import LocalNet
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -117,7 +117,7 @@ def _implementations(kind: str, dtype: str, shape: dict, plain_compile: bool = T
         for name in ("plain_eager", "plain_compile") if plain_compile else ("plain_eager",):
             impls[name] = PlainLocalLoop(copy.deepcopy(base), amp, compiled=name == "plain_compile")
     if kind == "local" and CUDA:  # the GPU comparison: our graphs + fused heads vs compile's own graphs
-        from pgl_fast.graphs import GraphedLocalSteps
+        from pgl_fast.runtime.graphs import GraphedLocalSteps
 
         net = copy.deepcopy(base)
         net.set_head_kernels(True)

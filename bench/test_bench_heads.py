@@ -30,7 +30,8 @@ from pgl_fast.kernels.conv_bn_relu import _interpreting  # noqa: E402
 from pgl_fast.kernels.reference import TOLERANCES, saved_tensor_bytes  # noqa: E402
 
 BATCH = 1024
-# (name, C_in, H=W, C_out, stride, pool): prior-art §5.1 head stages + the 2c2f second conv
+# (name, C_in, H=W, C_out, stride, pool): the aux heads' first conv at each of the CIFAR ResNet's
+# three stages (16, 32, 64 channels at 32, 16, 8 pixels), and the second conv of the 2c2f head
 SHAPES = [
     ("stage1_16x32_s2_32", 16, 32, 32, 2, True),
     ("stage2_32x16_s2_64", 32, 16, 64, 2, True),

@@ -3,9 +3,10 @@
 Why: an eager head saves the conv output *and* the ReLU output for backward, two full-resolution
 tensors per head per step. Here the forward keeps only the head input ``x``, the (tiny) weights and
 the per-channel batch ``mean``/``rstd``; everything at full resolution is recomputed from ``x`` when
-needed (engineering-notes §5.3-5.4, the cuDNN "conv + stats, finalize, apply" pattern).
+needed (the "conv + statistics, finalize, apply" split that cuDNN uses to fuse BatchNorm into a
+convolution).
 
-Ladder (engineering-notes §7.4)::
+The pieces, bottom up::
 
     _conv3x3_tile                         shared @triton.jit helper: one implicit-GEMM conv tile
     _conv_bn_relu_fwd_stats_kernel        pass 1: conv + per-sample, per-channel mean / M2
@@ -31,15 +32,15 @@ finalize merges the samples the same way, so the variance never comes from E[y^2
 are fp32; the conv operands are in ``x.dtype`` (the weight is cast to it, as autocast does); the
 result is stored once in ``x.dtype``.
 
-Backward choices (stated as the issue asks):
+Backward choices:
 
 * The BN-input gradient ``dy`` ([B, C_out, H_out, W_out], ``x.dtype``) is materialised
   *transiently* inside backward and freed before backward returns; nothing full-resolution is kept
   between forward and backward.
 * The two convolution GEMMs of backward, dgrad (transposed conv of ``dy``) and wgrad, are done by
   ``torch.ops.aten.convolution_backward`` (cuDNN on CUDA). A Triton dgrad with stride 2 and a
-  split-K wgrad are possible but public evidence (engineering-notes §5.2) says they lose to cuDNN at
-  these widths; the memory win does not depend on them. The ReLU/BN/pool parts of backward are
+  split-K wgrad are possible, but at these widths (16-64 channels) they are not expected to beat
+  cuDNN's GEMMs, and the memory win does not depend on them. The ReLU/BN/pool parts of backward are
   Triton.
 
 Precision of fp32 inputs on CUDA follows ``torch.backends.cudnn.allow_tf32`` (what ``F.conv2d``
@@ -447,8 +448,8 @@ class KernelConfig(NamedTuple):
     num_warps: int
 
 
-# Hand-listed configurations (engineering-notes §5.5: hardcoded configs, no autotune, so CUDA-graph
-# capture never meets a tuning run). _pick_config chooses among these by shape; the tests run each
+# Hand-listed configurations, no autotuning: a tuning run launches and times candidate kernels,
+# which must never happen inside a CUDA-graph capture. _pick_config chooses among these by shape; the tests run each
 # of them. block_k adapts to C_in and block_n to C_out inside _pick_config.
 CONFIGS: dict[str, KernelConfig] = {
     # small heads (H_out*W_out <= 64, e.g. 8x8): one tile per sample

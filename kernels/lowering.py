@@ -8,7 +8,7 @@ shared memory than the chip has). Triton's NVIDIA backend ships ``ptxas``, so
 to a cubin on any machine; this module does that for exactly the variants training would launch.
 
 What is compiled is never listed by hand: :func:`engine_launches` runs the real aux heads
-(``pgl_fast.heads.AuxClassifier`` with ``use_kernels`` on, forward + backward in training mode and
+(``pgl_fast.models.heads.AuxClassifier`` with ``use_kernels`` on, forward + backward in training mode and
 forward in eval mode) on ``meta`` tensors inside
 :func:`pgl_fast.kernels.conv_bn_relu.record_launches`, so the launchers pick the tile config and
 constexprs with the same code as in training; :func:`variants` then derives each launch's
@@ -127,7 +127,7 @@ def engine_launches(precisions=ENGINE_PRECISIONS, aux=ENGINE_AUX, channels=(16, 
     """``(precision, launch)`` for every kernel launch of the real aux heads in one training step
     (forward + backward, training mode) and one evaluation (forward, eval mode), per precision,
     head config and head input width, at ``batch`` on the CIFAR ResNet feature sizes."""
-    from pgl_fast.heads import AuxClassifier
+    from pgl_fast.models.heads import AuxClassifier
 
     out = []
     for precision in precisions:

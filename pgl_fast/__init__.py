@@ -1,4 +1,14 @@
-"""pgl_fast: locally supervised learning with Periodic Global Guidance."""
+"""pgl_fast: locally supervised learning with Periodic Global Guidance.
+
+The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts without it):
+
+- ``pgl_fast.split(model, cuts, *, aux="1c2f", input_shape=(3, 32, 32), num_classes=None)``: cut a
+  network into local modules, an aux head at every cut -> ``LocalModel``;
+- ``pgl_fast.LocalModel(blocks, classifier, heads)``: the pieces, assembled by hand;
+- ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``PGL(period, duration, local=...)``;
+- ``pgl_fast.LocalLearner(local_model, method, ...)``: local and global steps, evaluation, state;
+- ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, ...)``: the training loop.
+"""
 import importlib.abc
 import importlib.util
 import os
@@ -35,3 +45,26 @@ def _register_checkout_kernels() -> None:
 
 
 _register_checkout_kernels()
+
+
+_API = {
+    "split": ("pgl_fast.models.split", "split"),
+    "LocalModel": ("pgl_fast.models.local_model", "LocalModel"),
+    "LocalLearner": ("pgl_fast.core.learner", "LocalLearner"),
+    "Trainer": ("pgl_fast.trainer", "Trainer"),
+    "methods": ("pgl_fast.core.methods", None),
+    "UserError": ("pgl_fast.errors", "UserError"),
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'pgl_fast' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _API[name]
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value

@@ -15,9 +15,13 @@ import re
 import numpy as np
 import torch
 
+from .errors import UserError
+from .jsonio import atomic_write
+
 FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.
-STRUCTURAL_FIELDS = ("method", "arch", "modules", "split", "aux", "aux_widen", "aux_feature_dim", "dataset",
+STRUCTURAL_FIELDS = ("method", "arch", "model", "cuts", "cifar_stem", "modules", "split", "aux", "aux_widen",
+                     "aux_feature_dim", "dataset",
                      "infopro_loss", "recipe", "droprate", "ixx_1", "ixy_1", "ixx_2", "ixy_2")
 # Fields that define the data order: a resumed run must see the same images in the same order.
 DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
@@ -31,10 +35,6 @@ SCHEDULE_FIELDS = ("epochs", "lr", "sched", "warmup_epochs", "warmup_lr", "perio
 # resume: a new value on the command line would be silently ignored, so a change is always refused.
 OPTIMIZER_FIELDS = ("momentum", "no_nesterov", "weight_decay")
 _NAME = re.compile(r"ckpt-e(\d+)-s(\d+)\.pt$")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and why."""
 
 
 def checkpoint_dir(output_dir: str) -> str:
@@ -86,21 +86,9 @@ def save_checkpoint(output_dir: str, state: dict, keep: int) -> str:
     d = checkpoint_dir(output_dir)
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, checkpoint_name(state["epoch"], state["step"]))
-    tmp = path + ".tmp"
     state = dict(state, format_version=FORMAT_VERSION)
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    # the folder is fsynced too: a checkpoint that a power cut un-renames is lost work
+    atomic_write(path, lambda f: torch.save(state, f), binary=True, sync_dir=True)
     # A resumed-from-older run supersedes the checkpoints that came after its starting point: drop
     # them first, so that pruning (which goes by position) keeps the one just written.
     here = (state["epoch"], state["step"])
@@ -123,13 +111,13 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"--resume {path}: no such checkpoint file") from None
+        raise UserError(f"--resume {path}: no such checkpoint file") from None
     except Exception as e:  # truncated, corrupt, or holding something other than weights
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
+        raise UserError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__})") from None
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"checkpoint {path} is not a pgl_fast checkpoint")
+        raise UserError(f"checkpoint {path} is not a pgl_fast checkpoint")
     if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
+        raise UserError(
             f"checkpoint {path} has format version {state['format_version']}; this pgl_fast reads {FORMAT_VERSION}")
     state["path"] = path
     return state
@@ -147,19 +135,19 @@ def check_compatible(state: dict, config: dict, path: str, allow_schedule_change
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
              for k in fields if saved.get(k) != config.get(k)]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
+        raise UserError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
     opt = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
            for k in OPTIMIZER_FIELDS if k in saved and saved.get(k) != config.get(k)]
     if opt:
-        raise CheckpointError(f"checkpoint {path}: the optimizer state it holds was made with other settings "
+        raise UserError(f"checkpoint {path}: the optimizer state it holds was made with other settings "
                               f"({'; '.join(opt)}); resume with the original values")
     changed = schedule_changes(state, config)
     if changed and not allow_schedule_change:
         what = "; ".join(f"{k}: checkpoint {v!r} vs now {config.get(k)!r}" for k, v in changed.items())
-        raise CheckpointError(f"checkpoint {path}: resuming would change the schedule ({what}); resume with the "
+        raise UserError(f"checkpoint {path}: resuming would change the schedule ({what}); resume with the "
                               "original values, or pass --allow-schedule-change to continue on the new schedule")
     if "epochs" in changed and state.get("epoch", 0) + (state.get("step", 0) > 0) > config.get("epochs", 0):
-        raise CheckpointError(f"checkpoint {path}: --epochs {config.get('epochs')} is fewer than the "
+        raise UserError(f"checkpoint {path}: --epochs {config.get('epochs')} is fewer than the "
                               f"{state.get('epoch')} epochs{' and a part' if state.get('step', 0) else ''} it has done")
 
 
@@ -177,9 +165,9 @@ def find_resume(resume: str, output_dir: str, config: dict, allow_schedule_chang
     for path in reversed(candidates):
         try:
             state = load_checkpoint(path)
-        except CheckpointError as e:
+        except UserError as e:
             print(f"warning: {e}; falling back to an older checkpoint", flush=True)
             continue
         check_compatible(state, config, path, allow_schedule_change)
         return state
-    raise CheckpointError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")
+    raise UserError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")

@@ -11,17 +11,26 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-from .compile import COMPILE_MODES, CUDAGRAPH_MODES
-from .heads import AUX_CONFIGS
-from .models import blocks_per_stage
-from .planner import DEFAULT_FACTOR
-from .splits import SPLIT_KINDS, SplitError, resolve_split
+from .runtime.compile import COMPILE_MODES, CUDAGRAPH_MODES
+from .models.heads import AUX_CONFIGS
+from .models.cifar_resnet import blocks_per_stage
+from .core.methods import METHODS as METHOD_CLASSES
+from .errors import UserError
+from .jsonio import write_json_atomic
+from .argparsing import OneLineParser, add_fields
+from .models.splits import SPLIT_KINDS, SplitError, resolve_split
 
-METHODS = ("bp", "dgl", "infopro", "pgl")
+METHODS = tuple(METHOD_CLASSES)
+# --global-memory-factor's default. Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to
+# 0.97x the local peak, at J=8 modules to 1.13x (coarse 1.42x), at J=16 the smallest is modules at
+# 1.62x. 1.25 takes the segmentation that gets near the local peak wherever one does, and refuses a
+# faster one that gives back much of the saving (coarse at J=8); where nothing fits, the smallest runs.
+DEFAULT_FACTOR = 1.25
 DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
 RECIPES = ("cifar10", "svhn", "stl10")
 
-# InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), prior-art §5.5 (EXP/comand.sh).
+# InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), as its published run commands set
+# them per data set, network, J and balanced-memory split.
 INFOPRO_LAMBDAS = {
     ("cifar10", "resnet32", 2, False): (5, 1, 0, 0),
     ("cifar10", "resnet32", 4, False): (6, 0, 1, 2),
@@ -48,10 +57,6 @@ INFOPRO_LAMBDAS = {
 }
 
 
-class ConfigError(ValueError):
-    """A bad flag value; the message is one line naming the flag and what is allowed."""
-
-
 def _f(default, help: str, *, flags: tuple[str, ...] = (), group: str = "training", choices=None, metavar=None):
     return field(default=default, metadata={"help": help, "flags": flags, "group": group,
                                             "choices": choices, "metavar": metavar})
@@ -72,7 +77,10 @@ class TrainConfig:
     synthetic_test: int = _f(256, "test images of --dataset synthetic", group="data")
 
     # -- model and split
-    arch: str = _f("resnet32", "CIFAR ResNet-(6n+2): resnet20, resnet32, resnet56, resnet110, ...", group="model")
+    arch: str = _f("resnet32", "CIFAR ResNet-(6n+2) (resnet20, resnet32, resnet56, resnet110, ...) or torchvision:<name> (e.g. torchvision:resnet18, torchvision:vgg11_bn, torchvision:mobilenet_v2; cut with --cuts)", group="model")
+    model: str | None = _f(None, "a user's network instead of --arch: package.module:factory, called as factory(num_classes=N), returning an nn.Module whose top-level children run in order (or an nn.Sequential); cut with --cuts", group="model", metavar="MODULE:FACTORY")
+    cuts: str | None = _f(None, "with --arch torchvision:<name> or --model: comma-separated children to cut after (child names such as layer1,layer2,layer3, features.7 inside a Sequential child, or indices of an nn.Sequential); J = cuts + 1", group="model")
+    cifar_stem: bool = _f(False, "with --arch torchvision:<ResNet>: replace the stem by a 3x3 stride-1 conv without max-pool, the usual change for 32x32 inputs", group="model")
     modules: int = _f(16, "J, the number of local modules (InfoPro: --local_module_num)", flags=("-J", "--modules"), group="model", metavar="J")
     split: str = _f("auto", "how the network is cut: InfoPro's tables, balanced-memory (InfoPro*), layerwise or even", group="model", choices=SPLIT_KINDS)
     droprate: float = _f(0.0, "dropout inside BasicBlocks (InfoPro uses 0)", group="model")
@@ -136,7 +144,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         def bad(flag: str, msg: str) -> None:
-            raise ConfigError(f"{flag}: {msg}")
+            raise UserError(f"{flag}: {msg}")
 
         if self.method not in METHODS:
             bad("--method", f"{self.method!r} is not one of {', '.join(METHODS)}")
@@ -144,16 +152,37 @@ class TrainConfig:
             bad("--dataset", f"{self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.aux not in AUX_CONFIGS:
             bad("--aux", f"{self.aux!r} is not one of {', '.join(AUX_CONFIGS)}")
-        try:
-            blocks_per_stage(self.arch)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.modules < 1:
-            bad("-J/--modules", f"must be >= 1, got {self.modules}")
-        try:
-            resolve_split(self.arch, self.modules, self.split, self.split_recipe)
-        except SplitError as e:
-            raise ConfigError(str(e)) from None
+        if self.model is not None and self.arch.startswith("torchvision:"):
+            bad("--model", f"names a network, and so does --arch {self.arch}; give one of them")
+        if self.cifar_stem and not self.arch.startswith("torchvision:"):
+            bad("--cifar-stem", "changes the stem of a torchvision ResNet: use it with --arch torchvision:<name>")
+        if self.custom_model:
+            if self.arch.startswith("torchvision:") and not self.arch.split(":", 1)[1]:
+                bad("--arch", "torchvision: needs a model name, e.g. torchvision:resnet18")
+            if not self.cut_list:
+                bad("--cuts", "is required with --arch torchvision:<name> or --model: name the children to cut "
+                    "after, e.g. --cuts layer1,layer2,layer3")
+            if self.modules not in (16, len(self.cut_list) + 1):
+                bad("-J/--modules", f"--cuts makes {len(self.cut_list) + 1} modules; -J {self.modules} disagrees "
+                    "(drop -J)")
+            self.modules = len(self.cut_list) + 1
+            if self.split != "auto":
+                bad("--split", "chooses among the CIFAR ResNets' split tables; --cuts sets the split of this model")
+            if self.lean_blocks:
+                bad("--lean-blocks", "is the CIFAR ResNets' BasicBlock backward; it has no effect on other models")
+        else:
+            if self.cuts is not None:
+                bad("--cuts", f"applies to --arch torchvision:<name> and --model; {self.arch} is cut by -J and --split")
+            try:
+                blocks_per_stage(self.arch)
+            except ValueError as e:
+                raise UserError(str(e) + " or torchvision:<name>") from None
+            if self.modules < 1:
+                bad("-J/--modules", f"must be >= 1, got {self.modules}")
+            try:
+                resolve_split(self.arch, self.modules, self.split, self.split_recipe)
+            except SplitError as e:
+                raise UserError(str(e)) from None
         if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
         if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
@@ -233,6 +262,15 @@ class TrainConfig:
             self._resolve_lambdas(bad)
 
     @property
+    def custom_model(self) -> bool:
+        """A torchvision model or a user's factory, cut by --cuts (not a CIFAR ResNet preset)."""
+        return self.model is not None or self.arch.startswith("torchvision:")
+
+    @property
+    def cut_list(self) -> list[str]:
+        return [c.strip() for c in (self.cuts or "").split(",") if c.strip()]
+
+    @property
     def recipe_name(self) -> str:
         return self.recipe if self.dataset == "imagefolder" else (
             self.dataset if self.dataset in RECIPES else "cifar10")
@@ -301,12 +339,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict())
 
 
 def flag_of(name: str) -> str:
@@ -371,39 +404,18 @@ GROUP_TITLES = {
 }
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's own errors: one line, exit 2, no traceback
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     """The training CLI. Prefix matching is off (``--epoch`` is an error, never ``--epochs``).
     With ``explicit_only`` every default is left out of the parsed namespace, so it holds exactly
     the flags that appeared on the command line."""
-    p = _OneLineParser(
-        prog="python -m pgl_fast.train", allow_abbrev=False,
-        description="Train CIFAR ResNets with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
+    p = OneLineParser(
+        prog="python -m pgl_fast.train",
+        description="Train a network with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
         epilog="example: python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg "
                "--arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    groups = {k: p.add_argument_group(v) for k, v in GROUP_TITLES.items()}
-    for f in fields(TrainConfig):
-        md = f.metadata
-        flags = md["flags"] or ("--" + f.name.replace("_", "-"),)
-        g = groups[md["group"]]
-        kw: dict = {"dest": f.name, "help": md["help"], "default": argparse.SUPPRESS if explicit_only else f.default}
-        if f.type in ("bool", bool):
-            kw["action"] = "store_true"
-        else:
-            typ = {"int": int, "float": float}.get(
-                str(f.type).replace(" | None", ""), str)
-            kw["type"] = typ
-            if md["choices"]:
-                kw["choices"] = md["choices"]
-            if md["metavar"]:
-                kw["metavar"] = md["metavar"]
-        g.add_argument(*flags, **kw)
+    add_fields(p, TrainConfig, groups=GROUP_TITLES, explicit_only=explicit_only)
     return p
 
 

@@ -7,7 +7,7 @@ on the device (:class:`BatchAugmenter`) and normalises it (:func:`normalize`). N
 synchronises with the host or uses data-dependent shapes, so both can run inside a captured CUDA
 graph.
 
-Augmentation and normalisation follow the published recipes (InfoPro ``EXP/train.py``):
+Augmentation and normalisation follow the recipes InfoPro and PGL train with:
 
 =========  ===========================  ====  =====================================
 data set   crop padding                 flip  mean / std
@@ -40,11 +40,12 @@ import operator
 
 import torch
 
+from .errors import UserError
+
 __all__ = [
     "DATASETS",
     "RECIPES",
     "IMAGE_EXTENSIONS",
-    "DataError",
     "DatasetSpec",
     "Data",
     "dataset_spec",
@@ -74,9 +75,8 @@ _IMAGEFOLDER_LAYOUT = (
 )
 
 
-class DataError(Exception):
-    """A data set cannot be found, read or used. The message is one self-contained line naming
-    the file or folder, what was expected there and how to fix it."""
+# A data set that cannot be found, read or used raises UserError: one self-contained line naming
+# the file or folder, what was expected there and how to fix it.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +115,9 @@ class DatasetSpec:
 
 _HALF = (0.5, 0.5, 0.5)
 
-# The published recipes (prior-art §7.3). Use these constants, never statistics recomputed
-# from the copy at hand.
+# The published recipes: the CIFAR-10 mean/std are InfoPro's constants (the usual CIFAR-10
+# statistics, on the 0..255 scale), SVHN and STL-10 normalise with 0.5 / 0.5. Use these constants,
+# never statistics recomputed from the copy at hand, so that results compare with the published ones.
 RECIPES: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(
         name="cifar10",
@@ -137,7 +138,7 @@ def _recipe(recipe: str) -> DatasetSpec:
     try:
         return RECIPES[recipe]
     except KeyError:
-        raise DataError(
+        raise UserError(
             f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)} "
             "(it sets the augmentation and normalisation of imagefolder/synthetic data)"
         ) from None
@@ -152,7 +153,7 @@ def dataset_spec(
     if name in RECIPES:
         return RECIPES[name]
     if name not in ("imagefolder", "synthetic"):
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     base = _recipe(recipe)
     size = base.image_size if image_size is None else int(image_size)
     return dataclasses.replace(
@@ -236,11 +237,11 @@ def load_dataset(
     Decoded splits are cached under ``cache_dir`` (default ``<data_dir>/.pgl_cache``, or
     ``~/.cache/pgl_fast`` when ``data_dir`` is read-only) and re-decoded when the files change.
     ``train_subset``/``test_subset`` keep a seeded, class-balanced random subset.
-    Raises :class:`DataError` with a one-line message on any problem with the data.
+    Raises :class:`UserError` with a one-line message on any problem with the data.
     """
     name = str(name).lower()
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     t0 = time.perf_counter()
     meta: dict = {"dataset": name}
 
@@ -252,7 +253,7 @@ def load_dataset(
         meta.update(train_source="generated", test_source="generated", root=None)
     else:
         if data_dir is None or str(data_dir) == "":
-            raise DataError(f"dataset {name} needs a data directory (--data-dir)")
+            raise UserError(f"dataset {name} needs a data directory (--data-dir)")
         data_dir = Path(data_dir).expanduser().absolute()
         if name == "imagefolder":
             _recipe(recipe)  # fail on a bad recipe before decoding anything
@@ -291,9 +292,9 @@ def _positive_int(n, flag: str) -> int:
             raise TypeError
         n = operator.index(n)
     except TypeError:
-        raise DataError(f"{flag} must be a positive integer, got {n!r}") from None
+        raise UserError(f"{flag} must be a positive integer, got {n!r}") from None
     if n < 1:
-        raise DataError(f"{flag} must be a positive integer, got {n}")
+        raise UserError(f"{flag} must be a positive integer, got {n}")
     return n
 
 
@@ -303,7 +304,7 @@ def _subset(x, y, n, seed, flag, name, split):
     total = x.shape[0]
     n = _positive_int(n, flag)
     if n > total:
-        raise DataError(f"{flag} {n} is larger than the {name} {split} split ({total} images)")
+        raise UserError(f"{flag} {n} is larger than the {name} {split} split ({total} images)")
     g = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(total, generator=g)
     # Rank of each sample within its class, in random order: taking samples by increasing rank
@@ -338,7 +339,7 @@ def _synthetic_split(n: int, size: int, seed: int, flag: str):
     heavy noise, so a small model can learn the labels but not trivially."""
     n = _positive_int(n, flag)
     if not isinstance(size, int) or size < 2:
-        raise DataError(f"synthetic image size must be an integer >= 2, got {size!r}")
+        raise UserError(f"synthetic image size must be an integer >= 2, got {size!r}")
     g = torch.Generator().manual_seed(1234 + seed)
     k = len(_SYNTHETIC_CLASSES)
     y = (torch.arange(n) % k)[torch.randperm(n, generator=g)]
@@ -419,7 +420,12 @@ def _read_cache(path: Path, name: str, split: str, root: Path, fingerprint: str)
 
 
 def _write_cache(path: Path, name, split, root, fingerprint, x, y, classes) -> bool:
-    """Write atomically (temporary file + os.replace) so a crash never leaves half a cache."""
+    """Write atomically (temporary file + os.replace) so a crash never leaves half a cache.
+
+    Not ``jsonio.atomic_write``: the temporary name is unique (``mkstemp``) because several
+    processes (the experiment runner's parallel runs) may decode the same data set at once and
+    must not write into one ``.tmp``; there is no fsync, since a cache lost to a power cut is only
+    decoded again; and a failure is a warning, never an error, since caching is an optimisation."""
     blob = {
         "version": _CACHE_VERSION,
         "dataset": name,
@@ -449,16 +455,16 @@ def _check_split(x, y, classes, source: str, fix: str) -> None:
     """Shapes, dtypes and label range of one split; a violation means corrupt data."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise DataError(f"{source} does not hold uint8 images [N, 3, H, W] (got {got}); {fix}")
+        raise UserError(f"{source} does not hold uint8 images [N, 3, H, W] (got {got}); {fix}")
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
-        raise DataError(f"{source} has labels that do not match its {x.shape[0]} images; {fix}")
+        raise UserError(f"{source} has labels that do not match its {x.shape[0]} images; {fix}")
     if not isinstance(classes, (list, tuple)) or not classes:
-        raise DataError(f"{source} has no class names; {fix}")
+        raise UserError(f"{source} has no class names; {fix}")
     if x.shape[0] == 0:
-        raise DataError(f"{source} holds no images; {fix}")
+        raise UserError(f"{source} holds no images; {fix}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= len(classes):
-        raise DataError(
+        raise UserError(
             f"{source} has labels in [{lo}, {hi}], outside [0, {len(classes) - 1}] "
             f"for {len(classes)} classes; {fix}"
         )
@@ -559,7 +565,7 @@ def _tv_build(name, split, data_dir: Path, download: bool):
     try:
         from torchvision import datasets
     except ImportError as exc:
-        raise DataError(f"{human} needs torchvision ({exc}); pip install torchvision") from None
+        raise UserError(f"{human} needs torchvision ({exc}); pip install torchvision") from None
     try:
         if name == "cifar10":
             ds = datasets.CIFAR10(str(data_dir), train=(split == "train"), download=download)
@@ -574,10 +580,10 @@ def _tv_build(name, split, data_dir: Path, download: bool):
             x = torch.from_numpy(ds.data).contiguous()  # already NCHW
             y = torch.from_numpy(ds.labels.astype("int64"))
         classes = list(getattr(ds, "classes", None) or [str(i) for i in range(10)])
-    except DataError:
+    except UserError:
         raise
     except ImportError as exc:  # SVHN reads .mat files with scipy
-        raise DataError(f"{human} needs an optional package to read {data_dir / rel}: {exc} (pip install scipy)") from None
+        raise UserError(f"{human} needs an optional package to read {data_dir / rel}: {exc} (pip install scipy)") from None
     except Exception as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         hint = " (the offline JPEG copy loads with --dataset imagefolder)" if name == "cifar10" else ""
@@ -585,7 +591,7 @@ def _tv_build(name, split, data_dir: Path, download: bool):
         if not (data_dir / rel).exists():
             missing = [str(data_dir / rel)]
         if missing and not download:
-            raise DataError(
+            raise UserError(
                 f"{human} not found in {data_dir}: missing {', '.join(missing)} and download is off; "
                 f"enable downloading or copy the torchvision files there{hint}"
             ) from None
@@ -596,16 +602,16 @@ def _tv_build(name, split, data_dir: Path, download: bool):
             files = [str(data_dir / f) for f in _TV_REQUIRED[name](split)]
             which = files[0] if len(files) == 1 else f"one or more of {', '.join(files)}"
             again = f" and downloading the official files failed ({reason})" if download else ""
-            raise DataError(
+            raise UserError(
                 f"{human} {split} split: {which} failed torchvision's md5 check against the official release "
                 f"(truncated, modified or repackaged copy){again}; delete it and download again{hint}"
             ) from None
         if download:
-            raise DataError(
+            raise UserError(
                 f"{human} not found in {data_dir} and download failed (no network?): {reason}; "
                 f"download it on a machine with internet access into {data_dir}{hint}"
             ) from None
-        raise DataError(
+        raise UserError(
             f"{human} not found in {data_dir} (expected {data_dir / rel}) and download is off: {reason}; "
             f"enable downloading or copy the torchvision files there{hint}"
         ) from None
@@ -617,7 +623,7 @@ def _tv_build(name, split, data_dir: Path, download: bool):
 
 def _load_torchvision(name, data_dir: Path, download: bool, cache_dir, meta):
     if not data_dir.exists() and not download:
-        raise DataError(
+        raise UserError(
             f"data dir {data_dir} does not exist and download is off: create it with the "
             f"torchvision {_TV[name][0]} files or enable downloading"
         )
@@ -660,14 +666,14 @@ def _load_torchvision(name, data_dir: Path, download: bool, cache_dir, meta):
 def _find_imagefolder_root(data_dir: Path) -> Path:
     """``data_dir`` itself if it holds train/ and test/, else its single subfolder that does."""
     if not data_dir.exists():
-        raise DataError(f"data dir {data_dir} does not exist: {_IMAGEFOLDER_LAYOUT}")
+        raise UserError(f"data dir {data_dir} does not exist: {_IMAGEFOLDER_LAYOUT}")
     if data_dir.is_file():
         if data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
-            raise DataError(
+            raise UserError(
                 f"data dir {data_dir} is an archive: unpack it first "
                 f"(tar -xzf {data_dir} -C <folder>) and pass the folder"
             )
-        raise DataError(f"data dir {data_dir} is a file, not a folder: {_IMAGEFOLDER_LAYOUT}")
+        raise UserError(f"data dir {data_dir} is a file, not a folder: {_IMAGEFOLDER_LAYOUT}")
     if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
         root = data_dir
     else:
@@ -676,16 +682,16 @@ def _find_imagefolder_root(data_dir: Path) -> Path:
         )
         if len(candidates) > 1:
             names = ", ".join(p.name for p in candidates)
-            raise DataError(
+            raise UserError(
                 f"data dir {data_dir} has no train/ folder but several subfolders with one "
                 f"({names}): pass one of them"
             )
         if not candidates:
-            raise DataError(f"data dir {data_dir} has no train/ folder: {_IMAGEFOLDER_LAYOUT}")
+            raise UserError(f"data dir {data_dir} has no train/ folder: {_IMAGEFOLDER_LAYOUT}")
         root = candidates[0]
     for split in ("train", "test"):
         if not (root / split).is_dir():
-            raise DataError(f"data dir {root} has no {split}/ folder: {_IMAGEFOLDER_LAYOUT}")
+            raise UserError(f"data dir {root} has no {split}/ folder: {_IMAGEFOLDER_LAYOUT}")
     return root
 
 
@@ -694,7 +700,7 @@ def _scan_split(split_dir: Path):
     fingerprint entries of those files."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise DataError(f"{split_dir} has no class folders: {_IMAGEFOLDER_LAYOUT}")
+        raise UserError(f"{split_dir} has no class folders: {_IMAGEFOLDER_LAYOUT}")
     files, entries = [], []
     for label, cls in enumerate(classes):
         cdir = split_dir / cls
@@ -704,7 +710,7 @@ def _scan_split(split_dir: Path):
             if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not found:
-            raise DataError(
+            raise UserError(
                 f"class folder {cdir} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}): "
                 "add images or remove the folder"
             )
@@ -735,7 +741,7 @@ def _decode_one(path: str, data: bytes) -> torch.Tensor:
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
     except Exception as exc:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise DataError(
+        raise UserError(
             f"cannot decode image file {path} ({reason}): it is corrupt or not an image; replace or delete it"
         ) from None
 
@@ -751,7 +757,7 @@ def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
             with open(p, "rb") as fh:
                 datas.append(fh.read())
         except OSError as exc:
-            raise DataError(f"cannot read image file {p}: {exc.strerror or exc}") from None
+            raise UserError(f"cannot read image file {p}: {exc.strerror or exc}") from None
     out: list[torch.Tensor | None] = [None] * len(paths)
     jpeg_idx = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff"]
     if jpeg_idx:
@@ -794,7 +800,7 @@ def _decode_files(paths: list[str], what: str, expected: tuple[tuple[int, int], 
     ref_size, ref_file = expected if expected is not None else (None, None)
 
     def mismatch(p, size):
-        return DataError(
+        return UserError(
             f"image {p} is {size[1]}x{size[0]} but {ref_file} is {ref_size[1]}x{ref_size[0]}: "
             f"all {what} images must have the same size; resize or remove it"
         )
@@ -836,7 +842,7 @@ def _load_imagefolder(data_dir: Path, cache_dir, meta):
             parts.append(f"missing in test/: {', '.join(missing)}")
         if extra:
             parts.append(f"only in test/: {', '.join(extra)}")
-        raise DataError(
+        raise UserError(
             f"class folders of {root / 'test'} differ from {root / 'train'} ({'; '.join(parts)}): "
             "both splits need the same <class> folders"
         )
@@ -859,14 +865,14 @@ def _load_imagefolder(data_dir: Path, cache_dir, meta):
             reference = ((int(x.shape[2]), int(x.shape[3])), str(root / split))
         elif (int(x.shape[2]), int(x.shape[3])) != reference[0]:
             (h, w), ref_file = reference
-            raise DataError(
+            raise UserError(
                 f"images in {root / split} are {x.shape[3]}x{x.shape[2]} but {ref_file} is {w}x{h}: "
                 "train and test images must have the same size"
             )
         splits[split] = (x, y)
     h, w = reference[0]
     if h != w:
-        raise DataError(f"images in {root} are {w}x{h}: only square images are supported; crop or resize them")
+        raise UserError(f"images in {root} are {w}x{h}: only square images are supported; crop or resize them")
     meta["cache_dir"] = str(cdir) if cdir is not None else None
     return splits, train_classes, root
 
@@ -886,18 +892,18 @@ def extract_archive_if_needed(archive_path, dest) -> Path:
     archive_path = Path(archive_path).expanduser().absolute()
     dest = Path(dest).expanduser().absolute()
     if not archive_path.is_file():
-        raise DataError(f"archive {archive_path} not found: pass the path of the data set tarball")
+        raise UserError(f"archive {archive_path} not found: pass the path of the data set tarball")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create extraction folder {dest}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create extraction folder {dest}: {exc.strerror or exc}") from None
     try:
         with tarfile.open(archive_path) as tar:
             first = tar.next()
     except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot read archive {archive_path} ({exc}): re-download or replace it") from None
+        raise UserError(f"cannot read archive {archive_path} ({exc}): re-download or replace it") from None
     if first is None:
-        raise DataError(f"archive {archive_path} is empty")
+        raise UserError(f"archive {archive_path} is empty")
     parts = [p for p in Path(first.name).parts if p not in (".", "/")]
     # Fast path: the first member's top-level folder is already in place (renames are atomic,
     # so it is complete).
@@ -913,10 +919,10 @@ def extract_archive_if_needed(archive_path, dest) -> Path:
                     for m in tar.getmembers():
                         parts = Path(m.name).parts
                         if m.name.startswith("/") or ".." in parts or m.issym() or m.islnk():
-                            raise DataError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
+                            raise UserError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
                     tar.extractall(tmp)
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(
+            raise UserError(
                 f"cannot extract archive {archive_path} into {dest} ({exc}): check the file and free space"
             ) from None
         entries = sorted(p.name for p in tmp.iterdir())

@@ -22,7 +22,6 @@ full run fits 6 minutes (and ``--quick`` 3) and can run twice in one 15-minute s
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import inspect
@@ -38,6 +37,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .argparsing import OneLineParser
+from .jsonio import JsonlWriter, write_text_atomic
+from .versions import device_name, nvidia_smi, versions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +144,7 @@ def _mark_step(compiled: bool) -> None:
 def plain_bp_step(arch: str, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
                   compile_mode: str | None = None) -> Callable[[], None]:
     """End-to-end BP as a user writes it: nn.Sequential of the same units, torch.optim.SGD."""
-    from .models import Classifier, build_units
+    from .models.cifar_resnet import Classifier, build_units
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*build_units(arch), Classifier(64, 10)).to(device)
@@ -166,7 +169,7 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
                    channels_last: bool, compile_mode: str | None = None) -> Callable[[], None]:
     """DGL's local step as a user writes it: per module, forward on the detached input, its 1c2f
     head's cross-entropy (the classifier's for the last), backward, its own torch.optim.SGD step."""
-    from .network import LocalNet
+    from .models.local_model import LocalNet
 
     torch.manual_seed(0)
     net = LocalNet(arch, J, aux="1c2f").to(device)
@@ -197,8 +200,8 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
 def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch.device,
               dtype: torch.dtype | None, channels_last: bool, compile_mode: str | None = None):
     """This engine's step: ``(step, graphed)`` where graphed is the GraphedLocalSteps (or None)."""
-    from .engine import Executor, LossSpec, StepStats
-    from .network import LocalNet
+    from .core.learner import Executor, LossSpec, StepStats
+    from .models.local_model import LocalNet
 
     if "fused" in mode and device.type != "cuda":
         raise RowSkip("fused heads are timed on CUDA only (the CPU runs Triton under its interpreter)")
@@ -224,7 +227,7 @@ def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch
     if kind == "pgl-global":
         return (lambda: exe.global_step(x, y, stats)), None
     if mode.startswith("graphs"):
-        from .graphs import GraphedLocalSteps
+        from .runtime.graphs import GraphedLocalSteps
 
         graphed = GraphedLocalSteps(exe, stats)
         return (lambda: graphed(x, y)), graphed
@@ -322,24 +325,18 @@ class Results:
 
     def __init__(self, stem: str):
         self.jsonl, self.md = stem + ".jsonl", stem + ".md"
+        # default=str: a record may carry a dtype or a path, which must not fail the write
+        self._writer = JsonlWriter(self.jsonl, default=str)
 
     def append(self, record: dict) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._writer.write(record)
         self.render()
 
     def read(self) -> list[dict]:
-        from .metrics import JsonlWriter
-
-        return JsonlWriter(self.jsonl).read()
+        return self._writer.read()
 
     def render(self) -> None:
-        tmp = self.md + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(markdown(self.read()))
-        os.replace(tmp, self.md)
+        write_text_atomic(self.md, markdown(self.read()))
 
 
 def results_stem(out_dir: str, device_name: str, quick: bool, today: str | None = None) -> str:
@@ -464,28 +461,12 @@ def run_tests(quick: bool, timeout_s: float) -> dict:
 
 
 def _versions() -> dict:
-    import torchvision
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = None
-    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "triton": tv,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": sys.version.split()[0],
-            "device": torch.cuda.get_device_name(0)}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-        info["nvidia_smi"] = smi.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["nvidia_smi"] = None
-    return info
+    """The versions of everything the numbers depend on, the GPU's name and the driver's view of it."""
+    return dict(versions(), device=device_name(torch.device("cuda", 0)), nvidia_smi=nvidia_smi())
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pgl_fast.gpu_check", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m pgl_fast.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="resnet32 only, fewer steps, the fast tests (<= 3 min)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock budget for the whole check, tests included (default 330, --quick 165)")

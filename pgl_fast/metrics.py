@@ -1,4 +1,4 @@
-"""Run header, per-epoch JSONL metrics, and per-phase peak memory.
+"""Run-time measurement: the run header and per-phase peak memory.
 
 Peak memory: on CUDA ``max_memory_allocated``/``max_memory_reserved``, reset at the start of each
 epoch. On the CPU the process's peak resident set (``VmHWM``), reset per epoch through
@@ -12,14 +12,11 @@ graphs reports the larger of the counter and the graphs' capture peaks, and says
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import torch
+
+from .versions import device_name, git_sha, versions
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -72,90 +69,15 @@ class PeakMemory:
                 "graph_pool_mib": None}
 
 
-def git_sha() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
 def run_header(config: dict, device: torch.device) -> dict:
-    try:
-        import triton  # noqa: F401
-
-        triton_version = triton.__version__
-    except Exception:  # triton is optional on the CPU
-        triton_version = None
-    import torchvision
-
-    from . import __version__
-
+    """The first record of a run (``header.json``): when, with which versions, on which device."""
     return {
         "event": "header",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "pgl_fast": __version__,
+        **versions(),
         "git_sha": git_sha(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
         "device": str(device),
         "device_name": device_name(device),
         "cpu_threads": torch.get_num_threads(),
         "config": config,
     }
-
-
-class JsonlWriter:
-    """Appends one JSON object per line, flushed and fsynced so a kill never leaves half a line."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        out = []
-        with open(self.path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        break  # a torn last line from a crash: everything before it is good
-        return out
-
-
-def read_json(path: str, default=None):
-    """The JSON in path, or default when it is missing or unreadable (e.g. a run that never got that far)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return default
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

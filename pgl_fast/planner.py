@@ -29,25 +29,21 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 
-from .models import unit_shapes
+from .errors import UserError
 
 CANDIDATES = ("none", "modules", "units", "coarse")
 # fastest first: ties in predicted memory go to the earlier one
 COST_ORDER = ("none", "coarse", "modules", "units")
-# --global-memory auto keeps PGL's global steps within this factor of the predicted local-step peak.
-# Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to 0.97x the local peak, at J=8 modules
-# to 1.13x (coarse 1.42x), at J=16 the smallest is modules at 1.62x. 1.25 takes the segmentation that
-# gets near the local peak wherever one does, and refuses a faster one that gives back much of the
-# saving (coarse at J=8); where nothing fits, the smallest runs.
-DEFAULT_FACTOR = 1.25
 MiB = 2**20
 
 
-def coarse_segments(arch: str, image_size: int, n_units: int) -> list[tuple[int, int]]:
+def coarse_segments(net) -> list[tuple[int, int]]:
     """~sqrt(n) segments with similar activation bytes (unit output size as the proxy)."""
-    sizes = [c * s * s for c, s in unit_shapes(arch, image_size)]
+    sizes = [math.prod(shape) for shape in net.unit_out_shapes]
+    n_units = len(sizes)
     k = max(1, round(math.sqrt(n_units)))
     target = sum(sizes) / k
     segs, start, acc = [], 0, 0.0
@@ -60,7 +56,7 @@ def coarse_segments(arch: str, image_size: int, n_units: int) -> list[tuple[int,
     return segs
 
 
-def candidate_segments(name: str, net, arch: str, image_size: int):
+def candidate_segments(name: str, net):
     n = len(net.units)
     if name == "none":
         return None
@@ -69,7 +65,7 @@ def candidate_segments(name: str, net, arch: str, image_size: int):
     if name == "units":
         return [(u, u + 1) for u in range(n)]
     if name == "coarse":
-        return coarse_segments(arch, image_size, n)
+        return coarse_segments(net)
     raise ValueError(f"unknown checkpoint plan {name!r}; choose from {', '.join(CANDIDATES)}")
 
 
@@ -93,7 +89,7 @@ def _timelines(kind: str, segment_names, batch: int, **kw) -> dict:
     out = {}
     for name in segment_names:
         if name is not None:
-            setup.executor.segments = candidate_segments(name, setup.net, kw["arch"], kw["image_size"])
+            setup.executor.segments = candidate_segments(name, setup.net)
         tracker = Timeline(modules=[setup.net], optimizers=setup.executor.optimizers, inputs=[setup.x, setup.y],
                            device="cpu")
         tracker.points = []
@@ -118,21 +114,23 @@ _CACHE: dict[tuple, dict] = {}
 
 def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str = "fp32", image_size: int = 32,
             split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8,
-            lean_blocks: bool = False, local: bool = True) -> dict:
+            lean_blocks: bool = False, local: bool = True, model: str | None = None, cuts: str | None = None,
+            cifar_stem: bool = False) -> dict:
     """Predicted peak bytes per phase at ``batch``: ``local`` (for local methods, unless
     ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``."""
     import torch
 
     candidates = tuple(candidates)
     key = (method, arch, J, aux, batch, dtype, image_size, split, num_classes, candidates, measure_batch,
-           lean_blocks, local)
+           lean_blocks, local, model, cuts, cifar_stem)
     if key in _CACHE:
         return copy.deepcopy(_CACHE[key])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory does not depend on threads; small steps are faster on one
     try:
         kw = dict(arch=arch, J=J, aux=None if method == "bp" else aux, dtype=dtype, image_size=image_size,
-                  split=split, num_classes=num_classes, lean_blocks=lean_blocks)
+                  split=split, num_classes=num_classes, lean_blocks=lean_blocks, model=model, cuts=cuts,
+                  cifar_stem=cifar_stem)
         gkind = "bp" if method == "bp" else "global"
         out = {"batch": batch, "global": {}, "local": None}
         if candidates:
@@ -146,8 +144,7 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     return out
 
 
-class PlanError(ValueError):
-    pass
+PlanError = UserError
 
 
 def by_cost(names) -> list[str]:
@@ -262,3 +259,80 @@ class MemoryPlan:
                 "global_steps": self.global_steps, "predicted": pred, "alternatives": self.alternatives,
                 "text": self.text()}
 
+
+def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
+    """The global-step checkpointing of this run, resolved once: ``--plan`` prints this
+    :class:`~pgl_fast.planner.MemoryPlan`, the executor runs exactly its segments (None: no
+    checkpointing) and ``header.json`` records it.
+
+    The flags name the candidates -- ``--global-memory X`` or ``--checkpoint-global --global-segments
+    X`` one of them (``--global-segments auto``: every checkpointed one), ``--global-memory auto`` all
+    four -- and a rule picks among them: under ``--memory-budget`` the fastest that fits; else, for
+    ``auto`` on PGL, the fastest within ``--global-memory-factor`` x the predicted local-step peak;
+    else the smallest predicted peak. ``auto`` on ``bp`` is plain backprop. The planner measures
+    only where the rule needs predictions, or for ``--plan``."""
+    from .core.schedule import GLOBAL
+    from .build import method_of
+
+    planner = sys.modules[__name__]
+    budget = cfg.memory_budget
+    fixed_why = "as asked"
+    if cfg.global_memory != "auto":
+        candidates, selected_by = (cfg.global_memory,), f"--global-memory {cfg.global_memory}"
+    elif cfg.checkpoint_global:
+        candidates = (("modules", "units", "coarse") if cfg.global_segments == "auto" else (cfg.global_segments,))
+        selected_by = f"--checkpoint-global --global-segments {cfg.global_segments}"
+    elif cfg.method == "bp" and budget is None:
+        candidates, selected_by = ("none",), "--global-memory auto"
+        fixed_why = "bp trains end to end: auto leaves it plain backprop, as fast as it gets"
+    else:
+        candidates, selected_by = planner.CANDIDATES, "--global-memory auto"
+    rule = "budget" if budget is not None else (
+        "fixed" if len(candidates) == 1 else "factor" if cfg.global_memory == "auto" and not cfg.checkpoint_global
+        else "smallest")
+    if budget is not None:
+        selected_by += f" --memory-budget {budget:g}"
+    has_global = method_of(cfg).has_phase(GLOBAL, cfg.epochs)
+    if not has_global:
+        # nothing to plan; a budget still has to hold for the local steps
+        rule = "budget" if budget is not None else "fixed"
+        candidates = (candidates[0],) if len(candidates) == 1 else ("none",)
+
+    prediction = None
+    if cfg.plan or rule != "fixed":
+        measured = (planner.CANDIDATES if cfg.plan else candidates) if has_global else ()
+        prediction = planner.predict(
+            method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
+            # fp16 and bf16 tensors have the same size; the CPU planner measures fp16 as bf16
+            dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
+            num_classes=num_classes, lean_blocks=cfg.lean_blocks, candidates=tuple(planner.by_cost(measured)),
+            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem)
+
+    if not has_global:
+        why = (f"--method {cfg.method} trains locally only" if cfg.method != "pgl" else
+               f"-P {cfg.period} -Q {cfg.duration} over --epochs {cfg.epochs} reaches no global epoch")
+        if budget is not None:
+            planner.check_local(prediction, budget)
+        choice = candidates[0]
+        return planner.MemoryPlan(
+            choice=choice, segments=planner.candidate_segments(choice, net),
+            selected_by=selected_by, reason=why, prediction=prediction, budget_mib=budget, global_steps=False)
+
+    if rule == "fixed":
+        choice, why = candidates[0], fixed_why
+    else:
+        sub = dict(prediction, **{"global": {c: prediction["global"][c] for c in candidates}})
+        choice, why = planner.choose(sub, budget, factor=cfg.global_memory_factor if rule == "factor" else None)
+    # the exact flags that would select each other candidate from this command
+    alternatives = {}
+    for c in planner.COST_ORDER:
+        if c == choice:
+            continue
+        drop = (["--checkpoint-global"] if cfg.checkpoint_global else []) + (
+            ["--memory-budget"] if budget is not None and (prediction is None or c not in prediction["global"]
+                                                           or prediction["global"][c] > budget * planner.MiB) else [])
+        alternatives[c] = f"--global-memory {c}" + (f" (without {' and '.join(drop)})" if drop else "")
+    return planner.MemoryPlan(
+        choice=choice, segments=planner.candidate_segments(choice, net),
+        selected_by=selected_by, reason=why, prediction=prediction,
+        factor=cfg.global_memory_factor if rule == "factor" else None, budget_mib=budget, alternatives=alternatives)

@@ -59,6 +59,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .errors import UserError
+from .versions import device_name, versions
+
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
 DEFAULT_KINDS = ("bp", "bp_ckpt", "local", "global_ckpt")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -81,10 +84,6 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass (on this thread)."""
     return _graph_task_id() >= 0
-
-
-class ProfileError(ValueError):
-    """A bad argument: the message is one line naming it and what is allowed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +312,7 @@ class TensorMemoryTracker(TorchDispatchMode):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class StepSetup:
-    """A network, its executor and a fixed batch, ready to run one kind of step."""
+    """A network, its learner and a fixed batch, ready to run one kind of step."""
 
     kind: str
     net: nn.Module
@@ -339,13 +338,10 @@ class StepSetup:
 
 
 def _call(setup: StepSetup, x: torch.Tensor, y: torch.Tensor) -> None:
-    exe, stats = setup.executor, setup.stats
     if setup.kind == "local":
-        exe.local_step(x, y, stats)
-    elif setup.kind in ("global", "global_ckpt"):
-        exe.global_step(x, y, stats)
+        setup.executor.local_step(x, y)
     else:
-        exe.bp_step(x, y, stats)
+        setup.executor.global_step(x, y)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -354,49 +350,55 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ProfileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ProfileError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
+        raise UserError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProfileError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+        raise UserError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     return dev
 
 
 def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,
                dtype: str = "fp32", device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0,
                split: str = "auto", head_kernels: str = "auto", channels_last: bool = False,
-               num_classes: int = 10, lean_blocks: bool = False) -> StepSetup:
-    """A fresh network + Executor for one step kind, built as ``pgl_fast.train`` builds them."""
-    from .config import ConfigError, TrainConfig
-    from .engine import StepStats
-    from .train import UserError, build_executor, build_network, resolve_head_kernels
+               num_classes: int = 10, lean_blocks: bool = False, model: str | None = None,
+               cuts: str | None = None, cifar_stem: bool = False) -> StepSetup:
+    """A fresh network + learner for one step kind, built as a training run builds them
+    (``--arch``, ``--model``/``--cuts`` and ``--cifar-stem`` as in ``pgl_fast.train``)."""
+    from .build import build_learner, build_model, resolve_head_kernels
+    from .config import TrainConfig
+    from .errors import UserError
 
     if kind not in KINDS:
-        raise ProfileError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
+        raise UserError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
     if dtype not in DTYPES:
-        raise ProfileError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if image_size < 8:
-        raise ProfileError(f"--image-size: must be >= 8, got {image_size}")
+        raise UserError(f"--image-size: must be >= 8, got {image_size}")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if dtype == "fp16" and dev.type != "cuda":
-        raise ProfileError("--dtype fp16 needs a CUDA GPU (it needs loss scaling); use fp32 or bf16 on the CPU")
+        raise UserError("--dtype fp16 needs a CUDA GPU (it needs loss scaling); use fp32 or bf16 on the CPU")
     method = "bp" if kind.startswith("bp") else "pgl"
     ckpt = kind.endswith("_ckpt")
     if method == "pgl" and aux is None:
-        raise ProfileError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
+        raise UserError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
     try:
-        cfg = TrainConfig(method=method, arch=arch, modules=J, split=split, aux=aux or "1c2f", batch_size=batch,
+        cfg = TrainConfig(method=method, arch=arch, modules=16 if (model or cuts) else J, split=split,
+                          aux=aux or "1c2f", batch_size=batch, model=model, cuts=cuts, cifar_stem=cifar_stem,
                           lr=0.05, device=str(dev), amp=dtype != "fp32",
                           amp_dtype="fp16" if dtype == "fp16" else "bf16", checkpoint_global=ckpt,
                           channels_last=channels_last, head_kernels=head_kernels, seed=seed)
         use_kernels = resolve_head_kernels(cfg, dev)
-    except (ConfigError, UserError) as e:
-        raise ProfileError(str(e)) from None
+    except UserError:
+        raise
     torch.manual_seed(seed)
-    net = build_network(cfg, num_classes, image_size).to(dev)
+    try:
+        net = build_model(cfg, num_classes, image_size).to(dev)
+    except UserError as e:
+        raise UserError(str(e)) from None
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    from .head_select import configure_head_kernels
+    from .runtime.head_select import configure_head_kernels
 
     # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)
     configure_head_kernels(net, head_kernels, use_kernels, batch=batch, device=dev, channels_last=channels_last,
@@ -404,14 +406,13 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     # --lean-blocks applies to the local-learning kinds; bp stays the plain eager baseline
     net.set_lean_blocks(lean_blocks and method != "bp")
     net.train()
-    exe = build_executor(cfg, net)
+    exe = build_learner(cfg, net, cuda_graphs=False)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(dev)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
-    return StepSetup(kind=kind, net=net, executor=exe, x=x, y=y, device=dev, batch=batch,
-                     stats=StepStats(net.J, dev))
+    return StepSetup(kind=kind, net=net, executor=exe, x=x, y=y, device=dev, batch=batch, stats=exe.stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,14 +450,14 @@ def _cudnn_benchmark(device: torch.device):
 def measure_step(setup: StepSetup, steps: int = 1, measure: str = "auto", record_live: bool = False) -> dict:
     """Peak memory of ``steps`` steps of an already warmed-up ``setup``, as one result dict."""
     if measure not in MEASURES:
-        raise ProfileError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
+        raise UserError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
     if steps < 1:
-        raise ProfileError(f"--steps: must be >= 1, got {steps}")
+        raise UserError(f"--steps: must be >= 1, got {steps}")
     dev = setup.device
     if measure == "auto":
         measure = "cuda" if dev.type == "cuda" else "tracker"
     if measure == "cuda" and dev.type != "cuda":
-        raise ProfileError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
+        raise UserError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
     exe = setup.executor
     cuda = dev.type == "cuda"
     tracker = TensorMemoryTracker(modules=[setup.net], optimizers=exe.optimizers, inputs=[setup.x, setup.y],
@@ -532,27 +533,13 @@ def measure_step(setup: StepSetup, steps: int = 1, measure: str = "auto", record
     return result
 
 
-def versions() -> dict:
-    import torchvision
-
-    from . import __version__
-
-    return {"pgl_fast": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0]}
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return platform.processor() or platform.machine()
-
-
 def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", batch: int = 256,
                   dtype: str = "fp32", device: str = "cpu", steps: int = 2,
                   kinds: Iterable[str] = DEFAULT_KINDS, image_size: int = 32, seed: int = 0, *,
                   split: str = "auto", measure: str = "auto", warmup_batch: int | None = None,
                   head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
-                  progress: Callable[[str], None] | None = None, lean_blocks: bool = False) -> dict:
+                  progress: Callable[[str], None] | None = None, lean_blocks: bool = False,
+                  model: str | None = None, cuts: str | None = None, cifar_stem: bool = False) -> dict:
     """Peak memory per step kind (see the module docstring for the dict layout).
 
     ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
@@ -560,29 +547,31 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
     """
     kinds = tuple(kinds)
     if not kinds:
-        raise ProfileError("--kinds: give at least one kind")
+        raise UserError("--kinds: give at least one kind")
     for k in kinds:
         if k not in KINDS:
-            raise ProfileError(f"--kinds: {k!r} is not one of {', '.join(KINDS)}")
+            raise UserError(f"--kinds: {k!r} is not one of {', '.join(KINDS)}")
     if batch < 1:
-        raise ProfileError(f"-b/--batch-size: must be >= 1, got {batch}")
+        raise UserError(f"-b/--batch-size: must be >= 1, got {batch}")
     if steps < 1:
-        raise ProfileError(f"--steps: must be >= 1, got {steps}")
+        raise UserError(f"--steps: must be >= 1, got {steps}")
     if warmup_batch is not None and warmup_batch < 1:
-        raise ProfileError(f"--warmup-batch: must be >= 1, got {warmup_batch}")
+        raise UserError(f"--warmup-batch: must be >= 1, got {warmup_batch}")
     if measure not in MEASURES:
-        raise ProfileError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
+        raise UserError(f"--measure: {measure!r} is not one of {', '.join(MEASURES)}")
     dev = resolve_device(device)
     if measure == "cuda" and dev.type != "cuda":
-        raise ProfileError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
+        raise UserError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
     results: dict[str, dict] = {}
     for kind in dict.fromkeys(kinds):
         setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
                            image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
-                           channels_last=channels_last, lean_blocks=lean_blocks)
+                           channels_last=channels_last, lean_blocks=lean_blocks, model=model, cuts=cuts,
+                           cifar_stem=cifar_stem)
         with _cudnn_benchmark(dev):
             setup.warm_up(warmup_batch)
         results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
+        J = setup.net.J  # with --cuts the cuts set J
         del setup
         gc.collect()
         if dev.type == "cuda":
@@ -594,7 +583,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         for r in results.values():
             r["ratio_to_bp"] = r["peak_bytes"] / bp if bp else None
     return {
-        "config": {"arch": arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
+        "config": {"arch": model or arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
                    "steps": steps, "kinds": list(results), "image_size": image_size, "seed": seed,
                    "split": split, "measure": measure, "warmup_batch": warmup_batch,
                    "head_kernels": head_kernels, "channels_last": channels_last},
@@ -633,22 +622,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .heads import AUX_CONFIGS
-    from .splits import SPLIT_KINDS
+    from .argparsing import OneLineParser, add_field
+    from .config import TrainConfig
 
-    p = _OneLineParser(prog="python -m pgl_fast.profile",
-                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet32", help="CIFAR ResNet-(6n+2)")
-    p.add_argument("-J", "--modules", dest="J", type=int, default=16, help="number of local modules")
-    p.add_argument("--aux", default="1c2f", choices=AUX_CONFIGS, help="aux head of the local/global kinds")
-    p.add_argument("-b", "--batch-size", dest="batch", type=int, default=256)
+    p = OneLineParser(prog="python -m pgl_fast.profile",
+                      description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # the flags a training run shares are TrainConfig's own: one help text, one set of choices
+    add_field(p, TrainConfig, "arch")
+    add_field(p, TrainConfig, "model")
+    add_field(p, TrainConfig, "cuts")
+    add_field(p, TrainConfig, "cifar_stem")
+    add_field(p, TrainConfig, "modules", dest="J")
+    add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
+    add_field(p, TrainConfig, "batch_size", dest="batch", default=256)
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS, metavar="KIND",
@@ -657,14 +645,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="batch of the warm-up step (default: --batch-size); it only creates optimizer state")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--split", default="auto", choices=SPLIT_KINDS)
-    p.add_argument("--seed", type=int, default=0)
+    add_field(p, TrainConfig, "split")
+    add_field(p, TrainConfig, "seed")
     p.add_argument("--measure", default="auto", choices=MEASURES,
                    help="tracker (tensor-level, CPU or CUDA) or cuda (allocator counters); auto picks by device")
-    p.add_argument("--head-kernels", default="auto", choices=("auto", "triton", "eager"))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--lean-blocks", action="store_true",
-                   help="memory-lean BasicBlocks in the local-learning kinds (bp stays the eager baseline)")
+    add_field(p, TrainConfig, "head_kernels")
+    add_field(p, TrainConfig, "channels_last")
+    add_field(p, TrainConfig, "lean_blocks", note="in the local-learning kinds; bp stays the eager baseline")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON here")
     return p
 
@@ -676,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
                                device=args.device, steps=args.steps, kinds=args.kinds, image_size=args.image_size,
                                seed=args.seed, split=args.split, measure=args.measure,
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
-                               channels_last=args.channels_last, lean_blocks=args.lean_blocks)
-    except ProfileError as e:
+                               channels_last=args.channels_last, lean_blocks=args.lean_blocks,
+                               model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem)
+    except UserError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2
     c = report["config"]

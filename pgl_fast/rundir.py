@@ -22,21 +22,19 @@ import time
 from dataclasses import dataclass, field
 
 from . import checkpoint as ckpt
+from .errors import UserError
+from .jsonio import JsonlWriter, read_json, tmp_path
 
 RUN_FILES = ("config.json", "header.json", "metrics.jsonl", "summary.json")
 LOCK_NAME = ".lock"
 _TMP = re.compile(r"ckpt-e\d+-s\d+\.pt\.tmp$")
 
 
-class RunDirError(Exception):
-    """An output directory that cannot be used as asked; the message is one line."""
-
-
 def check_output_path(path: str) -> None:
     """Refuse an ``--output-dir`` that can never be a directory, before anything is created: the
     path (or a folder above it) is a file, or the nearest existing folder above it is not writable."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise RunDirError(f"--output-dir {path}: is a file, not a directory")
+        raise UserError(f"--output-dir {path}: is a file, not a directory")
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -44,9 +42,9 @@ def check_output_path(path: str) -> None:
             break
         probe = parent
     if not os.path.isdir(probe):
-        raise RunDirError(f"--output-dir {path}: {probe} is a file, not a directory")
+        raise UserError(f"--output-dir {path}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunDirError(f"--output-dir {path}: not writable ({probe} does not allow writing)")
+        raise UserError(f"--output-dir {path}: not writable ({probe} does not allow writing)")
 
 
 @dataclass
@@ -87,8 +85,6 @@ def inspect(path: str) -> RunInfo | None:
     if checkpoints:
         m = re.search(r"ckpt-e(\d+)-s(\d+)\.pt$", checkpoints[-1])
         info.epochs_done, info.steps_done = int(m.group(1)), int(m.group(2))
-    from .metrics import JsonlWriter, read_json
-
     logged = [r.get("epoch") for r in JsonlWriter(os.path.join(path, "metrics.jsonl")).read()
               if r.get("event") == "epoch" and isinstance(r.get("epoch"), int)]
     if logged and max(logged) > info.epochs_done:
@@ -105,7 +101,7 @@ def clear_run(path: str) -> list[str]:
     relative to ``path``."""
     removed = []
     for name in RUN_FILES:
-        for f in (name, name + ".tmp"):
+        for f in (name, tmp_path(name)):
             if os.path.isfile(os.path.join(path, f)):
                 os.remove(os.path.join(path, f))
                 removed.append(f)
@@ -145,11 +141,11 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunDirError(f"{path} is in use by {describe_holder(lock_path)}; wait for it to end or "
+            raise UserError(f"{path} is in use by {describe_holder(lock_path)}; wait for it to end or "
                               "use another --output-dir") from None
         except OSError as e:  # e.g. a file system without locks
             os.close(fd)
-            raise RunDirError(f"--output-dir {path}: cannot lock {lock_path} ({e.strerror or e})") from None
+            raise UserError(f"--output-dir {path}: cannot lock {lock_path} ({e.strerror or e})") from None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)

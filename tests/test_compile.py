@@ -15,10 +15,11 @@ import os
 import pytest
 import torch
 
-from pgl_fast.compile import COMPILE_MODES, compile_count
-from pgl_fast.config import ConfigError, TrainConfig
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.network import LocalNet
+from pgl_fast.runtime.compile import COMPILE_MODES, compile_count
+from pgl_fast.config import TrainConfig
+from pgl_fast.errors import UserError
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.models.local_model import LocalNet
 from pgl_fast.train import main
 
 CPU = torch.device("cpu")
@@ -214,5 +215,5 @@ def test_compile_flags_accepted_and_modes_listed():
         assert cfg.compile_mode == mode
     # the two modes that do not capture CUDA graphs themselves compose with --cuda-graphs
     TrainConfig(compile=True, cuda_graphs=True, compile_mode="max-autotune-no-cudagraphs")
-    with pytest.raises(ConfigError, match="--compile-mode"):
+    with pytest.raises(UserError, match="--compile-mode"):
         TrainConfig(compile_mode="fast")

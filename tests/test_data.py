@@ -17,7 +17,6 @@ from pgl_fast.data import (
     DATASETS,
     RECIPES,
     BatchAugmenter,
-    DataError,
     DatasetSpec,
     dataset_spec,
     epoch_batches,
@@ -26,6 +25,7 @@ from pgl_fast.data import (
     make_generator,
     normalize,
 )
+from pgl_fast.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -70,7 +70,7 @@ def tree(tmp_path):
 
 def _err(excinfo) -> str:
     msg = str(excinfo.value)
-    assert "\n" not in msg, "DataError messages must be one line"
+    assert "\n" not in msg, "UserError messages must be one line"
     return msg
 
 
@@ -103,7 +103,7 @@ def test_imagefolder_spec_takes_recipe():
     s = dataset_spec("imagefolder", recipe="svhn", num_classes=3, image_size=3)
     assert (s.pad, s.pad_mode, s.flip) == (2, "zeros", False)
     assert dataset_spec("synthetic", image_size=4).pad == 3  # capped below the image size
-    with pytest.raises(DataError, match="recipe"):
+    with pytest.raises(UserError, match="recipe"):
         dataset_spec("imagefolder", recipe="imagenet")
 
 
@@ -364,19 +364,19 @@ def test_cache_with_bad_labels_is_an_error(tree):
     blob = torch.load(path, weights_only=True)
     blob["y"] = blob["y"] + 5
     torch.save(blob, path)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(path) in msg and "labels" in msg and "delete" in msg
 
 
 # ----------------------------------------------------------------------------------------------
-# Every DataError case names what is wrong
+# Every UserError case names what is wrong
 # ----------------------------------------------------------------------------------------------
 
 
 def test_error_missing_dir(tmp_path):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", tmp_path / "nope")
     msg = _err(e)
     assert str(tmp_path / "nope") in msg and "does not exist" in msg and "train/<class>" in msg
@@ -384,7 +384,7 @@ def test_error_missing_dir(tmp_path):
 
 def test_error_no_train_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", tmp_path / "empty")
     msg = _err(e)
     assert str(tmp_path / "empty") in msg and "no train/ folder" in msg
@@ -392,7 +392,7 @@ def test_error_no_train_folder(tmp_path):
 
 def test_error_no_test_folder(tmp_path):
     _write(tmp_path / "d" / "train" / "a" / "0.png", _image(0))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", tmp_path / "d")
     assert "no test/ folder" in _err(e) and str(tmp_path / "d") in str(e.value)
 
@@ -401,7 +401,7 @@ def test_error_empty_class_folder(tree):
     root, _ = tree
     (root / "train" / "dog").mkdir()
     (root / "train" / "dog" / "readme.txt").write_text("not an image")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(root / "train" / "dog") in msg and "no images" in msg
@@ -414,7 +414,7 @@ def test_error_corrupt_image(tree, payload):
     bad.unlink()
     bad = bad.with_suffix(".jpg")
     bad.write_bytes(payload)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(bad) in msg and "cannot decode" in msg
@@ -424,7 +424,7 @@ def test_error_mixed_sizes(tree):
     root, _ = tree
     odd = root / "train" / "bee" / "01.png"
     _write(odd, _image(5, size=(10, 6)))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(odd) in msg and "10x6" in msg and "8x8" in msg and "ant" in msg
@@ -435,7 +435,7 @@ def test_error_test_size_differs_from_train(tmp_path):
     for cls in ("a", "b"):
         _write(root / "train" / cls / "0.png", _image(1, (8, 8)))
         _write(root / "test" / cls / "0.png", _image(2, (9, 9)))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(root / "test" / "a" / "0.png") in msg and "9x9" in msg and "8x8" in msg
@@ -445,7 +445,7 @@ def test_error_non_square(tmp_path):
     root = tmp_path / "d"
     for split in ("train", "test"):
         _write(root / split / "a" / "0.png", _image(1, (8, 6)))
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     assert "square" in _err(e) and "8x6" in str(e.value)
 
@@ -454,7 +454,7 @@ def test_error_class_mismatch(tree):
     root, _ = tree
     _write(root / "test" / "zebra" / "0.png", _image(0))
     (root / "test" / "cat").rename(root / "test" / ".hidden_cat")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root)
     msg = _err(e)
     assert str(root / "test") in msg and "cat" in msg and "zebra" in msg
@@ -462,27 +462,27 @@ def test_error_class_mismatch(tree):
 
 def test_error_subset_too_large(tree):
     root, _ = tree
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root, train_subset=10)
     msg = _err(e)
     assert "--train-subset" in msg and "10" in msg and "(9 images)" in msg
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", root, test_subset=7)
     assert "--test-subset" in _err(e) and "(6 images)" in str(e.value)
-    with pytest.raises(DataError, match="--train-subset must be a positive integer"):
+    with pytest.raises(UserError, match="--train-subset must be a positive integer"):
         load_dataset("imagefolder", root, train_subset=0)
 
 
 def test_error_unknown_dataset_and_archive(tmp_path):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagenet", tmp_path)
     assert "imagenet" in _err(e) and "cifar10" in str(e.value)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         extract_archive_if_needed(tmp_path / "missing.tar.gz", tmp_path / "out")
     assert str(tmp_path / "missing.tar.gz") in _err(e)
     archive = tmp_path / "x.tar.gz"
     archive.write_bytes(b"")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("imagefolder", archive)
     assert "archive" in _err(e) and "tar -xzf" in str(e.value)
 
@@ -542,18 +542,18 @@ def test_torchvision_download_failure_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(tvd, "CIFAR10", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("cifar10", tmp_path / "c10", download=True)
     msg = _err(e)
     assert "CIFAR-10 not found in" in msg and "download failed" in msg and str(tmp_path / "c10") in msg
     monkeypatch.setattr(tvd, "STL10", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("stl10", tmp_path, download=False)
     assert "STL-10" in _err(e) and "stl10_binary" in str(e.value)
 
 
 def test_real_torchvision_missing_without_download(tmp_path):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("cifar10", tmp_path, download=False)
     msg = _err(e)
     assert "CIFAR-10 not found" in msg and "imagefolder" in msg

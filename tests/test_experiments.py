@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pgl_fast import experiments, report
+from pgl_fast import experiments
+from pgl_fast.experiments import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # dgl (two seeds at J=4 in the tiny protocol) and PGL (Aux-Adapt): three runs
@@ -151,3 +152,27 @@ def test_gap_lines_pair_seeds_and_state_the_test_set_noise():
     assert "one accuracy ≈ ±0.50" in line and "of a difference ≈ ±0.71" in line
     (single,) = report._gap_lines(runs[:1] + runs[3:4], "resnet32", [16])
     assert "per seed" not in single
+
+
+def test_the_packages_dependencies_point_one_way():
+    # grids <- report <- runner: the report never reaches back into the runner, nor the grids into
+    # either, and only the package's entry points import the runner
+    import ast
+    import os
+
+    import pgl_fast.experiments as pkg
+
+    folder = os.path.dirname(pkg.__file__)
+    deps = {}
+    for name in ("grids", "report", "runner"):
+        tree = ast.parse(open(os.path.join(folder, name + ".py")).read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {a.name for a in node.names}
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pgl_fast.experiments"):
+                found.add(node.module.rsplit(".", 1)[-1])
+        deps[name] = found
+    assert deps == {"grids": set(), "report": {"grids"}, "runner": {"report", "grids"}}
+    top = ast.parse(open(os.path.join(os.path.dirname(folder), "report.py")).read())
+    assert {n.module for n in ast.walk(top) if isinstance(n, ast.ImportFrom)} == {"experiments.report"}

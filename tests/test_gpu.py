@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.network import LocalNet
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.models.local_model import LocalNet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -57,7 +57,7 @@ def _batches(n, batch=8, size=16, channels_last=False, seed=1):
 @pytest.mark.parametrize("fused", [False, True], ids=["eager_heads", "fused_heads"])
 @pytest.mark.parametrize("aux", ["1c2f", "adapt"], ids=["dgl", "pgl_local"])
 def test_graphed_local_steps_match_eager(aux, fused, channels_last, dtype):
-    from pgl_fast.graphs import GraphedLocalSteps
+    from pgl_fast.runtime.graphs import GraphedLocalSteps
 
     if fused:
         from pgl_fast.kernels import triton_available
@@ -120,7 +120,7 @@ def test_checkpointed_global_step_matches_plain():
 
 
 def test_graph_memory_reports_what_a_replay_holds():
-    from pgl_fast.graphs import GraphedLocalSteps
+    from pgl_fast.runtime.graphs import GraphedLocalSteps
     from pgl_fast.metrics import PeakMemory
 
     # big enough a batch that activations dominate parameters and optimizer state
@@ -162,7 +162,7 @@ def test_graph_memory_reports_what_a_replay_holds():
 
 
 def test_auto_head_kernels_measure_and_record_on_the_device():
-    from pgl_fast.head_select import configure_head_kernels
+    from pgl_fast.runtime.head_select import configure_head_kernels
 
     net = _net(aux="adapt", J=4, image_size=32)
     rec = configure_head_kernels(net, "auto", True, batch=256, dtype=torch.bfloat16, device=torch.device(DEV),

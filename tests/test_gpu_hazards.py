@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.heads import MLPSRHead, adaptive_avg_pool, reconstruction_loss, supcon_loss, upsample_bilinear
-from pgl_fast.network import LocalNet
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.models.heads import MLPSRHead, adaptive_avg_pool, reconstruction_loss, supcon_loss, upsample_bilinear
+from pgl_fast.models.local_model import LocalNet
 
 # Backward ops that CUDA implements only with atomics and refuses in deterministic mode.
 CUDA_NONDETERMINISTIC = ("_adaptive_avg_pool2d_backward", "upsample_bilinear2d_backward")

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.graphs import InPlaceSnapshot, training_state_tensors
-from pgl_fast.network import LocalNet
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.runtime.graphs import InPlaceSnapshot, training_state_tensors
+from pgl_fast.models.local_model import LocalNet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
 
@@ -84,7 +84,7 @@ def test_step_statistics_have_no_host_side_counters():
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp,tol", [(None, 1e-5), (torch.bfloat16, 2e-2)])
 def test_graphed_local_steps_match_eager(amp, tol):
-    from pgl_fast.graphs import GraphedLocalSteps
+    from pgl_fast.runtime.graphs import GraphedLocalSteps
 
     net, exe, stats = _setup("cuda", amp=amp)
     ref_net, ref_exe, ref_stats = _setup("cuda", amp=amp)
@@ -111,7 +111,7 @@ def _fake_cuda_counters(monkeypatch, allocated, reserved, segments=()):
 
 def _graphs_after_capture(capture_peaks: dict, outside=(0, 0), pool=(0, 7)):
     """A GraphedLocalSteps as its captures leave it (the capture itself needs a GPU)."""
-    from pgl_fast.graphs import GraphedLocalSteps
+    from pgl_fast.runtime.graphs import GraphedLocalSteps
 
     g = object.__new__(GraphedLocalSteps)
     g.pool = pool
@@ -122,7 +122,7 @@ def _graphs_after_capture(capture_peaks: dict, outside=(0, 0), pool=(0, 7)):
 
 
 def test_pool_reserved_bytes_counts_only_the_graph_pool(monkeypatch):
-    from pgl_fast.graphs import pool_reserved_bytes
+    from pgl_fast.runtime.graphs import pool_reserved_bytes
 
     segs = [{"segment_pool_id": (0, 7), "total_size": 2 * 2**20}, {"segment_pool_id": (0, 0), "total_size": 2**30},
             {"segment_pool_id": [0, 7], "total_size": 2**20}]

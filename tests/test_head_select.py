@@ -1,4 +1,4 @@
-"""``--head-kernels auto``: the per-head choice by measurement (pgl_fast.head_select).
+"""``--head-kernels auto``: the per-head choice by measurement (pgl_fast.runtime.head_select).
 
 The check runs the real fused kernels (the Triton interpreter on the CPU) against float64 eager
 heads; the timings are injected (a fake clock charged per call of each path), so the choice is
@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from pgl_fast import head_select as hs
-from pgl_fast.heads import AuxClassifier
-from pgl_fast.network import LocalNet
+from pgl_fast.runtime import head_select as hs
+from pgl_fast.models.heads import AuxClassifier
+from pgl_fast.models.local_model import LocalNet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

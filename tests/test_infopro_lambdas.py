@@ -43,7 +43,7 @@ def test_header_records_the_lambdas_used(tmp_path):
 
 
 def test_report_names_the_lambdas_of_the_infopro_row():
-    from pgl_fast.report import _infopro_lambda_lines
+    from pgl_fast.experiments.report import _infopro_lambda_lines
 
     runs = [{"method": "infopro", "J": 16, "infopro_loss": "softmax", "infopro_lambdas": (5.0, 0.05, 0.2, 0.5)},
             {"method": "dgl", "J": 16, "infopro_loss": None, "infopro_lambdas": None}]

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from pgl_fast.models import BasicBlock
+from pgl_fast.models.cifar_resnet import BasicBlock
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def test_lean_block_matches_eager(cin, cout, stride, batch, size, input_grad):
 
 
 def test_lean_block_is_not_used_in_eval_or_no_grad(monkeypatch):
-    import pgl_fast.lean as lean_mod
+    import pgl_fast.models.lean as lean_mod
 
     calls = []
     real = lean_mod.lean_block_forward

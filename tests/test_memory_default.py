@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-import pgl_fast.engine as engine_mod
+import pgl_fast.core.learner as engine_mod
 import pgl_fast.train as train_mod
 from pgl_fast import planner
 from pgl_fast.profile import build_step, measure_step

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.engine import Executor, LossSpec, StepStats
-from pgl_fast.network import LocalNet
+from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.models.local_model import LocalNet
 
 
 
@@ -200,7 +200,7 @@ def test_infopro_local_loss_matches_equation(contrast):
 
 
 def test_supcon_matches_loop_reference():
-    from pgl_fast.heads import supcon_loss
+    from pgl_fast.models.heads import supcon_loss
 
     torch.manual_seed(3)
     z = torch.randn(9, 5)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pgl_fast.optim import DeviceLRSGD
+from pgl_fast.runtime.optim import DeviceLRSGD
 
 
 def _params(dtype, seed=0):

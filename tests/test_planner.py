@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pgl_fast import planner
+from pgl_fast.errors import UserError
 from pgl_fast.profile import build_step, measure_step
 from pgl_fast.train import main
 
@@ -45,9 +46,9 @@ def test_choice_under_budgets():
     assert planner.choose(pred, 160)[0] == "coarse"
     assert planner.choose(pred, 130)[0] == "modules"
     assert planner.choose(pred, 115)[0] == "units"
-    with pytest.raises(planner.PlanError, match="smallest predicted global-step peak is 110 MiB"):
+    with pytest.raises(UserError, match="smallest predicted global-step peak is 110 MiB"):
         planner.choose(pred, 100)
-    with pytest.raises(planner.PlanError, match="even the local steps"):
+    with pytest.raises(UserError, match="even the local steps"):
         planner.choose(pred, 40)
 
 

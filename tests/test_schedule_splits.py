@@ -1,9 +1,9 @@
 """Schedules against hand-written epoch tables; splits and parameter counts against prior-art."""
 import pytest
 
-from pgl_fast.network import LocalNet
-from pgl_fast.schedule import lr_at_epoch, phase_table
-from pgl_fast.splits import SplitError, resolve_split
+from pgl_fast.models.local_model import LocalNet
+from pgl_fast.core.schedule import lr_at_epoch, phase_table
+from pgl_fast.models.splits import SplitError, resolve_split
 
 L, G = "local", "global"
 

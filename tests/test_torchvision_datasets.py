@@ -30,7 +30,8 @@ import torch
 import torchvision.datasets as tvd
 
 from pgl_fast import train as train_mod
-from pgl_fast.data import BatchAugmenter, DataError, load_dataset
+from pgl_fast.data import BatchAugmenter, load_dataset
+from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
 N_TRAIN, N_TEST = 40, 20
@@ -272,7 +273,7 @@ def test_cache_dir_flag(name, tmp_path, monkeypatch):
 def test_svhn_files_failing_the_md5_check_are_named(tmp_path):
     root = tmp_path / "svhn"
     write_svhn(root)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("svhn", root, download=False)
     msg = _one_line(e, tmp_path)
     # The files are there: the error says they fail the checksum, not that they are missing.
@@ -291,7 +292,7 @@ def test_svhn_unofficial_files_when_the_download_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_svhn, "download_url", offline)
     root = tmp_path / "svhn"
     write_svhn(root)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("svhn", root, download=True)
     msg = _one_line(e, tmp_path)
     assert "md5" in msg and "<tmp>/svhn/train_32x32.mat" in msg and "downloading the official files failed" in msg
@@ -302,7 +303,7 @@ def test_svhn_missing_test_file_is_named(tmp_path, monkeypatch):
     write_svhn(root)
     trust_svhn(monkeypatch, root)
     (root / "test_32x32.mat").unlink()
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("svhn", root, download=False)
     msg = _one_line(e, tmp_path)
     assert "missing" in msg and "<tmp>/svhn/test_32x32.mat" in msg and "download" in msg
@@ -311,7 +312,7 @@ def test_svhn_missing_test_file_is_named(tmp_path, monkeypatch):
 def test_stl10_files_failing_the_md5_check_are_named(tmp_path):
     root = tmp_path / "stl10"
     write_stl10(root)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("stl10", root, download=False)
     msg = _one_line(e, tmp_path)
     assert "md5" in msg and "<tmp>/stl10/stl10_binary/train_X.bin" in msg and "not found" not in msg
@@ -323,7 +324,7 @@ def test_stl10_needs_the_unlabeled_file(tmp_path, monkeypatch):
     write_stl10(root)
     trust_stl10(monkeypatch, root)
     (root / "stl10_binary" / "unlabeled_X.bin").unlink()
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("stl10", root, download=False)
     msg = _one_line(e, tmp_path)
     assert "missing" in msg and "<tmp>/stl10/stl10_binary/unlabeled_X.bin" in msg
@@ -336,7 +337,7 @@ def test_cifar10_incomplete_folder_names_the_missing_batches(tmp_path):
     folder.mkdir(parents=True)
     for f in ("data_batch_1", "data_batch_2", "batches.meta"):
         (folder / f).write_bytes(b"x")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("cifar10", tmp_path / "c10", download=False)
     msg = _one_line(e, tmp_path)
     assert "missing" in msg and "imagefolder" in msg
@@ -353,7 +354,7 @@ def test_svhn_without_scipy_is_one_line(tmp_path, monkeypatch):
     trust_svhn(monkeypatch, root)
     monkeypatch.setitem(sys.modules, "scipy", None)  # makes `import scipy.io` raise ImportError
     monkeypatch.setitem(sys.modules, "scipy.io", None)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_dataset("svhn", root, download=False)
     msg = _one_line(e, tmp_path)
     assert "scipy" in msg and "pip install" in msg and "<tmp>/svhn/train_32x32.mat" in msg

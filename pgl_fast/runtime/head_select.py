@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 # (atol, rtol) per dtype of the head input, against a float64 eager reference: the kernel tests' table.
-from .kernels.reference import TOLERANCES  # noqa: E402
+from ..kernels.reference import TOLERANCES  # noqa: E402
 
 CHECK_SEED = 20240817  # the check's private generator: the global RNG stream is never touched
 
@@ -288,8 +288,7 @@ def select_for_net(net, *, batch: int, dtype: torch.dtype, device: torch.device,
         if not has_fused_convs(head):
             head.use_kernels = False
             continue
-        info = net.info[j]
-        shape = (batch, info.out_channels, info.out_size, info.out_size)
+        shape = (batch, *net.out_shape(j))
         key = _head_key(head, shape, dtype, device, channels_last)
         if key not in records:
             if key in cache:

@@ -17,7 +17,7 @@ Split kinds (``--split``):
 """
 from __future__ import annotations
 
-from .models import blocks_per_stage
+from .cifar_resnet import blocks_per_stage
 
 INFOPRO_CUTS: dict[str, dict[int, list[list[int]]]] = {
     "resnet32": {

@@ -1,10 +1,10 @@
 """CUDA-graph capture of the local step (``--cuda-graphs``).
 
-The captured function is ``Executor.local_step`` itself -- the same code the eager path runs, for
+The captured function is ``LocalLearner.local_step`` itself -- the same code the eager path runs, for
 every module: forward, local loss, backward, the device-lr SGD update, and the device-side
 statistics. What makes it capturable is in the pieces it calls: the lr lives in a device tensor
 (``optim.DeviceLRSGD``), momentum buffers exist from the start, statistics and the non-finite
-flags are device tensors updated in place (``engine.StepStats``), and nothing in the step reads
+flags are device tensors updated in place (the learner's ``StepStats``), and nothing in the step reads
 a value back to the host.
 
 One graph per batch size (the last partial batch gets its own graph), all sharing one memory pool
@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import torch
 
-from .engine import Executor, StepStats
 
 
-def training_state_tensors(exe: Executor, stats: StepStats) -> list[torch.Tensor]:
-    """Every tensor a training step mutates in place, in a fixed order."""
-    tensors: list[torch.Tensor] = list(exe.net.parameters()) + list(exe.net.buffers())
+def training_state_tensors(exe, stats) -> list[torch.Tensor]:
+    """Every tensor a training step of the learner ``exe`` mutates in place, in a fixed order."""
+    tensors: list[torch.Tensor] = list(exe.model.parameters()) + list(exe.model.buffers())
     for opt in exe.optimizers:
         for group in opt.param_groups:
             for p in group["params"]:
                 tensors.extend(v for v in opt.state[p].values() if torch.is_tensor(v))
         if hasattr(opt, "lr_tensor"):
             tensors.append(opt.lr_tensor)
-    tensors.extend(getattr(stats, k) for k in StepStats._FIELDS)
+    tensors.extend(stats.tensors())
     return tensors
 
 
@@ -70,7 +69,7 @@ def pool_reserved_bytes(pool) -> int:
 
 
 class GraphedLocalSteps:
-    def __init__(self, exe: Executor, stats: StepStats, warmup_iters: int = 3):
+    def __init__(self, exe, stats, warmup_iters: int = 3):
         if not torch.cuda.is_available():
             raise RuntimeError("--cuda-graphs needs a CUDA GPU")
         if exe.scaler is not None:
@@ -123,7 +122,7 @@ class GraphedLocalSteps:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup_iters):
-                exe.local_step(static_x, static_y, stats, static_img)
+                exe.run_local_step(static_x, static_y, static_img)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         snapshot.restore()
@@ -134,7 +133,7 @@ class GraphedLocalSteps:
         torch.cuda.reset_peak_memory_stats(dev)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            exe.local_step(static_x, static_y, stats, static_img)
+            exe.run_local_step(static_x, static_y, static_img)
         torch.cuda.synchronize(dev)
         key = static_x.shape[0]
         self.capture_peak_bytes[key] = torch.cuda.max_memory_allocated(dev)

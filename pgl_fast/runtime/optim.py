@@ -70,3 +70,14 @@ class DeviceLRSGD(torch.optim.Optimizer):
             lr = self.lr_tensor.to(params[0].dtype) if self.lr_tensor.dtype != params[0].dtype else self.lr_tensor
             torch._foreach_sub_(params, torch._foreach_mul(d, lr))
         return None
+
+
+def sgd(lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4):
+    """The default optimizer factory of ``LocalLearner``: ``params -> DeviceLRSGD`` with the paper's
+    settings (momentum 0.9, Nesterov, weight decay 1e-4 on every parameter; lr 0.1, the paper's
+    0.8 at batch 1024 scaled to batch 128)."""
+
+    def make(params):
+        return DeviceLRSGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+    return make

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .heads import upcast
+from ..models.heads import upcast
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # modes whose Inductor backend captures CUDA graphs itself (CUDAGraph Trees)
@@ -82,7 +82,7 @@ def _local_ce_piece(block: nn.Module, head: nn.Module):
 def _local_loss_piece(exe, j: int):
     # InfoPro's loss (per-module lambdas, decoder): the executor's own definition, traced as is
     def local_loss_piece(x, y, image01):
-        h = exe.net.blocks[j](x.detach())
+        h = exe.model.blocks[j](x.detach())
         return h.detach(), exe.local_loss(j, h, y, image01)
 
     return local_loss_piece
@@ -137,7 +137,7 @@ def _final_piece(classifier: nn.Module):
 
 
 class CompiledPieces:
-    """The compiled callables an ``Executor`` calls instead of its eager forward code.
+    """The compiled callables a ``LocalLearner`` calls instead of its eager forward code.
 
     ``local[j](x, y, image01) -> (output.detach(), loss)``: module j's forward on ``x.detach()`` and
     its local loss (output = features for j < J-1, logits for the last module).
@@ -151,10 +151,10 @@ class CompiledPieces:
         self.mode = mode
         self.uses_cudagraphs = mode in CUDAGRAPH_MODES
         self._options = dict(dynamic=False, mode=None if mode == "default" else mode)
-        net = exe.net
+        net = exe.model
         self.net = net
         J = net.J
-        ce = exe.loss_spec.kind == "ce"
+        ce = exe.method.local_loss_is_ce
         local = []
         for j in range(J):
             if j == J - 1:

@@ -1,89 +1,9 @@
-"""Experiment runner: the paper's tables as named grids of separate, resumable training runs.
-
-    python -m pgl_fast.experiments table1 --protocol cpu --out runs/exp          # run (or continue)
-    python -m pgl_fast.experiments table1 --protocol cpu --out runs/exp --dry-run
-    python -m pgl_fast.experiments table1 --protocol cpu --out runs/exp \
-        --only J=16 --only variant=bp --only "variant=dgl|pgl-adapt,J=4"          # a subset now, the rest later
-    python -m pgl_fast.report runs/exp/table1                                     # the report (also written at the end of a run)
-
-Grids
------
-A grid is a list of entries (variant, J, P, Q, seeds) on one (dataset, arch). A *variant* is a row of the
-paper's tables: ``dgl`` (DGL, aux 1c2f), ``infopro`` (InfoPro Softmax: CE head + decoder, aux 1c2f), ``pgl-1c2f``, ``pgl-adapt``,
-``pgl-2c2f`` (PGL with the three aux heads) and ``bp`` (end to end, run at J=1).
-
-- ``table1``: every variant at every J of the protocol (16, 8, 4, 2) plus BP.
-- ``table2``: the same runs as ``table1`` (its accuracy column is Table 1's); its report adds parameters
-  and peak memory per phase. ``python -m pgl_fast.report <out>/table1 --layout table2`` gives that
-  report from the ``table1`` runs without training anything twice.
-- ``table3``: PGL (Aux-Adapt) at J=16 for every (P, Q) of the ablation, plus DGL at J=16 as the
-  reference row.
-
-Every run is its own subprocess (``python -m pgl_fast.train ...``; a crash of one run never kills the
-runner) writing into ``<out>/<grid>/<arch>-<variant>-J<J>[-P<P>Q<Q>]-s<seed>`` (P and Q only for PGL,
-the only method they affect). A run is *finished* when its ``summary.json`` exists and is then skipped;
-a run with a checkpoint is continued with ``--resume auto``; anything else starts fresh. The runner
-can be stopped at any time (Ctrl-C or SIGTERM: the running child is terminated and keeps its last
-checkpoint, written atomically at every epoch end and every ``--save-every`` steps) and simply
-started again.
-A run directory is locked (``flock``) while its child runs, so two runners on the same grid never
-train the same run twice. The exact command of every invocation is appended to the run's
-``command.txt`` and to the grid's ``commands.txt``; ``grid.json`` is the manifest (protocol, data,
-every planned run with its directory, command and status). A run directory whose ``config.json``
-disagrees with the plan (another protocol, epochs, batch, lr, ...) is refused with a one-line error:
-results of different protocols never mix in one directory.
-
-Protocols
----------
-``paper``: the paper's recipe on the full data: 160 epochs, batch 1024, lr 0.8 (cosine, SGD Nesterov
-0.9, wd 1e-4), P=10, Q=2 (table1/2), the paper's P x Q grid (table3, P in 5/10/15/20, Q in 1/2/3),
-three seeds (the paper averages three trials), evaluation on the full test set every epoch.
-
-``cpu``: a reduced recipe that one 2-core CPU machine runs at about 30 minutes per run at most:
-
-- a class-balanced, seeded train subset of 4,000 of the 50,000 images (400 per class); 18 epochs;
-  batch 64; lr 0.05 (the paper's 0.8 at batch 1024 scaled linearly: 0.8 x 64/1024), cosine;
-- P=5, Q=1: the paper's P:Q = 10:2, so PGL spends 1/6 of its epochs in global epochs as in the paper
-  (18 epochs = three full cycles: 15 local and 3 global epochs; unlike the paper's 160, which end
-  with 4 local epochs, the last epoch is global: the report gives final and best accuracy);
-- evaluation on the full 10,000-image test set after every epoch; the aux heads are not scored
-  (``--no-head-eval``): the report does not use them, and scoring them made each evaluation about
-  4x longer (15 extra heads per image at J=16: 208 s instead of 48 s per evaluation, both measured
-  under load);
-- a checkpoint every 20 steps as well as at every epoch end (``--save-every 20``), so a stopped
-  runner loses at most about 20 seconds of work;
-- seeds: 0; 0 and 1 for DGL and PGL (Aux-Adapt) at J=16;
-- table3 uses the paper's (P, Q) values themselves: only they keep each cell's share of global
-  epochs Q/(P+Q) (P=5, Q=1 cannot be scaled down in whole epochs). P=20 is left out since no global
-  epoch fits in 18 epochs; P=15 gets one cycle (e.g. Q=3: 15 local + 3 global), P=10 one cycle and a
-  bit, P=5 three cycles.
-
-Measured on this machine (2 cores, torch 2.14.1, resnet32 J=16, offline JPEG copy, batch 64, full
-pipeline through ``python -m pgl_fast.train`` at a load average of about 2, i.e. nearly both cores):
-PGL (Aux-Adapt) trains 114 img/s in local and 119 img/s in global epochs, InfoPro 50 img/s (its
-decoders and contrastive loss make it the slowest), and one evaluation of the 10,000 test images
-takes about 12-17 s. Per 4,000-image epoch: InfoPro about 93 s, PGL (Aux-Adapt) about 52 s, so 18
-epochs take about 28 min (InfoPro, the longest run) and 16 min (PGL Aux-Adapt); DGL, PGL (1Conv-2FC)
-and BP are faster (an in-process step benchmark, best of 4 rounds: DGL 172, PGL 1c2f 175, PGL 2c2f
-135/122 local/global, BP 230 img/s). The other helper processes sharing the machine made every
-measurement noisy: at load averages of 5-7 the same runs went 2-4x slower (13-30 img/s for PGL
-Aux-Adapt), so a run takes up to about an hour when the machine is shared. The full account is in
-``docs/results/README.md``. The committed runs then took less on a quiet machine: InfoPro 23.7 min,
-PGL (Aux-Adapt) about 11 min, DGL about 12.5 min, BP 8 min (every run's wall time is in its
-``summary.json``).
-
-``tiny``: synthetic data (64 train / 32 test images), resnet8, J in (4, 2), 2 epochs, batch 32, lr
-0.05, P=1, Q=1, two seeds for DGL at J=4, InfoPro with fixed lambdas (resnet8 has none of its own):
-a smoke test of the machinery, not an experiment.
-
-Data: ``--dataset imagefolder`` (the default) reads ``--data-dir`` (default ``.cache/cifar10-jpeg``,
-the offline JPEG copy of CIFAR-10, unpacked from ``--archive``, by default
-``<repo>/../shared/data/cifar10-jpeg.tar.gz``, when it is missing). ``--dataset cifar10`` loads
-CIFAR-10 through torchvision and downloads it into ``--data-dir`` (default ``./data``).
-"""
+"""The experiment runner: plans a grid's runs and trains each as its own ``python -m pgl_fast.train``
+subprocess, skipping finished runs and resuming unfinished ones, then writes the grid's report.
+How a grid behaves (run directories, locks, manifests, data) is described in the package docstring
+(``pgl_fast.experiments``); which runs a grid holds, in ``pgl_fast.experiments.grids``."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import fcntl
 import json
@@ -93,235 +13,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from . import rundir
-from .metrics import read_json, write_json_atomic
-from .config import ConfigError, INFOPRO_LAMBDAS, config_from_args
+from .. import rundir
+from ..argparsing import OneLineParser, add_field
+from ..config import INFOPRO_LAMBDAS, TrainConfig, config_from_args
+from ..errors import UserError
+from ..jsonio import read_json, write_json_atomic
+from . import report
+from .grids import (FILTER_KEYS, GRIDS, OFFLINE_COPY_NAME, PROTOCOLS, Protocol, Run, parse_seeds, plan_runs)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
-OFFLINE_COPY_NAME = "cifar10-jpeg"
-
-
-class GridError(Exception):
-    """Bad input to the runner: printed as one line, exit code 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Variants (rows of the paper's tables), protocols, grids
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    method: str
-    aux: str | None
-
-
-VARIANTS = {v.key: v for v in (
-    Variant("dgl", "DGL", "dgl", "1c2f"),
-    Variant("infopro", "InfoPro", "infopro", "1c2f"),
-    Variant("pgl-1c2f", "PGL (1Conv-2FC)", "pgl", "1c2f"),
-    Variant("pgl-adapt", "PGL (Aux-Adapt)", "pgl", "adapt"),
-    Variant("pgl-2c2f", "PGL (2Conv-2FC)", "pgl", "2c2f"),
-    Variant("bp", "BP", "bp", None),
-)}
-LOCAL_VARIANTS = ("dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    description: str
-    epochs: int
-    batch_size: int
-    lr: float
-    P: int
-    Q: int
-    Js: tuple[int, ...]
-    main_J: int                          # table3's J
-    table3_P: tuple[int, ...]
-    table3_Q: tuple[int, ...]
-    seeds: tuple[int, ...]               # default seeds of every entry
-    more_seeds: dict = field(default_factory=dict)   # (variant, J) -> seeds
-    arch: str = "resnet32"
-    dataset: str | None = None           # None: from --dataset
-    train_subset: int | None = None
-    test_subset: int | None = None
-    train_args: tuple[str, ...] = ()     # extra flags for every run
-    infopro_fallback: tuple[float, float, float, float] | None = None
-
-    def seeds_for(self, variant: str, J: int) -> tuple[int, ...]:
-        return tuple(self.more_seeds.get((variant, J), self.seeds))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["more_seeds"] = {f"{v}@J{j}": list(s) for (v, j), s in self.more_seeds.items()}
-        return d
-
-
-PROTOCOLS = {
-    "paper": Protocol(
-        name="paper",
-        description="the paper's recipe: full data, 160 epochs, batch 1024, lr 0.8 (cosine), P=10, Q=2, 3 seeds",
-        epochs=160, batch_size=1024, lr=0.8, P=10, Q=2, Js=(16, 8, 4, 2), main_J=16,
-        table3_P=(5, 10, 15, 20), table3_Q=(1, 2, 3), seeds=(0, 1, 2)),
-    "cpu": Protocol(
-        name="cpu",
-        description=("reduced CPU recipe: class-balanced train subset of 4,000 images, 18 epochs, batch 64, "
-                     "lr 0.05 (cosine), P=5, Q=1 (the paper's 1/6 share of global epochs), full test set "
-                     "every epoch, no aux-head scoring"),
-        epochs=18, batch_size=64, lr=0.05, P=5, Q=1, Js=(16, 8, 4, 2), main_J=16,
-        table3_P=(5, 10, 15), table3_Q=(1, 2, 3), seeds=(0,),
-        more_seeds={("dgl", 16): (0, 1), ("pgl-adapt", 16): (0, 1)},
-        train_subset=4000, train_args=("--no-head-eval", "--save-every", "20")),
-    "tiny": Protocol(
-        name="tiny",
-        description="smoke test: synthetic 64/32 images, resnet8, 2 epochs, batch 32, lr 0.05, P=1, Q=1",
-        epochs=2, batch_size=32, lr=0.05, P=1, Q=1, Js=(4, 2), main_J=4,
-        table3_P=(1, 2), table3_Q=(1,), seeds=(0,), more_seeds={("dgl", 4): (0, 1)},
-        arch="resnet8", dataset="synthetic",
-        train_args=("--synthetic-train", "64", "--synthetic-test", "32", "--save-every", "1"),
-        infopro_fallback=(1.0, 0.5, 0.0, 1.0)),
-}
-
-
-@dataclass(frozen=True)
-class Entry:
-    variant: str
-    J: int
-    P: int | None
-    Q: int | None
-    seeds: tuple[int, ...]
-
-
-def _table1(p: Protocol) -> list[Entry]:
-    entries = []
-    for J in p.Js:
-        for v in LOCAL_VARIANTS:
-            pq = (p.P, p.Q) if VARIANTS[v].method == "pgl" else (None, None)
-            entries.append(Entry(v, J, *pq, p.seeds_for(v, J)))
-    entries.append(Entry("bp", 1, None, None, p.seeds_for("bp", 1)))
-    return entries
-
-
-def _table3(p: Protocol) -> list[Entry]:
-    entries = [Entry("pgl-adapt", p.main_J, P, Q, p.seeds_for("pgl-adapt", p.main_J))
-               for Q in p.table3_Q for P in p.table3_P]
-    entries.append(Entry("dgl", p.main_J, None, None, p.seeds_for("dgl", p.main_J)))
-    return entries
-
-
-GRIDS = {
-    "table1": ("Table 1: accuracy of every method at every J", _table1),
-    "table2": ("Table 2: Table 1's runs with parameters and peak memory per phase", _table1),
-    "table3": ("Table 3: PGL (Aux-Adapt) at the main J for every period P and duration Q, with DGL", _table3),
-}
-
-
-@dataclass(frozen=True)
-class Run:
-    grid: str
-    arch: str
-    variant: str
-    J: int
-    P: int | None
-    Q: int | None
-    seed: int
-
-    @property
-    def method(self) -> str:
-        return VARIANTS[self.variant].method
-
-    @property
-    def aux(self) -> str | None:
-        return VARIANTS[self.variant].aux
-
-    @property
-    def name(self) -> str:
-        pq = f"-P{self.P}Q{self.Q}" if self.P is not None else ""
-        return f"{self.arch}-{self.variant}-J{self.J}{pq}-s{self.seed}"
-
-    def describe(self) -> dict:
-        return {"variant": self.variant, "label": VARIANTS[self.variant].label, "method": self.method,
-                "aux": self.aux, "J": self.J, "P": self.P, "Q": self.Q, "seed": self.seed, "arch": self.arch}
-
-
-# ----------------------------------------------------------------------------------------------
-# Filters
-# ----------------------------------------------------------------------------------------------
-
-FILTER_KEYS = ("variant", "method", "aux", "J", "P", "Q", "seed", "arch")
-_INT_KEYS = ("J", "P", "Q", "seed")
-
-
-def parse_filter(text: str) -> dict[str, set]:
-    """``method=pgl,J=16|8`` -> {"method": {"pgl"}, "J": {16, 8}} (comma = and, | = or)."""
-    out: dict[str, set] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise GridError(f"--only {text!r}: {part!r} is not KEY=VALUE (keys: {', '.join(FILTER_KEYS)})")
-        key, value = (s.strip() for s in part.split("=", 1))
-        canon = {k.lower(): k for k in FILTER_KEYS}.get(key.lower())
-        if key.lower() == "name":
-            canon = "variant"
-        if canon is None:
-            raise GridError(f"--only {text!r}: unknown key {key!r} (keys: {', '.join(FILTER_KEYS)})")
-        values = [v.strip() for v in value.split("|") if v.strip()]
-        if not values:
-            raise GridError(f"--only {text!r}: {key} has no value")
-        if canon in _INT_KEYS:
-            try:
-                values = [int(v) for v in values]
-            except ValueError:
-                raise GridError(f"--only {text!r}: {key} takes integers, got {value!r}") from None
-        if canon == "variant":
-            for v in values:
-                if v not in VARIANTS:
-                    raise GridError(f"--only {text!r}: unknown variant {v!r} (variants: {', '.join(VARIANTS)})")
-        if canon == "aux":
-            values = [None if v in ("none", "-") else v for v in values]
-        out.setdefault(canon, set()).update(values)
-    if not out:
-        raise GridError(f"--only {text!r}: empty filter")
-    return out
-
-
-def _matches(run: Run, flt: dict[str, set]) -> bool:
-    d = run.describe()
-    return all(d[k] in vals for k, vals in flt.items())
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise GridError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise GridError(f"--seeds {text!r}: expected comma-separated non-negative integers")
-    return tuple(dict.fromkeys(seeds))
-
-
-def plan_runs(grid: str, protocol: Protocol, arch: str, only: list[str] = (), seeds: tuple[int, ...] | None = None) -> list[Run]:
-    if grid not in GRIDS:
-        raise GridError(f"unknown grid {grid!r} (grids: {', '.join(GRIDS)})")
-    filters = [parse_filter(t) for t in only]
-    runs = []
-    for e in GRIDS[grid][1](protocol):
-        for s in (seeds if seeds is not None else e.seeds):
-            r = Run(grid, arch, e.variant, e.J, e.P, e.Q, s)
-            if not filters or any(_matches(r, f) for f in filters):
-                runs.append(r)
-    if not runs:
-        raise GridError(f"--only {' / '.join(only)} selects no run of grid {grid} "
-                        f"(variants {', '.join(VARIANTS)}; J {', '.join(map(str, protocol.Js))})")
-    return runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,8 +63,9 @@ def train_args(run: Run, st: Settings) -> list[str]:
     if run.method == "pgl":
         a += ["-P", str(run.P), "-Q", str(run.Q)]
     if run.method == "infopro":
-        # PGL's Table 1 compares with InfoPro's Softmax (CE + decoder) variant: its parameter counts
-        # (0.92M at J=16) and accuracies are that variant's (prior-art §2, §8.1)
+        # PGL's Table 1 compares with InfoPro's Softmax variant (cross-entropy head plus decoder), not
+        # the contrastive one: the InfoPro parameter counts it reports (0.92M at J=16, decoders
+        # included) and its InfoPro accuracies are that variant's
         a += ["--infopro-loss", "softmax"]
     if run.method == "infopro" and p.infopro_fallback is not None:
         recipe = "cifar10" if st.dataset in ("imagefolder", "synthetic") else st.dataset
@@ -409,10 +113,10 @@ def check_run_dir(run: Run, st: Settings, planned: dict) -> None:
         with open(path) as f:
             have = json.load(f)
     except (OSError, ValueError) as e:
-        raise GridError(f"{path}: unreadable ({e}); move the run directory away") from None
+        raise UserError(f"{path}: unreadable ({e}); move the run directory away") from None
     for k in _CHECKED:
         if _relevant(k, run.method, st.dataset) and have.get(k) != planned.get(k):
-            raise GridError(f"{st.run_dir(run)} was made with {k}={have.get(k)!r}, this plan has "
+            raise UserError(f"{st.run_dir(run)} was made with {k}={have.get(k)!r}, this plan has "
                             f"{k}={planned.get(k)!r}: use another --out (protocols never share a directory)")
 
 
@@ -495,7 +199,7 @@ def check_manifest(st: Settings) -> None:
     old = read_json(os.path.join(st.grid_dir, "grid.json"), {})
     have_p, have_d = old.get("protocol", {}).get("name"), old.get("dataset")
     if have_p not in (None, st.protocol.name) or have_d not in (None, st.dataset):
-        raise GridError(f"{st.grid_dir} holds --protocol {have_p} --dataset {have_d} runs; this is "
+        raise UserError(f"{st.grid_dir} holds --protocol {have_p} --dataset {have_d} runs; this is "
                         f"--protocol {st.protocol.name} --dataset {st.dataset}: use another --out")
 
 
@@ -520,10 +224,10 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
     for r in runs:  # validate every run's flags before anything starts
         try:
             planned_cfg[r.name] = config_from_args(train_args(r, st)).to_dict()
-        except ConfigError as e:
-            raise GridError(f"{r.name}: {e}") from None
+        except (UserError, ValueError) as e:  # TrainConfig's one-line errors (its ConfigError is a ValueError)
+            raise UserError(f"{r.name}: {e}") from None
         except SystemExit:
-            raise GridError(f"{r.name}: the training CLI rejected {shlex.join(train_args(r, st))}") from None
+            raise UserError(f"{r.name}: the training CLI rejected {shlex.join(train_args(r, st))}") from None
         check_run_dir(r, st, planned_cfg[r.name])
     if not dry_run:
         check_manifest(st)
@@ -679,32 +383,30 @@ def _main_thread() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise GridError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
-        prog="python -m pgl_fast.experiments", allow_abbrev=False,
+def build_parser() -> OneLineParser:
+    # argparse's errors raise UserError, which main() prints as one line with exit code 2
+    p = OneLineParser(
+        prog="python -m pgl_fast.experiments", on_error="raise",
         description="Run a named grid of the paper's experiments as separate, resumable training runs "
                     "(finished runs are skipped; stop and restart at any time). The report is written "
                     "into OUT/GRID at the end; 'python -m pgl_fast.report OUT/GRID' writes it again.",
         epilog="example: python -m pgl_fast.experiments table1 --protocol cpu --out runs/experiments "
                "--device cpu --only J=16 --only variant=bp --only 'variant=dgl|pgl-adapt,J=4'")
     p.add_argument("grid", help=f"one of: {', '.join(GRIDS)}")
-    p.add_argument("--protocol", default="cpu", help=f"one of: {', '.join(PROTOCOLS)} (default cpu; see the module docstring)")
+    p.add_argument("--protocol", default="cpu",
+                   help=f"one of: {', '.join(PROTOCOLS)} (default cpu; see pgl_fast.experiments.grids)")
     p.add_argument("--out", default="runs/experiments", help="output root; runs go to OUT/GRID/<run> (default runs/experiments)")
-    p.add_argument("--arch", default=None, help="network (default: the protocol's, resnet32; resnet8 for tiny)")
-    p.add_argument("--dataset", default=None,
-                   help="imagefolder (default: the offline JPEG copy of CIFAR-10 in --data-dir), cifar10 "
-                        "(downloads through torchvision into --data-dir), svhn, stl10; tiny: synthetic")
-    p.add_argument("--data-dir", default=None,
-                   help="default .cache/cifar10-jpeg for imagefolder, ./data for torchvision sets")
+    # the flags every run receives unchanged: help and choices are the training CLI's own
+    add_field(p, TrainConfig, "arch", default=None, note="default: the protocol's, resnet32; resnet8 for tiny")
+    add_field(p, TrainConfig, "dataset", default=None,
+              note="default imagefolder: the offline JPEG copy of CIFAR-10 in --data-dir; cifar10 downloads "
+                   "through torchvision into --data-dir; the tiny protocol runs on synthetic")
+    add_field(p, TrainConfig, "data_dir", default=None,
+              note="default .cache/cifar10-jpeg for imagefolder, ./data for torchvision sets")
     p.add_argument("--archive", default=None,
                    help=f"tarball unpacked into the parent of --data-dir when that is missing "
                         f"(default {DEFAULT_ARCHIVE} if present)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N, passed to every run (default auto)")
+    add_field(p, TrainConfig, "device", note="passed to every run; default auto")
     p.add_argument("--workers", type=int, default=1,
                    help="training subprocesses at a time (default 1: sequential; on the CPU each gets cores/N threads)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N", help="start at most N runs, leave the rest")
@@ -721,19 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args) -> Settings:
     if args.grid not in GRIDS:
-        raise GridError(f"unknown grid {args.grid!r} (grids: {', '.join(GRIDS)})")
+        raise UserError(f"unknown grid {args.grid!r} (grids: {', '.join(GRIDS)})")
     if args.protocol not in PROTOCOLS:
-        raise GridError(f"--protocol {args.protocol!r}: not one of {', '.join(PROTOCOLS)}")
+        raise UserError(f"--protocol {args.protocol!r}: not one of {', '.join(PROTOCOLS)}")
     proto = PROTOCOLS[args.protocol]
     if args.workers < 1:
-        raise GridError(f"--workers must be >= 1, got {args.workers}")
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.max_runs is not None and args.max_runs < 0:
-        raise GridError(f"--max-runs must be >= 0, got {args.max_runs}")
+        raise UserError(f"--max-runs must be >= 0, got {args.max_runs}")
     dataset = args.dataset or proto.dataset or "imagefolder"
     if proto.dataset is not None and dataset != proto.dataset:
-        raise GridError(f"--protocol {proto.name} runs on --dataset {proto.dataset}, not {dataset}")
+        raise UserError(f"--protocol {proto.name} runs on --dataset {proto.dataset}, not {dataset}")
     if proto.dataset is None and dataset == "synthetic":
-        raise GridError("--dataset synthetic is only for --protocol tiny")
+        raise UserError("--dataset synthetic is only for --protocol tiny")
     data_dir = args.data_dir
     if dataset == "synthetic":
         data_dir = None
@@ -742,10 +444,10 @@ def settings_from_args(args) -> Settings:
     try:
         extra = tuple(shlex.split(args.train_args))
     except ValueError as e:
-        raise GridError(f"--train-args: {e}") from None
+        raise UserError(f"--train-args: {e}") from None
     for bad in ("-o", "--output-dir", "--resume", "--seed", "--epochs", "--method", "-J", "--modules", "--aux"):
         if bad in extra:
-            raise GridError(f"--train-args: {bad} is set by the grid and protocol, not here")
+            raise UserError(f"--train-args: {bad} is set by the grid and protocol, not here")
     return Settings(grid=args.grid, protocol=proto, out=args.out, arch=args.arch or proto.arch, dataset=dataset,
                     data_dir=data_dir, device=args.device, train_args=extra)
 
@@ -756,20 +458,17 @@ def ensure_data(st: Settings, archive: str | None) -> None:
         return
     archive = archive or (DEFAULT_ARCHIVE if os.path.exists(DEFAULT_ARCHIVE) else None)
     if archive is None:
-        raise GridError(f"--data-dir {st.data_dir} not found: pass --archive cifar10-jpeg.tar.gz, another "
+        raise UserError(f"--data-dir {st.data_dir} not found: pass --archive cifar10-jpeg.tar.gz, another "
                         f"--data-dir, or --dataset cifar10 (downloads through torchvision)")
-    from .data import DataError, extract_archive_if_needed
+    from ..data import extract_archive_if_needed  # torch is imported only when there is data to unpack
 
-    try:
-        got = extract_archive_if_needed(archive, os.path.dirname(os.path.abspath(st.data_dir)))
-    except DataError as e:
-        raise GridError(str(e)) from None
+    got = extract_archive_if_needed(archive, os.path.dirname(os.path.abspath(st.data_dir)))
     if not os.path.isdir(st.data_dir):
-        raise GridError(f"--archive {archive} unpacked to {got}, not --data-dir {st.data_dir}: pass --data-dir {got}")
+        raise UserError(f"--archive {archive} unpacked to {got}, not --data-dir {st.data_dir}: pass --data-dir {got}")
 
 
 def execute(argv: list[str] | None = None) -> RunnerResult:
-    """Parse, plan and run; raises GridError on bad input. Returns what was run, skipped, failed."""
+    """Parse, plan and run; raises UserError on bad input. Returns what was run, skipped, failed."""
     args = build_parser().parse_args(argv)
     st = settings_from_args(args)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -779,8 +478,6 @@ def execute(argv: list[str] | None = None) -> RunnerResult:
     res = execute_plan(runs, st, workers=args.workers, max_runs=args.max_runs, dry_run=args.dry_run)
     if not args.dry_run and not args.no_report and not res.interrupted:
         try:
-            from . import report
-
             if report.collect_runs(st.grid_dir):
                 paths = report.write_report(st.grid_dir)
                 _log(f"report: {paths['report']}")
@@ -801,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return execute(argv).exit_code
-    except GridError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

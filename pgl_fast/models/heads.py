@@ -1,5 +1,9 @@
-"""Auxiliary networks: InfoPro's ``AuxClassifier`` family, AUX-ADAPT, DGL's ``mlpsr``, and
-InfoPro's reconstruction decoder. Definitions follow prior-art §5.
+"""Auxiliary networks: InfoPro's ``AuxClassifier`` family, AUX-ADAPT, DGL's ``mlpsr``, a
+token-pooling head for transformer blocks, and InfoPro's reconstruction decoder.
+
+Heads are sized from the per-sample shape of the features they sit on: ``(C, H, W)`` feature maps
+get the conv heads, ``(tokens, dim)`` outputs of transformer blocks and flat ``(dim,)`` features get
+:class:`TokenHead`.
 
 The conv part of every InfoPro-style head is a list of ``ConvBN`` layers (3x3 conv, no bias,
 BN, ReLU), the last of which is globally average-pooled. That list is what the fused Triton
@@ -17,8 +21,25 @@ from torch import nn
 AUX_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "adapt", "mlpsr")
 # AUX-ADAPT: big heads where the proxy is poorest (early, 16 channels), small ones late.
 ADAPT_BY_CHANNELS = {16: "2c2f", 32: "1c3f", 64: "1c2f"}
-# InfoPro: conv width and stride by input channels.
+# InfoPro: conv width and stride by input channels (the CIFAR ResNets' three stages).
 CONV_BY_CHANNELS = {16: (32, 2), 32: (64, 2), 64: (64, 1)}
+
+
+def adapt_config(in_channels: int) -> str:
+    """AUX-ADAPT's head for a cut with ``in_channels`` channels: InfoPro-ResNet's table, and for
+    other widths the same thresholds (up to 16 channels: 2c2f, up to 32: 1c3f, wider: 1c2f)."""
+    if in_channels in ADAPT_BY_CHANNELS:
+        return ADAPT_BY_CHANNELS[in_channels]
+    return "2c2f" if in_channels <= 16 else "1c3f" if in_channels <= 32 else "1c2f"
+
+
+def conv_width_stride(in_channels: int, in_size: int) -> tuple[int, int]:
+    """Conv width and first stride of an InfoPro-style head: the ResNets' table where it applies;
+    otherwise the rule that reproduces it on those stages -- width doubles up to 64 and never
+    shrinks (max(C, min(2C, 64))), stride 2 while the map is larger than 8x8."""
+    if in_channels in CONV_BY_CHANNELS:
+        return CONV_BY_CHANNELS[in_channels]
+    return max(in_channels, min(2 * in_channels, 64)), 2 if in_size > 8 else 1
 
 
 class ConvBN(nn.Module):
@@ -31,7 +52,7 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor, pool: bool, use_kernels: bool = False) -> torch.Tensor:
         if use_kernels:
-            from .kernels import conv_bn_relu_module
+            from ..kernels import conv_bn_relu_module
 
             return conv_bn_relu_module(x, self.conv, self.bn, pool=pool)
         y = F.relu(self.bn(self.conv(x)))
@@ -54,16 +75,15 @@ class AuxClassifier(nn.Module):
     contrastive one.
     """
 
-    def __init__(self, config: str, in_channels: int, out_dim: int, widen: float = 1.0, feature_dim: int = 128):
+    def __init__(self, config: str, in_channels: int, out_dim: int, widen: float = 1.0, feature_dim: int = 128,
+                 in_size: int = 32):
         super().__init__()
         if config == "adapt":
-            config = ADAPT_BY_CHANNELS[in_channels]
-        if in_channels not in CONV_BY_CHANNELS:
-            raise ValueError(f"aux head {config}: input channels must be 16, 32 or 64, got {in_channels}")
+            config = adapt_config(in_channels)
         self.config = config
         self.use_kernels = False
         n_conv, n_fc = int(config[0]), int(config[2])
-        width, stride = CONV_BY_CHANNELS[in_channels]
+        width, stride = conv_width_stride(in_channels, in_size)
         width = int(width * widen)
         hidden = int(feature_dim * widen)
         convs, c = [], in_channels
@@ -114,13 +134,45 @@ class MLPSRHead(nn.Module):
         return self.mlp(torch.flatten(h, 1))
 
 
-def build_head(config: str, in_channels: int, in_size: int, out_dim: int, widen: float = 1.0,
+class TokenHead(nn.Module):
+    """Head for features without a spatial grid: ``(tokens, dim)`` outputs of transformer blocks are
+    layer-normed and averaged over the tokens, flat ``(dim,)`` features are used as they are; then
+    ``n_fc`` linear layers (hidden width ``feature_dim``). A conv head's conv layers have no meaning
+    here, so ``kcNf`` keeps its N linear layers (``adapt``: 2)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_dim: int, n_fc: int, widen: float = 1.0,
+                 feature_dim: int = 128):
+        super().__init__()
+        dim = in_shape[-1]
+        self.tokens = len(in_shape) == 2
+        self.config = f"{'tokens' if self.tokens else 'flat'}-{n_fc}f"
+        self.use_kernels = False
+        self.norm = nn.LayerNorm(dim) if self.tokens else nn.Identity()
+        hidden = int(feature_dim * widen)
+        self.fc = _mlp([dim] + [hidden] * (n_fc - 1) + [out_dim])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            x = self.norm(x).mean(dim=1)
+        return self.fc(x)
+
+
+def build_head(config: str, in_shape: tuple[int, ...], out_dim: int, widen: float = 1.0,
                feature_dim: int = 128) -> nn.Module:
+    """The aux head ``config`` for features of per-sample shape ``in_shape``."""
     if config not in AUX_CONFIGS:
         raise ValueError(f"--aux {config!r} is not one of {', '.join(AUX_CONFIGS)}")
+    in_shape = tuple(in_shape)
+    if len(in_shape) in (1, 2):
+        if config == "mlpsr":
+            raise ValueError(f"aux head mlpsr needs (C, H, W) feature maps, got features of shape {in_shape}")
+        return TokenHead(in_shape, out_dim, 2 if config == "adapt" else int(config[2]), widen, feature_dim)
+    if len(in_shape) != 3:
+        raise ValueError(f"aux head {config}: features of shape {in_shape} are neither (C, H, W), (tokens, dim) nor (dim,)")
+    c, h, _ = in_shape
     if config == "mlpsr":
-        return MLPSRHead(in_channels, in_size, out_dim)
-    return AuxClassifier(config, in_channels, out_dim, widen, feature_dim)
+        return MLPSRHead(c, h, out_dim)
+    return AuxClassifier(config, c, out_dim, widen, feature_dim, in_size=h)
 
 
 class Decoder(nn.Module):
@@ -224,7 +276,7 @@ def reconstruction_loss(decoded_logits: torch.Tensor, image01: torch.Tensor) -> 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
                 base_temperature: float = 0.07) -> torch.Tensor:
-    """Supervised contrastive loss, one view, ``contrast_mode='all'`` (prior-art §5.3).
+    """Supervised contrastive loss, one view, ``contrast_mode='all'``, as InfoPro uses it.
 
     Positives of i are the other same-label samples in the batch; an anchor with none contributes
     0 (its positive count is clamped to 1 on the device, so nothing syncs with the host).

@@ -1,0 +1,116 @@
+"""From a :class:`~pgl_fast.config.TrainConfig` to the objects a run trains: the device, the
+:class:`~pgl_fast.models.local_model.LocalModel` (a CIFAR ResNet preset, a torchvision model or a
+user's factory, split as the flags say), the method object and the
+:class:`~pgl_fast.core.learner.LocalLearner`. The CLI, the profiler and the planner all build
+through here, so a step measured is a step trained."""
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+from .core.learner import LocalLearner
+from .core.methods import BP, DGL, PGL, InfoPro, Method
+from .core.schedule import lr_at_epoch
+from .errors import UserError
+from .models.local_model import LocalModel
+from .models.presets import cifar_resnet, factory_model, torchvision_model
+from .models.split import split
+from .runtime.optim import sgd
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {cfg.device}: only {torch.cuda.device_count()} GPU(s) visible")
+    if cfg.cuda_graphs and dev.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA GPU (device here: cpu); drop the flag to train eagerly")
+    if cfg.amp and cfg.amp_dtype == "fp16" and dev.type != "cuda":
+        raise UserError("--amp-dtype fp16 needs a CUDA GPU; use the default bf16 on the CPU")
+    return dev
+
+
+def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the fused head kernels may run at all. With ``--head-kernels auto`` on CUDA the
+    choice per head is then measured (``head_select.configure_head_kernels``); on the CPU ``auto``
+    is eager, since Triton runs there only under its interpreter."""
+    if cfg.head_kernels == "eager" or not method_of(cfg).has_heads or cfg.compile:  # --compile: Inductor fuses the heads
+        return False
+    if cfg.head_kernels == "auto" and device.type != "cuda":
+        return False
+    if cfg.aux in ("mlpsr",):
+        if cfg.head_kernels == "triton":
+            raise UserError("--head-kernels triton: the mlpsr head has no fused kernel; use --head-kernels eager")
+        return False
+    from .kernels import triton_available
+
+    ok, reason = triton_available(device)
+    if not ok:
+        if cfg.head_kernels == "triton":
+            raise UserError(f"--head-kernels triton: {reason}")
+        return False
+    return True
+
+
+def method_of(cfg: TrainConfig) -> Method:
+    """The method object ``--method`` and its flags name."""
+    if cfg.method == "bp":
+        return BP()
+    if cfg.method == "dgl":
+        return DGL()
+    if cfg.method == "infopro":
+        return InfoPro(contrast=cfg.infopro_loss == "contrast",
+                       lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
+    return PGL(cfg.period, cfg.duration, local=DGL())
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalModel:
+    """The network of ``cfg``, split into its local modules, with aux heads unless the method has none."""
+    method = method_of(cfg)
+    aux = cfg.aux if method.has_heads else None
+    if cfg.custom_model:
+        if cfg.model:
+            net = factory_model(cfg.model, num_classes)
+        else:
+            net = torchvision_model(cfg.arch.split(":", 1)[1], num_classes, cifar_stem_=cfg.cifar_stem)
+        cuts = [int(c) if isinstance(net, torch.nn.Sequential) and c.lstrip("-").isdigit() else c
+                for c in cfg.cut_list]
+        return split(net, cuts, aux=aux, input_shape=(3, image_size, image_size), num_classes=num_classes)
+    infopro = isinstance(method, InfoPro)
+    return cifar_resnet(
+        # bp keeps the J-module split too: it only sets the checkpoint segments (--checkpoint-global)
+        cfg.arch, cfg.modules, num_classes=num_classes, image_size=image_size, split=cfg.split,
+        split_recipe=cfg.split_recipe, aux=aux, aux_widen=cfg.aux_widen, aux_feature_dim=cfg.aux_feature_dim,
+        head_out_dim=cfg.aux_feature_dim if infopro and method.contrast else None,
+        decoders=infopro, droprate=cfg.droprate,
+    )
+
+
+def lr_schedule(cfg: TrainConfig):
+    def lr(epoch: int) -> float:
+        return lr_at_epoch(epoch, base_lr=cfg.lr, epochs=cfg.epochs, sched=cfg.sched,
+                           warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+                           milestones=(cfg.epochs // 2, cfg.epochs * 3 // 4))
+
+    return lr
+
+
+def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs: bool | None = None) -> LocalLearner:
+    """The learner a run of ``cfg`` trains ``model`` with (also used by the profiler). With a
+    :class:`~pgl_fast.planner.MemoryPlan` its global steps checkpoint exactly the plan's segments
+    (None: not at all); without one (the profiler's fixed step kinds), ``--checkpoint-global``
+    alone means one segment per module."""
+    if plan is not None:
+        checkpoint_global = plan.segments if plan.segments is not None else False
+    else:
+        checkpoint_global = bool(cfg.checkpoint_global)
+    return LocalLearner(
+        model, method_of(cfg),
+        optimizer=sgd(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay),
+        amp=cfg.amp_dtype if cfg.amp else None, compile=cfg.compile_mode if cfg.compile else None,
+        cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
+        checkpoint_global=checkpoint_global, lr_schedule=lr_schedule(cfg), channels_last=cfg.channels_last)

@@ -1,0 +1,470 @@
+"""``LocalLearner``: trains a :class:`~pgl_fast.models.local_model.LocalModel` with a method
+(:mod:`pgl_fast.core.methods`). Each step kind is one explicit piece:
+
+- ``local_step``: for j = 1..J: run module j on the detached output of module j-1, its local loss,
+  its backward, step its optimizer, free its graph and gradients. Only one module's activations
+  (plus its aux head) are alive at a time. DGL, InfoPro and PGL's local epochs.
+- ``global_step``: run all modules end to end; at every cut the aux head sees the *detached*
+  features and its local loss is backpropagated at once (heads learn from their local loss only,
+  and their graphs are freed before the next module runs); then the final loss is backpropagated
+  through the whole backbone (the backbone learns from the final loss only). PGL's global epochs
+  and BP. With checkpointing the units are recomputed segment by segment in the backward.
+
+There is one optimizer per module (module j's backbone parameters, its aux head and decoder).
+Stepping module j right after its own backward equals a single step of every module after all
+backwards, because SGD (momentum, Nesterov, weight decay) is elementwise per parameter and every
+module's input was computed before any update. Optimizer state carries across phase switches.
+
+Runtime concerns -- autocast, the fp16 grad scaler, channels-last inputs, CUDA-graph replay of
+local steps, ``torch.compile`` of the step pieces -- are options of the learner, apart from the
+method. Step statistics are accumulated in device tensors and read once per epoch (no host sync
+per step).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..models.heads import upcast
+from ..models.local_model import LocalModel
+from ..runtime.optim import sgd
+from .methods import Method, from_name
+from .schedule import LOCAL
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(modules):
+    """Batch norm still normalises with batch statistics but leaves its running statistics (and
+    ``num_batches_tracked``) untouched: used for the recomputation inside checkpointing, so that
+    running statistics are updated exactly once per forward."""
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def checkpointed(units, x: torch.Tensor, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    """Non-reentrant checkpoint of running ``units`` in sequence on ``x``.
+
+    Returns the last output followed by the outputs of the units whose indices are in ``taps``
+    (the aux heads' inputs inside the segment). The recomputation in the backward leaves BN
+    running statistics untouched, so they are updated exactly once per forward."""
+    units = [units] if isinstance(units, nn.Module) else list(units)
+    calls = [0]
+
+    def forward(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tapped = []
+        for i, u in enumerate(units):
+            inp = u(inp)
+            if i in taps:
+                tapped.append(inp)
+        return (inp, *tapped)
+
+    # Lean blocks keep an intermediate on their autograd context, outside the saved-tensor hooks
+    # that checkpointing relies on: inside a checkpoint the plain block is both leaner and exact.
+    lean = [u for u in units if getattr(u, "lean", False)]
+    if lean:
+        plain = forward
+
+        def forward(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: F811
+            for u in lean:
+                u.lean = False
+            try:
+                return plain(inp)
+            finally:
+                for u in lean:
+                    u.lean = True
+
+    def run(inp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        calls[0] += 1
+        if calls[0] == 1:
+            return forward(inp)
+        with frozen_bn_stats(units):
+            return forward(inp)
+
+    has_dropout = any(isinstance(m, nn.Dropout) and m.p > 0 for u in units for m in u.modules())
+    return checkpoint(run, x, use_reentrant=False, preserve_rng_state=has_dropout)
+
+
+class StepStats:
+    """Device-side accumulators for one epoch. Every counter is a tensor updated in place, so a
+    step captured in a CUDA graph keeps counting on replay; ``read`` is the one host sync."""
+
+    def __init__(self, J: int, device: torch.device):
+        self.loss_sum = torch.zeros(J, device=device, dtype=torch.float64)
+        self.final_correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.samples_t = torch.zeros((), device=device, dtype=torch.int64)
+        self.step_t = torch.zeros((), device=device, dtype=torch.int64)
+        # first step at which module j's loss (or gradient) was non-finite (-1: never)
+        self.first_bad = torch.full((J,), -1, device=device, dtype=torch.int64)
+        self.first_bad_grad = torch.full((J,), -1, device=device, dtype=torch.int64)
+
+    _FIELDS = ("loss_sum", "final_correct", "samples_t", "step_t", "first_bad", "first_bad_grad")
+
+    def reset(self) -> None:
+        for k in self._FIELDS:
+            t = getattr(self, k)
+            t.fill_(-1) if k.startswith("first_bad") else t.zero_()
+
+    @staticmethod
+    def _mark(slot: torch.Tensor, bad: torch.Tensor, step: torch.Tensor) -> None:
+        slot.copy_(torch.where(bad & (slot < 0), step, slot))
+
+    def add(self, j: int, loss: torch.Tensor, n: int) -> None:
+        loss = loss.detach()
+        self.loss_sum[j] += loss.double() * n
+        self._mark(self.first_bad[j], ~torch.isfinite(loss), self.step_t)
+
+    def add_grad_check(self, j: int, grads: list[torch.Tensor]) -> None:
+        if not grads:
+            return
+        # one multi-tensor launch per module instead of a norm kernel per parameter
+        total = torch.stack(torch._foreach_norm([g.detach() for g in grads])).float().sum()
+        self._mark(self.first_bad_grad[j], ~torch.isfinite(total), self.step_t)
+
+    def add_correct(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.final_correct += (logits.detach().argmax(1) == y).sum()
+
+    def end_step(self, n: int) -> None:
+        self.samples_t += n
+        self.step_t += 1
+
+    @property
+    def samples(self) -> int:
+        return int(self.samples_t.item())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, k) for k in self._FIELDS]
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).cpu() for k in self._FIELDS}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in self._FIELDS:
+            getattr(self, k).copy_(d[k])
+
+    def read(self) -> dict:
+        """One host sync: the epoch's averages."""
+        loss_sum, correct, samples, first_bad, first_bad_grad = (
+            t.tolist() for t in (self.loss_sum, self.final_correct, self.samples_t, self.first_bad, self.first_bad_grad))
+        n = max(samples, 1)
+        return {
+            "losses": [v / n for v in loss_sum],
+            "train_acc": correct / n,
+            "samples": samples,
+            "first_bad": first_bad,
+            "first_bad_grad": first_bad_grad,
+        }
+
+
+def _amp_dtype(amp) -> torch.dtype | None:
+    if amp is None or amp is False:
+        return None
+    if amp is True or amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if isinstance(amp, torch.dtype) and amp in (torch.bfloat16, torch.float16):
+        return amp
+    raise UserError(f"amp={amp!r}: use None, True/'bf16' or 'fp16'")
+
+
+def _compile_mode(compile) -> str | None:
+    if compile is None or compile is False:
+        return None
+    return "default" if compile is True else str(compile)
+
+
+class LocalLearner:
+    """Trains ``model`` with ``method``.
+
+    ``optimizer``: a callable taking an iterable of parameters and returning a ``torch.optim``
+    optimizer, called once per module (default: SGD with momentum 0.9, Nesterov, weight decay 1e-4,
+    lr 0.1, its lr in a device tensor). ``amp``: None, True/"bf16" or "fp16" (autocast; fp16 with a
+    grad scaler). ``compile``: None, True or a ``torch.compile`` mode for the steps' forward-and-loss
+    pieces. ``cuda_graphs``: replay local steps as CUDA graphs (CUDA only). ``checkpoint_global``:
+    False, True (one checkpointed segment per module) or a list of ``(start, end)`` unit ranges
+    checkpointed as one piece each in global steps. ``lr_schedule``: ``epoch -> lr``, applied by
+    :meth:`start_epoch` (None: the optimizers keep their lr). ``channels_last``: the model and 4-d
+    inputs in channels-last memory format."""
+
+    def __init__(self, local_model: LocalModel, method: Method | str, *, optimizer: Callable | None = None,
+                 amp=None, compile=None, cuda_graphs: bool = False,
+                 checkpoint_global: bool | Sequence[tuple[int, int]] = False,
+                 lr_schedule: Callable[[int], float] | None = None, channels_last: bool = False):
+        if not isinstance(local_model, LocalModel):
+            raise UserError(f"LocalLearner: model is a {type(local_model).__name__}; build a LocalModel with "
+                            "pgl_fast.split(...) or LocalModel(blocks, classifier, heads)")
+        method = from_name(method) if isinstance(method, str) else method
+        if not isinstance(method, Method):
+            raise UserError(f"LocalLearner: method is a {type(method).__name__}; use pgl_fast.methods.BP(), DGL(), "
+                            "InfoPro(...) or PGL(period, duration)")
+        method.prepare(local_model)
+        self.model = local_model
+        self.method = method
+        self.J = local_model.J
+        self.amp_dtype = _amp_dtype(amp)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            local_model.to(memory_format=torch.channels_last)
+        if checkpoint_global is True:
+            self.segments = list(local_model.ranges)
+        elif checkpoint_global is False or checkpoint_global is None:
+            self.segments = None
+        else:
+            self.segments = [tuple(r) for r in checkpoint_global]
+            covered = [u for a, b in self.segments for u in range(a, b)]
+            if covered != list(range(len(local_model.units))):
+                raise UserError(f"checkpoint_global: the segments {self.segments} must cover units "
+                                f"0..{len(local_model.units) - 1} in order")
+        self.checkpoint_global = self.segments is not None
+        make = optimizer if optimizer is not None else sgd()
+        self.optimizers = [make(local_model.module_parameters(j) + local_model.aux_parameters(j))
+                           for j in range(self.J)]
+        for j, opt in enumerate(self.optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise UserError(f"optimizer: the callable returned a {type(opt).__name__} for module {j}, "
+                                "not a torch.optim.Optimizer")
+        p = next(local_model.parameters())
+        self.device = p.device
+        self.device_type = p.device.type
+        # fp16 needs loss scaling; bf16 does not, so nothing syncs with the host
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.amp_dtype == torch.float16 else None
+        self.stats = StepStats(self.J, self.device)
+        self.lr_schedule = lr_schedule
+        self.phase = method.phase(0)
+        self.epoch = 0
+        # a CUDA-graph capture must not keep autocast's weight-cast cache across the capture boundary
+        self.autocast_cache = True
+        self.compiled = None
+        mode = _compile_mode(compile)
+        if mode is not None:
+            from ..runtime.compile import CompiledPieces
+
+            self.compiled = CompiledPieces(self, mode)
+        self.graphed = None
+        if cuda_graphs:
+            if self.device_type != "cuda":
+                raise UserError("cuda_graphs needs the model on a CUDA GPU (it is on "
+                                f"{self.device_type}); train eagerly instead")
+            if not all(hasattr(o, "lr_tensor") for o in self.optimizers):
+                raise UserError("cuda_graphs needs optimizers whose lr lives in a device tensor "
+                                "(pgl_fast.runtime.optim.DeviceLRSGD, the default)")
+            from ..runtime.graphs import GraphedLocalSteps
+
+            self.graphed = GraphedLocalSteps(self, self.stats)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            if hasattr(opt, "set_lr"):
+                opt.set_lr(lr)
+            else:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+
+    def start_epoch(self, epoch: int) -> float | None:
+        """Enter 0-based ``epoch``: its phase, its lr (from ``lr_schedule``), fresh statistics.
+        Returns the lr set (None without a schedule)."""
+        self.epoch = epoch
+        self.phase = self.method.phase(epoch)
+        self.stats.reset()
+        self.model.train()
+        if self.lr_schedule is None:
+            return None
+        lr = float(self.lr_schedule(epoch))
+        self.set_lr(lr)
+        return lr
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step_module(self, j: int) -> None:
+        """Module j's update: the gradient finiteness check, its optimizer's step, gradients freed."""
+        opt = self.optimizers[j]
+        if self.scaler is not None:
+            self.scaler.step(opt)  # skips the step on inf/nan gradients, by design
+        else:
+            self.stats.add_grad_check(j, [p.grad for g in opt.param_groups for p in g["params"]
+                                          if p.grad is not None])
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def end_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def local_loss(self, j: int, h: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> torch.Tensor:
+        """The local loss of module j < J-1 on its output ``h`` (the method's)."""
+        return self.method.local_loss(self.model, j, h, y, image01)
+
+    def final_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(upcast(logits), y)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # -- the step kinds --------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
+        """One step of the current phase (set by :meth:`start_epoch`)."""
+        if self.phase == LOCAL:
+            self.local_step(x, y, image01)
+        else:
+            self.global_step(x, y, image01)
+
+    def local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
+        if self.graphed is not None:
+            self.graphed(self._input(x), y, image01)
+        else:
+            self.run_local_step(self._input(x), y, image01)
+
+    def run_local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
+        """The eager local step (what a CUDA graph captures)."""
+        net, n, stats = self.model, x.shape[0], self.stats
+        h = x
+        if self.compiled is not None:
+            self.compiled.begin_step()
+        for j in range(self.J):
+            with self.autocast():
+                if self.compiled is not None:
+                    # module j's forward and local loss as one compiled graph; its output comes back
+                    # detached (the last module's: the logits)
+                    h, loss = self.compiled.local[j](h, y, image01)
+                    logits = h
+                elif j < self.J - 1:
+                    h = net.blocks[j](h.detach())
+                    loss = self.local_loss(j, h, y, image01)
+                else:
+                    logits = net.classifier(net.blocks[j](h.detach()))
+                    loss = self.final_loss(logits, y)
+            self.backward(loss)
+            self.step_module(j)
+            stats.add(j, loss, n)
+            del loss
+        self.end_step()
+        stats.add_correct(logits, y)
+        stats.end_step(n)
+
+    def global_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
+        net, stats = self.model, self.stats
+        x = self._input(x)
+        n = x.shape[0]
+        units = net.units
+        # unit index -> aux head fed by that unit's output (the cut after module j)
+        head_at = {b - 1: j for j, (a, b) in enumerate(net.ranges[:-1])} if len(net.heads) and self.method.has_heads else {}
+        segments = self.segments if self.segments is not None else [(u, u + 1) for u in range(len(units))]
+        if self.compiled is not None:
+            self.compiled.begin_step()
+            # not checkpointed: one compiled graph per module (the heads sit at module ends)
+            segments = self.segments if self.segments is not None else list(net.ranges)
+        h = x
+        for a, b in segments:
+            taps = [u for u in range(a, b) if u in head_at]
+            with self.autocast():
+                if self.compiled is not None:
+                    h, inner = self.compiled.segment(a, b, h, tuple(u - a for u in taps if u != b - 1),
+                                                     checkpointed=self.segments is not None)
+                elif self.segments is not None:
+                    outs = checkpointed(units[a:b], h, tuple(u - a for u in taps if u != b - 1))
+                    h, inner = outs[0], list(outs[1:])
+                else:
+                    h, inner = units[a](h), []
+            tapped = inner + ([h] if b - 1 in head_at else [])
+            for u, feat in zip(taps, tapped):
+                j = head_at[u]
+                # the head learns from its local loss on detached features only; its graph is
+                # released right here instead of living until the final backward
+                with self.autocast():
+                    if self.compiled is not None:
+                        aux_loss = self.compiled.aux[j](feat, y)
+                    else:
+                        aux_loss = self.local_loss(j, feat.detach(), y, image01)
+                self.backward(aux_loss)
+                stats.add(j, aux_loss, n)
+                del aux_loss
+            del tapped, inner
+        with self.autocast():
+            if self.compiled is not None:
+                logits, loss = self.compiled.final(h, y)
+            else:
+                logits = net.classifier(h)
+                loss = self.final_loss(logits, y)
+        self.backward(loss)  # the backbone learns from the final loss only
+        for j in range(self.J):
+            self.step_module(j)
+        self.end_step()
+        stats.add(self.J - 1, loss, n)
+        stats.add_correct(logits, y)
+        stats.end_step(n)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable, eval_heads: bool = True) -> dict:
+        """Test accuracy and loss of the full network over ``batches`` of (x, y), and the accuracy of
+        every aux head that outputs class logits."""
+        net = self.model
+        was_training = net.training
+        net.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        # contrastive InfoPro heads output features, not class logits: nothing to score
+        head_logits = eval_heads and self.method.has_heads and self.method.heads_output_logits
+        n_heads = len(net.heads) if head_logits else 0
+        head_correct = torch.zeros(max(n_heads, 1), dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = 0
+        for x, y in batches:
+            x, y = self._input(x.to(self.device)), y.to(self.device)
+            with self.autocast():
+                h = x
+                for j in range(self.J):
+                    h = net.blocks[j](h)
+                    if j < n_heads:
+                        head_correct[j] += (net.heads[j](h).argmax(1) == y).sum()
+                logits = net.classifier(h)
+            loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            total += y.shape[0]
+        net.train(was_training)
+        self.eval_counts = {"correct": correct, "loss_sum": loss_sum, "head_correct": head_correct[:n_heads],
+                            "total": total}
+        total = max(total, 1)
+        return {
+            "test_acc": correct.item() / total,
+            "test_loss": loss_sum.item() / total,
+            "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None,
+        }
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise UserError(f"learner state has {len(state['optimizers'])} optimizers, this learner {len(self.optimizers)}")
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,1 @@
+"""pgl_fast.models.cifar_resnet."""

@@ -1,0 +1,1 @@
+"""pgl_fast.runtime.optim."""
