@@ -5,7 +5,7 @@ Measured, all on a PGL/DGL local epoch of resnet32 J=16 (1c2f heads) on one fixe
 
 - the per-module times of ``cost_model.measure_module_times`` on 1 thread, in CPU seconds (what each
   module needs, whatever else shares the machine): they feed the model and the stage balance;
-- one process on 1 thread and on 2 threads: ``Executor.local_step``, wall clock;
+- one process on 1 thread and on 2 threads: ``LocalLearner.local_step``, wall clock;
 - two pipeline ranks of 1 thread each (gloo on this machine), the stages balanced by those times:
   wall clock from a barrier to the last rank's end of the epoch, after a warm-up epoch;
 - the gloo loopback bandwidth at the size of the cut the pipeline sends.

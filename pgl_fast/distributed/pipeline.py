@@ -67,16 +67,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..core.learner import StepStats
 from ..errors import UserError
-
-try:  # the API after the package re-layout
-    from ..core.learner import StepStats  # type: ignore
-except ImportError:  # pragma: no cover - the flat layout
-    from ..engine import StepStats  # type: ignore
-try:
-    from ..models.heads import upcast  # type: ignore
-except ImportError:  # pragma: no cover
-    from ..heads import upcast  # type: ignore
+from ..models.heads import upcast
 
 # one flag per torchrun restart round: a restarted group must not see the last round's failure
 FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -166,44 +159,27 @@ def _default_store():
 # the learner, whichever API it comes from
 # ----------------------------------------------------------------------------------------------
 class _Ops:
-    """The handful of learner operations a stage needs, from ``pgl_fast.LocalLearner`` (model,
-    backward, step_module, end_step, final_loss) or the older ``engine.Executor`` (net, _backward,
-    _step, _end_step)."""
+    """The handful of :class:`~pgl_fast.core.learner.LocalLearner` operations a stage needs."""
 
     def __init__(self, learner):
         self.learner = learner
-        self.new_api = hasattr(learner, "step_module")
-        self.model = learner.model if self.new_api else learner.net
+        self.model = learner.model
         self.optimizers = learner.optimizers
-
-    def autocast(self):
-        return self.learner.autocast()
-
-    def backward(self, loss):
-        (self.learner.backward if self.new_api else self.learner._backward)(loss)
+        method = learner.method
+        self.has_heads = bool(method.has_heads) and len(self.model.heads) > 0
+        self.heads_output_logits = bool(getattr(method, "heads_output_logits", True))
+        self.needs_image = bool(getattr(method, "needs_image", False))
+        self.autocast = learner.autocast
+        self.input = learner._input  # the learner's input layout (channels-last when it trains so)
+        self.backward = learner.backward
+        self.end_step = learner.end_step
+        self.local_loss = learner.local_loss
+        self.final_loss = learner.final_loss
+        self.scaler = learner.scaler
 
     def step(self, j: int, stats) -> None:
-        self.learner.stats = stats  # the gradient-finiteness check records into this epoch's stats
-        (self.learner.step_module if self.new_api else self.learner._step)(j)
-
-    def end_step(self) -> None:
-        (self.learner.end_step if self.new_api else self.learner._end_step)()
-
-    def local_loss(self, j, h, y, image01):
-        return self.learner.local_loss(j, h, y, image01)
-
-    def final_loss(self, logits, y):
-        if self.new_api:
-            return self.learner.final_loss(logits, y)
-        return F.cross_entropy(upcast(logits), y)
-
-    @property
-    def scaler(self):
-        return getattr(self.learner, "scaler", None)
-
-    @property
-    def needs_image(self) -> bool:
-        return len(self.model.decoders) > 0
+        # the learner's step_module checks the gradients into learner.stats, which is stats
+        self.learner.step_module(j)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +286,7 @@ class StageRunner:
         self.store = _default_store()
         self.rank = dist.get_rank()
         self._waiter = _Waiter()
-        self.stats = StepStats(self.J, self.device)
+        self.stats: StepStats = learner.stats  # the learner's own accumulators: step_module checks into them
         self.peak_inflight_bytes = 0  # over the last epoch (local: queued messages; global: micro-batches)
         self._in_shape, self._in_dtype = self._probe(input_shape)
         self._image_shape = tuple(input_shape)  # InfoPro's image01 travels with the batch
@@ -433,6 +409,7 @@ class StageRunner:
     # -- local epochs ----------------------------------------------------------------------------
     def _local_modules(self, h, y, image01, n):
         model, ops, stats = self.model, self.ops, self.stats
+        h = ops.input(h)
         for j in self.modules:
             with ops.autocast():
                 if j < self.J - 1:
@@ -541,11 +518,11 @@ class StageRunner:
                 self._wait(works, f"micro-batch {m} of batch {t} from stage {self.stage - 1}")
                 h_in, y_m = tensors[0].requires_grad_(True), tensors[1]
             w = nm / n
-            h = h_in
+            h = ops.input(h_in)
             for j in self.modules:
                 with ops.autocast():
                     h = model.blocks[j](h)
-                if j < self.J - 1 and j < len(model.heads):
+                if j < self.J - 1 and ops.has_heads:
                     # eq. 4: the head's own loss on detached features, its graph freed right here
                     with ops.autocast():
                         aux = ops.local_loss(j, h.detach(), y_m, None)
@@ -630,13 +607,14 @@ class StageRunner:
     @torch.no_grad()
     def evaluate(self, sizes, batch_fn, eval_heads: bool = True) -> dict:
         """Test accuracy and loss of the network and of every aux head, pipelined like the local
-        epochs (no backward), gathered to every rank: the dict ``Executor.evaluate`` returns."""
+        epochs (no backward), gathered to every rank: the dict ``LocalLearner.evaluate`` returns."""
         with self.guard():
             sizes = self._check_sizes(sizes)
             model, dev = self.model, self.device
             was = model.training
             model.eval()
-            n_heads = len(model.heads) if eval_heads else 0
+            # contrastive InfoPro heads output features, not class logits: nothing to score
+            n_heads = len(model.heads) if eval_heads and self.ops.has_heads and self.ops.heads_output_logits else 0
             head_correct = torch.zeros(max(self.J - 1, 1), dtype=torch.int64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -649,7 +627,7 @@ class StageRunner:
                         works, tensors = self._post_recv(n)
                         self._wait(works, f"test batch {t} from stage {self.stage - 1}")
                         x, y = tensors[0], tensors[1]
-                    h = x
+                    h = self.ops.input(x)
                     with self.ops.autocast():
                         for j in self.modules:
                             h = model.blocks[j](h)
@@ -671,7 +649,6 @@ class StageRunner:
             for v in (head_correct, correct, loss_sum):
                 dist.all_reduce(v, group=self.group)
             total = max(sum(sizes), 1)
-            # InfoPro's contrastive heads output features, not class logits: the caller passes eval_heads=False
             return {"test_acc": correct.item() / total, "test_loss": loss_sum.item() / total,
                     "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None}
 
@@ -779,9 +756,8 @@ def run_epoch(runner: StageRunner, *, phase: str, lr: float | None, sizes: Seque
     gathered over the stages, the pipelined evaluation. ``batch_fn`` / ``test_fn`` are used on stage 0
     only (pass them everywhere or None elsewhere). Returns ``{"train": <StepStats.read() dict with
     peak_inflight_bytes per rank>, "eval": <evaluate dict or None>, "train_seconds": float}``."""
-    learner = runner.ops.learner
     if lr is not None:
-        learner.set_lr(lr) if hasattr(learner, "set_lr") else [o.set_lr(lr) for o in learner.optimizers]
+        runner.ops.learner.set_lr(lr)
     runner.model.train()
     if not steps or steps[0] == 0:
         runner.stats.reset()

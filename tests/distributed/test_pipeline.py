@@ -16,8 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.distributed.pipeline import (PipelineError, balance_by_time, build_stage, parse_balance,
-                                           run_local_group)
+from pgl_fast.distributed.pipeline import balance_by_time, build_stage, parse_balance, run_local_group
 from pgl_fast.errors import UserError
 
 ARCH, J, IMG = "resnet14", 4, 16  # 7 units, even split 1,2,2,2
@@ -26,19 +25,18 @@ SIZES = [8, 8, 6]  # the last batch partial, as an epoch's last batch is
 
 def make_learner(seed: int, method: str = "pgl"):
     """The network and learner a run builds (one place to follow the API)."""
-    try:
-        from pgl_fast.engine import Executor, LossSpec
-        from pgl_fast.network import LocalNet
-    except ImportError:  # the re-laid-out package
-        from pgl_fast.core.learner import Executor, LossSpec
-        from pgl_fast.models.local_model import LocalNet
+    from pgl_fast.core.learner import LocalLearner
+    from pgl_fast.core.methods import DGL, PGL, InfoPro
+    from pgl_fast.models.presets import cifar_resnet
+    from pgl_fast.runtime.optim import sgd
+
     torch.manual_seed(seed)
     infopro = method == "infopro"
-    net = LocalNet(ARCH, J, image_size=IMG, split="even", aux="1c2f", decoders=infopro)
-    spec = LossSpec(kind="infopro", lambdas=((1.0, 0.5), (0.5, 0.8), (0.2, 1.0))) if infopro else LossSpec(kind="ce")
-    exe = Executor(net, method=method, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                   loss_spec=spec, amp_dtype=None)
-    return net, exe
+    net = cifar_resnet(ARCH, J, image_size=IMG, split="even", aux="1c2f", decoders=infopro)
+    m = {"pgl": lambda: PGL(1, 1), "dgl": DGL,
+         "infopro": lambda: InfoPro(lambdas=[(1.0, 0.5), (0.5, 0.8), (0.2, 1.0)])}[method]()
+    learner = LocalLearner(net, m, optimizer=sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4))
+    return net, learner
 
 
 def batches(sizes=SIZES, seed=7, image=False):
@@ -91,23 +89,21 @@ def _train_worker(rank, world, plan, ckpt_dir, method="pgl"):
 
 
 def _reference(plan, method="pgl"):
-    net, exe = make_learner(0, method)
-    from pgl_fast.distributed.pipeline import StepStats
-
+    net, learner = make_learner(0, method)
     data = batches(image=method == "infopro")
     phases = []
     for phase, micro in plan:
-        stats = StepStats(J, torch.device("cpu"))
+        learner.stats.reset()
         for x, y, image01 in data:
             if phase == "local":
-                exe.local_step(x, y, stats, image01)
+                learner.local_step(x, y, image01)
             elif micro == 1:
-                exe.global_step(x, y, stats)
+                learner.global_step(x, y)
             else:
-                _micro_batched_global_step(net, exe, x, y, micro)
-        phases.append({"state": snapshot(net), "stats": stats.read()})
+                _micro_batched_global_step(net, learner, x, y, micro)
+        phases.append({"state": snapshot(net), "stats": learner.stats.read()})
     test = [b[:2] for b in batches([8, 5], seed=11)]
-    return phases, exe.evaluate(test)
+    return phases, learner.evaluate(test)
 
 
 def _micro_batched_global_step(net, exe, x, y, M):
