@@ -24,7 +24,10 @@ so the sum is the batch mean), and the gradients of the stage inputs travel back
 micro-batch this is the single-process global step; with more, batch norm normalises each
 micro-batch with its own statistics (and updates its running statistics once per micro-batch), so the
 result differs from a full-batch step by that much -- it is a different, equally valid, batch-norm
-computation, not an approximation of the gradient arithmetic.
+computation, not an approximation of the gradient arithmetic. Every stage keeps the graphs of all
+its micro-batches until their gradients come back (as GPipe does; 1F1B would bound that to S
+micro-batches and is not implemented), i.e. the same activations the single-process global step
+holds for its modules.
 
 Why not ``torch.distributed.pipelining``: its schedules compute a loss only at the last stage and
 hand intermediate stages nothing but the activations. Here every stage needs the labels (each aux head
@@ -34,13 +37,17 @@ labels as a stage output would make the schedule treat an integer tensor as an a
 differentiate. Plain point-to-point ``isend``/``irecv`` of activations and gradients serves both
 phases with one transport, one failure path and one set of shapes.
 
-**Failure and shutdown.** Every wait on a message polls (``Work.is_completed``) instead of blocking,
-and between polls checks a failure flag in the process group's store and a deadline. A rank that
-raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with its message before it
+**Failure and shutdown.** gloo's point-to-point works cannot be polled (they report completion
+only from ``wait``) and a timed-out ``wait`` closes the connection, so every blocking ``wait`` runs
+on a helper thread while the main thread waits on an event in quarter-second slices: Ctrl-C reaches
+it, and between slices it checks a failure flag in the process group's store and a deadline. A rank
+that raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with its message before it
 leaves; every other rank then stops at its next wait with :class:`PipelineError` naming the rank that
 failed and why. A rank that dies without a word (killed) closes its sockets, so its neighbours' waits
 fail, they raise and set the flag, and the rest follow; a rank that hangs is caught by the deadline.
-No rank blocks forever.
+No rank blocks forever on a message. (The few collectives -- the batch-size check at an epoch's
+start, the metric reductions at its end -- block in gloo itself, bounded by the process group's
+timeout.)
 
 **Checkpoints.** :meth:`StageRunner.state_dict` holds only the stage's own modules (backbone, aux
 heads, decoders, classifier on the last stage) and their optimizers; :meth:`StageRunner.save` /
