@@ -600,14 +600,18 @@ class StageRunner:
             bad = torch.where(own.unsqueeze(0), bad, torch.full_like(bad, -1))
             for t, op in ((loss, dist.ReduceOp.SUM), (correct, dist.ReduceOp.SUM), (bad, dist.ReduceOp.MAX)):
                 dist.all_reduce(t, op=op, group=self.group)
-            s.loss_sum.copy_(loss)
-            s.final_correct.copy_(correct)
-            s.first_bad.copy_(bad[0])
-            s.first_bad_grad.copy_(bad[1])
+            # the sums go into a copy: this rank's accumulators stay its own (a mid-epoch call, e.g. the
+            # finiteness check before a checkpoint, must not count the other stages twice later)
+            whole = StepStats(self.J, s.loss_sum.device)
+            whole.load_state_dict(s.state_dict())
+            whole.loss_sum.copy_(loss)
+            whole.final_correct.copy_(correct)
+            whole.first_bad.copy_(bad[0])
+            whole.first_bad_grad.copy_(bad[1])
             peak = torch.tensor([self.peak_inflight_bytes], dtype=torch.int64, device=s.loss_sum.device)
             peaks = [torch.zeros_like(peak) for _ in range(self.S)]
             dist.all_gather(peaks, peak, group=self.group)
-            out = s.read()
+            out = whole.read()
             out["peak_inflight_bytes"] = [int(p) for p in peaks]
             return out
 
@@ -676,6 +680,7 @@ class StageRunner:
             "modules": {k: v.state_dict() for k, v in self._owned().items()},
             "optimizers": {j: self.ops.optimizers[j].state_dict() for j in self.modules},
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "stats": self.stats.state_dict(),  # this stage's share of a mid-epoch checkpoint's accumulators
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -691,6 +696,8 @@ class StageRunner:
             self.ops.optimizers[int(j)].load_state_dict(sd)
         if state.get("scaler") is not None and self.ops.scaler is not None:
             self.ops.scaler.load_state_dict(state["scaler"])
+        if state.get("stats") is not None:
+            self.stats.load_state_dict(state["stats"])
 
     def checkpoint_path(self, directory: str, tag: str | None = None) -> str:
         """``tag``: the name of the run checkpoint this stage file belongs to (e.g. its epoch), so that

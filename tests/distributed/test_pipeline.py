@@ -69,20 +69,22 @@ def _train_worker(rank, world, plan, ckpt_dir, method="pgl"):
     out = {"modules": runner.modules, "phases": []}
     for i, (phase, micro) in enumerate(plan):
         runner.micro_batches = micro
-        runner.stats.reset()
+        exe.start_epoch(i)  # fresh accumulators, as the trainer's every epoch
         if i == 0 and world == 2:
             # stop after two steps, save, restore into a network built from another seed, go on
             runner.train_epoch(phase, SIZES, fn, steps=[0, 1])
-            runner.save(ckpt_dir)
-            stats_state = runner.stats.state_dict()
+            partial = runner.reduce_stats()  # a mid-epoch look (the finiteness check before a save)
+            runner.save(ckpt_dir, tag="e0s2")
             net, exe = make_learner(123, method)
             runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
-            runner.load(ckpt_dir)
-            runner.stats.load_state_dict(stats_state)
+            runner.load(ckpt_dir, tag="e0s2")  # modules, optimizers and this stage's accumulators
             runner.train_epoch(phase, SIZES, fn, steps=[2])
+            out["partial_samples"] = partial["samples"]
         else:
             runner.train_epoch(phase, SIZES, fn)
-        out["phases"].append({"state": snapshot(net, runner.modules), "stats": runner.reduce_stats()})
+        stats = runner.reduce_stats()
+        assert runner.reduce_stats() == stats  # reading twice changes nothing
+        out["phases"].append({"state": snapshot(net, runner.modules), "stats": stats})
     test = batches([8, 5], seed=11)
     out["eval"] = runner.evaluate([8, 5], (lambda t: test[t]) if runner.first else None)
     return out
@@ -135,6 +137,8 @@ def test_pipeline_matches_single_process(S, tmp_path, one_thread):
     plan = [("local", 1), ("global", 1)] + ([("global", 2)] if S == 2 else [])
     outs = _ok(run_local_group(_train_worker, S, plan, str(tmp_path), timeout_s=60))
     ref_phases, ref_eval = _reference(plan)
+    if S == 2:  # the mid-epoch look after two batches of 8
+        assert all(o["partial_samples"] == 16 for o in outs)
     assert [o["modules"] for o in outs] == ([[0, 1], [2, 3]] if S == 2 else [[0], [1], [2], [3]])
     for i, (phase, micro) in enumerate(plan):
         ref = ref_phases[i]["state"]
