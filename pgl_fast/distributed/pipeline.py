@@ -398,19 +398,24 @@ class StageRunner:
         dst = self.next if dst is None else dst
         return self._p2p([dist.P2POp(dist.isend, t, dst, self.group) for t in tensors]), tensors
 
-    def _check_sizes(self, sizes: Sequence[int]) -> list[int]:
-        """Every stage must agree on the epoch's batch sizes (they size the receive buffers): stage
-        0's list is broadcast and compared."""
+    _KINDS = {"local": 1, "global": 2, "eval": 3}
+
+    def _check_sizes(self, sizes: Sequence[int], kind: str) -> list[int]:
+        """Every stage must run the same kind of pass (local, global, evaluation) over the same batch
+        sizes (they size the receive buffers): stage 0's are broadcast and compared, so a rank that
+        resumed elsewhere or was given other data fails here with a message, not in a hang."""
         sizes = [int(s) for s in sizes]
-        mine = torch.tensor(sizes, dtype=torch.int64, device=self.device)
-        count = torch.tensor([len(sizes)], dtype=torch.int64, device=self.device)
+        mine = torch.tensor([self._KINDS[kind]] + sizes, dtype=torch.int64, device=self.device)
+        count = torch.tensor([mine.numel()], dtype=torch.int64, device=self.device)
         dist.broadcast(count, self.ranks[0], group=self.group)
-        ref = mine.clone() if int(count) == len(sizes) else torch.zeros(int(count), dtype=torch.int64,
-                                                                        device=self.device)
+        ref = mine.clone() if int(count) == mine.numel() else torch.zeros(int(count), dtype=torch.int64,
+                                                                          device=self.device)
         dist.broadcast(ref, self.ranks[0], group=self.group)
         if not torch.equal(ref, mine):
-            raise PipelineError(f"pipeline stage {self.stage}: this rank's batch sizes differ from stage 0's "
-                                "(every rank must run the same data flags)")
+            theirs = {v: k for k, v in self._KINDS.items()}.get(int(ref[0]), "?")
+            raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) was to run a {kind} pass over "
+                                f"{len(sizes)} batches, stage 0 a {theirs} pass over {int(count) - 1} (or other batch "
+                                "sizes): every rank must resume from the same checkpoint and run the same data flags")
         return sizes
 
     # -- local epochs ----------------------------------------------------------------------------
@@ -438,7 +443,7 @@ class StageRunner:
         ``batch_fn(t) -> (x, y, image01 or None)``: stage 0 only; ``steps``: the batch indices to
         run (default all; a resumed epoch starts later)."""
         with self.guard():
-            self._local_epoch(self._check_sizes(sizes), batch_fn, steps)
+            self._local_epoch(self._check_sizes(sizes, "local"), batch_fn, steps)
 
     def _local_epoch(self, sizes, batch_fn, steps):
         steps = list(range(len(sizes))) if steps is None else list(steps)
@@ -495,7 +500,7 @@ class StageRunner:
         """Synchronous pipelined global steps on every batch of the epoch (arguments as
         :meth:`local_epoch`)."""
         with self.guard():
-            sizes = self._check_sizes(sizes)
+            sizes = self._check_sizes(sizes, "global")
             self.peak_inflight_bytes = 0
             for t in (range(len(sizes)) if steps is None else steps):
                 x = y = image01 = None
@@ -620,7 +625,7 @@ class StageRunner:
         """Test accuracy and loss of the network and of every aux head, pipelined like the local
         epochs (no backward), gathered to every rank: the dict ``LocalLearner.evaluate`` returns."""
         with self.guard():
-            sizes = self._check_sizes(sizes)
+            sizes = self._check_sizes(sizes, "eval")
             model, dev = self.model, self.device
             was = model.training
             model.eval()
@@ -696,8 +701,14 @@ class StageRunner:
             self.ops.optimizers[int(j)].load_state_dict(sd)
         if state.get("scaler") is not None and self.ops.scaler is not None:
             self.ops.scaler.load_state_dict(state["scaler"])
-        if state.get("stats") is not None:
-            self.stats.load_state_dict(state["stats"])
+        self._saved_stats = state.get("stats")
+        self.restore_stats()
+
+    def restore_stats(self) -> None:
+        """The accumulators of the last loaded checkpoint again: a mid-epoch resume calls it after
+        the epoch's start has reset them (each stage holds its own modules' share)."""
+        if getattr(self, "_saved_stats", None) is not None:
+            self.stats.load_state_dict(self._saved_stats)
 
     def checkpoint_path(self, directory: str, tag: str | None = None) -> str:
         """``tag``: the name of the run checkpoint this stage file belongs to (e.g. its epoch), so that
@@ -713,6 +724,16 @@ class StageRunner:
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, path)
         return path
+
+    def prune(self, directory: str, keep_tags) -> None:
+        """Delete this stage's files whose tag is not in ``keep_tags`` (the run checkpoints that are
+        still kept): stage files follow the run's own checkpoint pruning."""
+        prefix = f"pipeline-stage{self.stage}-of{self.S}-"
+        keep = set(keep_tags)
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.startswith(prefix) and name.endswith(".pt") and name[len(prefix):-3] not in keep:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, name))
 
     def load(self, directory: str, tag: str | None = None) -> None:
         path = self.checkpoint_path(directory, tag)

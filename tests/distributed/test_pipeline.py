@@ -75,6 +75,9 @@ def _train_worker(rank, world, plan, ckpt_dir, method="pgl"):
             runner.train_epoch(phase, SIZES, fn, steps=[0, 1])
             partial = runner.reduce_stats()  # a mid-epoch look (the finiteness check before a save)
             runner.save(ckpt_dir, tag="e0s2")
+            stale = runner.save(ckpt_dir, tag="older")
+            runner.prune(ckpt_dir, ["e0s2"])  # stage files follow the run's checkpoint pruning
+            assert not os.path.exists(stale) and os.path.exists(runner.checkpoint_path(ckpt_dir, "e0s2"))
             net, exe = make_learner(123, method)
             runner = build_stage(exe, world, input_shape=(3, IMG, IMG), timeout_s=30)
             runner.load(ckpt_dir, tag="e0s2")  # modules, optimizers and this stage's accumulators
