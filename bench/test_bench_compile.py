@@ -4,10 +4,10 @@ For every (step, dtype) -- the local (DGL / PGL-local) step and the PGL global s
 autocast -- one benchmark times these implementations *interleaved*, round by round, on identical
 networks and batches, so their ratios come from the same machine state:
 
-- ``ours_eager``: ``Executor`` as ``python -m pgl_fast.train`` runs it;
-- ``ours_compile``: the same executor with ``compile_mode="default"`` (``--compile``);
+- ``ours_eager``: ``LocalLearner`` as ``python -m pgl_fast.train`` runs it;
+- ``ours_compile``: the same learner with ``compile="default"`` (``--compile``);
 - ``plain_eager`` / ``plain_compile`` (local step only): a plain PyTorch loop with no pgl_fast
-  executor -- per module ``h = block(x)``, the head's cross-entropy, ``loss.backward()``,
+  learner -- per module ``h = block(x)``, the head's cross-entropy, ``loss.backward()``,
   ``torch.optim.SGD(..., nesterov=True).step()`` -- with each module's forward + loss under
   ``torch.compile`` in the compiled variant.
 
@@ -39,8 +39,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
-from pgl_fast.models.local_model import LocalNet
+from pgl_fast.core.learner import LocalLearner
+from pgl_fast.core.methods import PGL
+from pgl_fast.models.local_model import LocalModel
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.runtime.optim import sgd
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -70,7 +73,7 @@ def _threads():
 class PlainLocalLoop:
     """The local step as a user would write it with plain PyTorch (optionally compiled)."""
 
-    def __init__(self, net: LocalNet, amp_dtype: torch.dtype | None, compiled: bool, mode: str | None = None):
+    def __init__(self, net: LocalModel, amp_dtype: torch.dtype | None, compiled: bool, mode: str | None = None):
         self.amp_dtype = amp_dtype
         self.mark_steps = mode == "reduce-overhead"  # CUDAGraph Trees: each call is a new step
         self.fns, self.opts = [], []
@@ -104,15 +107,13 @@ class PlainLocalLoop:
 def _implementations(kind: str, dtype: str, shape: dict, plain_compile: bool = True) -> dict:
     amp = torch.bfloat16 if dtype == "bf16" else None
     torch.manual_seed(0)
-    base = LocalNet(shape["arch"], shape["J"], num_classes=10, image_size=32, aux=AUX).to(DEVICE)
+    base = cifar_resnet(shape["arch"], shape["J"], num_classes=10, image_size=32, aux=AUX).to(DEVICE)
     impls = {}
     for name in ("ours_eager", "ours_compile"):
-        net = copy.deepcopy(base)
-        exe = Executor(net, method="pgl", lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD,
-                       loss_spec=LossSpec("ce"), amp_dtype=amp,
-                       compile_mode="default" if name == "ours_compile" else None)
-        stats = StepStats(net.J, DEVICE)
-        impls[name] = (lambda exe=exe, stats=stats: lambda x, y: exe.train_step(kind, x, y, stats))()
+        learner = LocalLearner(copy.deepcopy(base), PGL(1, 1), amp=amp,
+                               optimizer=sgd(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD),
+                               compile="default" if name == "ours_compile" else None)
+        impls[name] = learner.local_step if kind == "local" else learner.global_step
     if kind == "local":
         for name in ("plain_eager", "plain_compile") if plain_compile else ("plain_eager",):
             impls[name] = PlainLocalLoop(copy.deepcopy(base), amp, compiled=name == "plain_compile")
@@ -121,10 +122,10 @@ def _implementations(kind: str, dtype: str, shape: dict, plain_compile: bool = T
 
         net = copy.deepcopy(base)
         net.set_head_kernels(True)
-        exe = Executor(net, method="pgl", lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD,
-                       loss_spec=LossSpec("ce"), amp_dtype=amp)
-        graphed = GraphedLocalSteps(exe, StepStats(net.J, DEVICE))
-        impls["ours_graphs_fused_heads"] = lambda x, y: graphed(x, y)
+        learner = LocalLearner(net, PGL(1, 1), amp=amp, cuda_graphs=True,
+                               optimizer=sgd(lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WD))
+        assert isinstance(learner.graphed, GraphedLocalSteps)
+        impls["ours_graphs_fused_heads"] = learner.local_step
         impls["plain_compile_reduce_overhead"] = PlainLocalLoop(copy.deepcopy(base), amp, compiled=True,
                                                                 mode="reduce-overhead")
     return impls

@@ -17,8 +17,8 @@ from .models.cifar_resnet import blocks_per_stage
 from .core.methods import METHODS as METHOD_CLASSES
 from .errors import UserError
 from .jsonio import write_json_atomic
-from .argparsing import OneLineParser, add_fields
-from .models.splits import SPLIT_KINDS, SplitError, resolve_split
+from .argparsing import OneLineParser, add_fields, flag_of
+from .models.splits import SPLIT_KINDS, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
 # --global-memory-factor's default. Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to
@@ -179,10 +179,7 @@ class TrainConfig:
                 raise UserError(str(e) + " or torchvision:<name>") from None
             if self.modules < 1:
                 bad("-J/--modules", f"must be >= 1, got {self.modules}")
-            try:
-                resolve_split(self.arch, self.modules, self.split, self.split_recipe)
-            except SplitError as e:
-                raise UserError(str(e)) from None
+            resolve_split(self.arch, self.modules, self.split, self.split_recipe)
         if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
         if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
@@ -332,7 +329,7 @@ class TrainConfig:
                 continue
             for n in given:
                 seen.add(n)
-                out.append(f"warning: {flag_of(n)} has no effect {reason}")
+                out.append(f"warning: {flag_of(TrainConfig, n)} has no effect {reason}")
         return out
 
     def to_dict(self) -> dict:
@@ -340,12 +337,6 @@ class TrainConfig:
 
     def save(self, path: str) -> None:
         write_json_atomic(path, self.to_dict())
-
-
-def flag_of(name: str) -> str:
-    """The command-line spelling of a field, as the error and warning messages name it."""
-    md = next(f.metadata for f in fields(TrainConfig) if f.name == name)
-    return "/".join(md["flags"]) if md["flags"] else "--" + name.replace("_", "-")
 
 
 def _no_global_epochs(c: TrainConfig) -> str | None:

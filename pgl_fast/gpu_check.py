@@ -4,7 +4,7 @@
    float64 references (``tests/kernels``), fused vs eager heads in training, the ``auto`` head
    selection, and ``tests/test_gpu.py`` (graphed vs eager local steps, InfoPro under ``--amp``, a
    checkpointed global step, graph memory, a 2-epoch PGL run through the CLI). Tests that only
-   build CPU float64 tensors (``tests/test_methods.py``) are left out: they add nothing here.
+   build CPU float64 tensors (``tests/core/test_methods.py``) are left out: they add nothing here.
 2. **Throughput and memory rows** at batch 1024, bf16 autocast, channels-last, synthetic
    device-resident data, for resnet32 and resnet110 at J in {4, 16}: plain PyTorch loops written as
    a user would (BP; DGL with 1c2f heads), ``torch.compile`` of each, and this engine (the DGL local
@@ -46,8 +46,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What gpu_check runs on the device: everything that exercises CUDA (compiled Triton kernels,
 # capture, autocast on CUDA). The --quick set keeps the kernels' fast cases and the GPU tests.
-TESTS_FULL = ["tests/test_gpu.py", "tests/kernels", "tests/test_head_kernels_train.py", "tests/test_head_select.py",
-              "tests/test_graphs.py"]
+TESTS_FULL = ["tests/test_gpu.py", "tests/kernels", "tests/runtime/test_head_kernels_train.py", "tests/runtime/test_head_select.py",
+              "tests/runtime/test_graphs.py"]
 TESTS_QUICK = ["tests/test_gpu.py", "tests/kernels", "-m", "not slow"]
 
 # How each memory figure is taken (the .md prints this legend).
@@ -169,10 +169,10 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
                    channels_last: bool, compile_mode: str | None = None) -> Callable[[], None]:
     """DGL's local step as a user writes it: per module, forward on the detached input, its 1c2f
     head's cross-entropy (the classifier's for the last), backward, its own torch.optim.SGD step."""
-    from .models.local_model import LocalNet
+    from .models.presets import cifar_resnet
 
     torch.manual_seed(0)
-    net = LocalNet(arch, J, aux="1c2f").to(device)
+    net = cifar_resnet(arch, J, aux="1c2f").to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     blocks = list(net.blocks)
@@ -200,8 +200,10 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
 def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch.device,
               dtype: torch.dtype | None, channels_last: bool, compile_mode: str | None = None):
     """This engine's step: ``(step, graphed)`` where graphed is the GraphedLocalSteps (or None)."""
-    from .core.learner import Executor, LossSpec, StepStats
-    from .models.local_model import LocalNet
+    from .core.learner import LocalLearner
+    from .core.methods import PGL
+    from .models.presets import cifar_resnet
+    from .runtime.optim import sgd
 
     if "fused" in mode and device.type != "cuda":
         raise RowSkip("fused heads are timed on CUDA only (the CPU runs Triton under its interpreter)")
@@ -209,29 +211,24 @@ def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch
         raise RowSkip("CUDA graphs need a CUDA GPU")
     kwargs = {}
     if mode == "compile":
-        if "compile_mode" not in inspect.signature(Executor).parameters:
-            raise RowSkip("this checkout's Executor has no compile_mode parameter")
+        if "compile" not in inspect.signature(LocalLearner).parameters:
+            raise RowSkip("this checkout's LocalLearner has no compile parameter")
         if device.type != "cuda":
             raise RowSkip("torch.compile rows are measured on CUDA only (on the CPU it needs minutes of C++ builds)")
-        kwargs["compile_mode"] = compile_mode
+        kwargs["compile"] = compile_mode
+    if mode.startswith("graphs") and kind != "pgl-global":
+        kwargs["cuda_graphs"] = True  # local steps replay as CUDA graphs; global steps stay eager
     torch.manual_seed(0)
-    net = LocalNet(arch, J, aux="1c2f" if kind == "dgl" else "adapt").to(device)
+    net = cifar_resnet(arch, J, aux="1c2f" if kind == "dgl" else "adapt").to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels("fused" in mode)
-    exe = Executor(net, method="pgl", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                   loss_spec=LossSpec("ce"), amp_dtype=dtype, checkpoint_global=kind == "pgl-global",
-                   channels_last=channels_last, **kwargs)
-    stats = StepStats(net.J, device)
+    learner = LocalLearner(net, PGL(1, 1), optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                           amp=dtype, checkpoint_global=kind == "pgl-global", channels_last=channels_last, **kwargs)
     x, y = _batch(batch, device, channels_last)
     if kind == "pgl-global":
-        return (lambda: exe.global_step(x, y, stats)), None
-    if mode.startswith("graphs"):
-        from .runtime.graphs import GraphedLocalSteps
-
-        graphed = GraphedLocalSteps(exe, stats)
-        return (lambda: graphed(x, y)), graphed
-    return (lambda: exe.local_step(x, y, stats)), None
+        return (lambda: learner.global_step(x, y)), None
+    return (lambda: learner.local_step(x, y)), learner.graphed
 
 
 def build_row(row: Row, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,

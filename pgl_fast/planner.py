@@ -144,7 +144,6 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     return out
 
 
-PlanError = UserError
 
 
 def by_cost(names) -> list[str]:
@@ -153,10 +152,10 @@ def by_cost(names) -> list[str]:
 
 
 def check_local(prediction: dict, budget_mib: float) -> None:
-    """PlanError where the local steps alone exceed the budget."""
+    """UserError where the local steps alone exceed the budget."""
     local = prediction.get("local")
     if local is not None and local > budget_mib * MiB:
-        raise PlanError(f"--memory-budget {budget_mib:g} MiB: even the local steps need "
+        raise UserError(f"--memory-budget {budget_mib:g} MiB: even the local steps need "
                         f"{local / MiB:.0f} MiB (predicted); lower the batch size or raise the budget")
 
 
@@ -169,7 +168,7 @@ def choose(prediction: dict, budget_mib: float | None = None, *, factor: float |
     """(candidate, reason) among the candidates in ``prediction["global"]``.
 
     - ``budget_mib``: the fastest candidate (``COST_ORDER``) whose predicted peak fits the budget;
-      a budget that even the local steps (or every candidate) exceed is a ``PlanError``.
+      a budget that even the local steps (or every candidate) exceed is a ``UserError``.
     - ``factor``: the fastest candidate within ``factor`` x the predicted local-step peak; where
       none is, the one with the smallest predicted peak.
     - neither: the smallest predicted peak.
@@ -182,7 +181,7 @@ def choose(prediction: dict, budget_mib: float | None = None, *, factor: float |
         fitting = [c for c in by_cost(g) if g[c] <= budget]
         if not fitting:
             best = smallest(g)
-            raise PlanError(f"--memory-budget {budget_mib:g} MiB: the smallest predicted global-step peak is "
+            raise UserError(f"--memory-budget {budget_mib:g} MiB: the smallest predicted global-step peak is "
                             f"{g[best] / MiB:.0f} MiB ({best} checkpointing); lower the batch size or raise the budget")
         best = fitting[0]
         return best, (f"the fastest that fits the budget ({g[best] / MiB:.1f} <= {budget_mib:g} MiB)"

@@ -3,12 +3,12 @@
     python -m pgl_fast.profile --arch resnet32 -J 16 --aux 1c2f -b 256 --dtype fp32 --device cpu \\
         --json profile.json
 
-Step kinds (each on a fresh network and :class:`~pgl_fast.engine.Executor`, same seed):
+Step kinds (each on a fresh network and :class:`~pgl_fast.core.learner.LocalLearner`, same seed):
 
-- ``bp``: end-to-end backprop (``Executor.bp_step``, no aux heads);
+- ``bp``: end-to-end backprop (``LocalLearner.global_step`` of a ``BP()`` learner, no aux heads);
 - ``bp_ckpt``: the same with module-boundary checkpointing (``checkpoint_global=True``);
-- ``local``: a PGL/DGL local step (``Executor.local_step``), one module's graph alive at a time;
-- ``global`` / ``global_ckpt``: a PGL global step (``Executor.global_step``), without / with
+- ``local``: a PGL/DGL local step (``LocalLearner.local_step``), one module's graph alive at a time;
+- ``global`` / ``global_ckpt``: a PGL global step (``LocalLearner.global_step``), without / with
   module-boundary checkpointing.
 
 Every kind runs one warm-up step first (so the SGD momentum buffers exist: they belong to the

@@ -18,8 +18,10 @@ import sys
 import pytest
 import torch
 
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
-from pgl_fast.models.local_model import LocalNet
+from pgl_fast.core.learner import LocalLearner
+from pgl_fast.core.methods import PGL, InfoPro
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.runtime.optim import sgd
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -29,16 +31,17 @@ DEV = "cuda"
 
 def _net(aux="1c2f", J=4, channels_last=False, fused=False, seed=0, image_size=16, split="layerwise", **kw):
     torch.manual_seed(seed)
-    net = LocalNet("resnet8", J, num_classes=10, image_size=image_size, split=split, aux=aux, **kw).to(DEV)
+    net = cifar_resnet("resnet8", J, num_classes=10, image_size=image_size, split=split, aux=aux, **kw).to(DEV)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(fused)
     return net
 
 
-def _exe(net, amp=None, channels_last=False, **kw):
-    return Executor(net, method=kw.pop("method", "pgl"), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                    loss_spec=kw.pop("loss_spec", LossSpec("ce")), amp_dtype=amp, channels_last=channels_last, **kw)
+def _learner(net, amp=None, channels_last=False, method=None, **kw):
+    return LocalLearner(net, PGL(1, 1) if method is None else method,
+                        optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                        amp=amp, channels_last=channels_last, **kw)
 
 
 def _batches(n, batch=8, size=16, channels_last=False, seed=1):
@@ -68,16 +71,16 @@ def test_graphed_local_steps_match_eager(aux, fused, channels_last, dtype):
     # the same kernels replay, so fp32 is near-exact; bf16 rounds the same way in both
     tol = 1e-5 if dtype is None else 2e-2
     nets = [_net(aux, channels_last=channels_last, fused=fused) for _ in range(2)]
-    exes = [_exe(n, dtype, channels_last) for n in nets]
-    stats = [StepStats(n.J, torch.device(DEV)) for n in nets]
-    graphed = GraphedLocalSteps(exes[0], stats[0])
+    learners = [_learner(n, dtype, channels_last, cuda_graphs=graphs) for n, graphs in zip(nets, (True, False))]
+    graphed = learners[0].graphed
+    assert isinstance(graphed, GraphedLocalSteps) and learners[1].graphed is None
     batches = _batches(5, channels_last=channels_last) + _batches(2, batch=5, channels_last=channels_last, seed=7)
     for x, y in batches:
-        graphed(x, y)
-        exes[1].local_step(x, y, stats[1])
+        for learner in learners:  # the first replays its captured graphs, the second runs eagerly
+            learner.local_step(x, y)
     torch.cuda.synchronize()
     assert graphed.captures == 2
-    got, ref = stats[0].read(), stats[1].read()
+    got, ref = learners[0].stats.read(), learners[1].stats.read()
     assert got["samples"] == ref["samples"] == 35
     assert got["losses"] == pytest.approx(ref["losses"], rel=tol, abs=tol)
     for (n, p), (_, q) in zip(nets[0].named_parameters(), nets[1].named_parameters()):
@@ -89,15 +92,13 @@ def test_graphed_local_steps_match_eager(aux, fused, channels_last, dtype):
 def test_infopro_local_step_under_amp():
     J = 3
     net = _net(aux="1c2f", J=J, split="even", image_size=32, head_out_dim=128, decoders=True)
-    spec = LossSpec("infopro", infopro_contrast=True, lambdas=((0.0, 1.0), (5.0, 1.0)))
-    exe = _exe(net, torch.bfloat16, method="infopro", loss_spec=spec)
-    stats = StepStats(J, torch.device(DEV))
+    learner = _learner(net, torch.bfloat16, method=InfoPro(contrast=True, lambdas=((0.0, 1.0), (5.0, 1.0))))
     x, y = _batches(1, batch=16, size=32)[0]
     image01 = torch.rand(16, 3, 32, 32, device=DEV)
     before = [p.detach().clone() for p in net.parameters()]
-    exe.local_step(x, y, stats, image01)
+    learner.local_step(x, y, image01)
     torch.cuda.synchronize()
-    r = stats.read()
+    r = learner.stats.read()
     assert r["first_bad"] == [-1] * J and r["first_bad_grad"] == [-1] * J
     assert all(torch.isfinite(torch.tensor(r["losses"]))) and all(v != 0 for v in r["losses"])
     assert all(not torch.equal(a, b) for a, b in zip(before, net.parameters()) if a.numel() > 1)
@@ -105,13 +106,13 @@ def test_infopro_local_step_under_amp():
 
 def test_checkpointed_global_step_matches_plain():
     nets = [_net(aux="adapt", J=4) for _ in range(2)]
-    exes = [_exe(nets[0], checkpoint_global=True), _exe(nets[1], checkpoint_global=False)]
-    stats = [StepStats(4, torch.device(DEV)) for _ in range(2)]
+    learners = [_learner(nets[0], checkpoint_global=True), _learner(nets[1], checkpoint_global=False)]
+    assert learners[0].segments == list(nets[0].ranges) and learners[1].segments is None
     for x, y in _batches(2, batch=16):
-        for e, s in zip(exes, stats):
-            e.global_step(x, y, s)
+        for learner in learners:
+            learner.global_step(x, y)
     torch.cuda.synchronize()
-    assert stats[0].read()["losses"] == pytest.approx(stats[1].read()["losses"], rel=1e-5, abs=1e-6)
+    assert learners[0].stats.read()["losses"] == pytest.approx(learners[1].stats.read()["losses"], rel=1e-5, abs=1e-6)
     for (n, p), (_, q) in zip(nets[0].named_parameters(), nets[1].named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
     for (n, b), (_, c) in zip(nets[0].named_buffers(), nets[1].named_buffers()):
@@ -125,20 +126,20 @@ def test_graph_memory_reports_what_a_replay_holds():
 
     # big enough a batch that activations dominate parameters and optimizer state
     net = _net(aux="1c2f", J=2, split="even", image_size=32)
-    exe = _exe(net)
-    stats = StepStats(2, torch.device(DEV))
+    learner = _learner(net)
+    stats = learner.stats
     x, y = _batches(1, batch=512, size=32)[0]
-    exe.local_step(x, y, stats)  # momentum buffers and cuDNN state exist
+    learner.local_step(x, y)  # momentum buffers and cuDNN state exist
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    exe.local_step(x, y, stats)
+    learner.local_step(x, y)
     torch.cuda.synchronize()
     eager_peak = torch.cuda.max_memory_allocated()
     assert eager_peak - base > 8 * 2**20  # activations of a 512-batch step at 32 px
 
-    graphed = GraphedLocalSteps(exe, stats)
+    graphed = GraphedLocalSteps(learner, stats)
     memory = PeakMemory(torch.device(DEV), graphs=graphed)
     memory.reset()
     for _ in range(3):

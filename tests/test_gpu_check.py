@@ -54,9 +54,9 @@ def test_gpu_test_selection_exercises_the_device_only():
         cmd = gc.test_command(quick)
         paths = [a for a in cmd[3:] if a.startswith("tests/")]
         assert "tests/test_gpu.py" in paths and "tests/kernels" in paths
-        assert "tests/test_methods.py" not in paths  # CPU float64 tensors: nothing for a GPU to check
+        assert "tests/core/test_methods.py" not in paths  # CPU float64 tensors: nothing for a GPU to check
         assert all(os.path.exists(os.path.join(REPO, p)) for p in paths)
-    assert "tests/test_head_kernels_train.py" in gc.test_command(False)
+    assert "tests/runtime/test_head_kernels_train.py" in gc.test_command(False)
     spec = importlib.util.spec_from_file_location("_gpu_tests", os.path.join(REPO, "tests", "test_gpu.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

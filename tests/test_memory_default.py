@@ -4,7 +4,7 @@ steps' peak while ``bp`` stays plain backprop.
 
 The network is resnet8 cut layerwise into J=4 one-unit modules, so the segmentations are known by
 hand: ``modules`` = ``units`` = one segment per unit, ``coarse`` = two segments of two units. What
-runs is observed, not asked: the executor the run builds is captured, and every call of
+runs is observed, not asked: the learner the run builds is captured, and every call of
 ``torch.utils.checkpoint`` in the global steps is counted (one per segment per step).
 """
 import json
@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-import pgl_fast.core.learner as engine_mod
+import pgl_fast.core.learner as learner_mod
 import pgl_fast.train as train_mod
 from pgl_fast import planner
 from pgl_fast.profile import build_step, measure_step
@@ -32,24 +32,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def observed_run(monkeypatch, args):
-    """Run the CLI; return (executor it trained with, checkpoint calls made by its steps)."""
+    """Run the CLI; return (learner it trained with, checkpoint calls made by its steps)."""
     built, calls = [], [0]
-    real_build, real_checkpoint = train_mod.build_executor, engine_mod.checkpoint
+    real_build, real_checkpoint = train_mod.build_learner, learner_mod.checkpoint
 
     def build(*a, **k):
-        exe = real_build(*a, **k)
-        built.append(exe)
-        calls[0] = 0  # count only the steps of the executor built last
-        return exe
+        learner = real_build(*a, **k)
+        built.append(learner)
+        calls[0] = 0  # count only the steps of the learner built last
+        return learner
 
     def counting_checkpoint(*a, **k):
         calls[0] += 1
         return real_checkpoint(*a, **k)
 
-    monkeypatch.setattr(train_mod, "build_executor", build)
-    monkeypatch.setattr(engine_mod, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(train_mod, "build_learner", build)
+    monkeypatch.setattr(learner_mod, "checkpoint", counting_checkpoint)
     assert main(args) == 0
-    # the planner builds its measuring steps through build_executor too, always before the run's
+    # the planner's measuring steps all run before the run's learner is built (and build through
+    # pgl_fast.build directly), so the count is of the run's own steps
     return built[-1], calls[0]
 
 
@@ -73,20 +74,20 @@ def planned_choice(args, capsys):
     (BP + ["--checkpoint-global", "--global-segments", "coarse"], "coarse"),
 ], ids=["pgl-default", "bp-default", "checkpoint-global", "checkpoint-global+budget", "budget", "units",
         "global-memory-coarse", "global-memory-none", "bp-coarse"])
-def test_plan_header_and_executor_agree(tmp_path, monkeypatch, capsys, extra, expected):
+def test_plan_header_and_learner_agree(tmp_path, monkeypatch, capsys, extra, expected):
     choice, out = planned_choice(ARGS + extra, capsys)
     assert choice == expected, out
     for other in planner.CANDIDATES:  # and says how to get each of the others
         if other != expected:
             assert re.search(rf"checkpoint {other} .*select: --global-memory {other}", out), (other, out)
     run_dir = tmp_path / "run"
-    exe, calls = observed_run(monkeypatch, ARGS + extra + ["-o", str(run_dir)])
+    learner, calls = observed_run(monkeypatch, ARGS + extra + ["-o", str(run_dir)])
     header = json.loads((run_dir / "header.json").read_text())
     segs = SEGMENTS[expected]
     assert header["global_memory"] == expected
     assert header["global_segments"] == segs
     assert header["memory_plan"]["choice"] == expected and header["memory_plan"]["segments"] == segs
-    assert (None if exe.segments is None else [list(s) for s in exe.segments]) == segs
+    assert (None if learner.segments is None else [list(s) for s in learner.segments]) == segs
     assert calls == (0 if segs is None else len(segs) * GLOBAL_STEPS)
 
 
@@ -123,9 +124,9 @@ def test_bp_default_is_plain_backprop_and_measures_nothing(tmp_path, monkeypatch
 
     monkeypatch.setattr(planner, "predict", no_predict)
     run_dir = tmp_path / "bp"
-    exe, calls = observed_run(monkeypatch, ARGS + BP + ["-o", str(run_dir)])
+    learner, calls = observed_run(monkeypatch, ARGS + BP + ["-o", str(run_dir)])
     header = json.loads((run_dir / "header.json").read_text())
-    assert header["global_segments"] is None and exe.segments is None and calls == 0
+    assert header["global_segments"] is None and learner.segments is None and calls == 0
     assert header["memory_plan"]["predicted"] is None
 
 

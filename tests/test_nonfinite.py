@@ -41,7 +41,7 @@ def poison_output(monkeypatch, module, epoch, step, value):
 
     The hook sits on the module's last unit, not on ``net.blocks[module]``: the global step may run
     the units one by one (or in checkpointed segments) instead of calling the module."""
-    target, build = call_index(epoch, step), train_mod.build_network
+    target, build = call_index(epoch, step), train_mod.build_model
     calls = [0]
 
     def hook(mod, inp, out):
@@ -55,14 +55,14 @@ def poison_output(monkeypatch, module, epoch, step, value):
         net.blocks[module][-1].register_forward_hook(hook)
         return net
 
-    monkeypatch.setattr(train_mod, "build_network", build_with_hook)
+    monkeypatch.setattr(train_mod, "build_model", build_with_hook)
     return calls
 
 
 def poison_grad(monkeypatch, module, epoch, step, value):
     """The gradient of net.blocks[module]'s first parameter gets ``+ value`` in the backward of
     (epoch, step); the losses of that step stay finite."""
-    target, build = call_index(epoch, step), train_mod.build_network
+    target, build = call_index(epoch, step), train_mod.build_model
     calls = [0]
 
     def hook(g):
@@ -74,7 +74,7 @@ def poison_grad(monkeypatch, module, epoch, step, value):
         next(net.blocks[module].parameters()).register_hook(hook)
         return net
 
-    monkeypatch.setattr(train_mod, "build_network", build_with_hook)
+    monkeypatch.setattr(train_mod, "build_model", build_with_hook)
     return calls
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _direct(kind, seg, batch):
     setup = build_step(kind, batch=batch, device="cpu", head_kernels="eager", **KW)
     if seg is not None:
-        setup.executor.segments = planner.candidate_segments(seg, setup.net, KW["arch"], KW["image_size"])
+        setup.executor.segments = planner.candidate_segments(seg, setup.net)
     setup.warm_up(2)
     return measure_step(setup, steps=1, measure="tracker")["peak_bytes"]
 
@@ -79,7 +79,9 @@ def test_predictions_are_cached_per_configuration():
 
 
 def test_coarse_segments_cover_all_units_in_order():
-    segs = planner.coarse_segments("resnet110", 32, 55)
+    from pgl_fast.models.presets import cifar_resnet
+
+    segs = planner.coarse_segments(cifar_resnet("resnet110", 1, aux=None))
     assert segs[0][0] == 0 and segs[-1][1] == 55
     assert all(a < b for a, b in segs) and all(segs[i][1] == segs[i + 1][0] for i in range(len(segs) - 1))
     assert 5 <= len(segs) <= 9

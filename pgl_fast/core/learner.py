@@ -397,7 +397,7 @@ class LocalLearner:
                 # released right here instead of living until the final backward
                 with self.autocast():
                     if self.compiled is not None:
-                        aux_loss = self.compiled.aux[j](feat, y)
+                        aux_loss = self.compiled.aux[j](feat, y, image01)
                     else:
                         aux_loss = self.local_loss(j, feat.detach(), y, image01)
                 self.backward(aux_loss)

@@ -1,4 +1,5 @@
-"""Pure schedule functions: which phase each epoch runs, and the learning rate of each epoch.
+"""Pure schedule functions: the phase names, and the learning rate of each epoch (which phase an
+epoch runs is the method's: ``pgl_fast.core.methods``).
 
 Epochs are 0-based here (``epoch`` = 0 .. E-1); the InfoPro LR formula is written with 1-based
 ``e = epoch + 1``.
@@ -8,24 +9,6 @@ from __future__ import annotations
 import math
 
 LOCAL, GLOBAL = "local", "global"
-
-
-def phase_of_epoch(method: str, epoch: int, period: int, duration: int) -> str:
-    """PGL cycles P local epochs then Q global epochs (cycle length P + Q), starting local.
-
-    ``bp`` is always global; ``dgl`` and ``infopro`` are always local; ``pgl`` with Q = 0 is DGL.
-    """
-    if method == "bp":
-        return GLOBAL
-    if method in ("dgl", "infopro"):
-        return LOCAL
-    if method == "pgl":
-        return LOCAL if epoch % (period + duration) < period else GLOBAL
-    raise ValueError(f"unknown method {method!r}")
-
-
-def phase_table(method: str, epochs: int, period: int, duration: int) -> list[str]:
-    return [phase_of_epoch(method, e, period, duration) for e in range(epochs)]
 
 
 def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, sched: str = "cosine",

@@ -224,7 +224,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
     for r in runs:  # validate every run's flags before anything starts
         try:
             planned_cfg[r.name] = config_from_args(train_args(r, st)).to_dict()
-        except (UserError, ValueError) as e:  # TrainConfig's one-line errors (its ConfigError is a ValueError)
+        except UserError as e:  # TrainConfig's one-line errors
             raise UserError(f"{r.name}: {e}") from None
         except SystemExit:
             raise UserError(f"{r.name}: the training CLI rejected {shlex.join(train_args(r, st))}") from None

@@ -15,7 +15,7 @@ stage-1 blocks that dominate a local step's peak, that is 7 x 16 MiB at batch 25
   a fraction of a tensor.
 
 Forward values and running-statistics updates are exactly those of the eager block (the same ATen
-calls); gradients agree to rounding (``tests/test_lean.py`` compares them in float64). fp32 only:
+calls); gradients agree to rounding (``tests/models/test_lean.py`` compares them in float64). fp32 only:
 the hand-written BN backward is not meant for reduced precision, so ``--lean-blocks`` with
 ``--amp`` is refused by the config.
 """

@@ -17,6 +17,7 @@ Split kinds (``--split``):
 """
 from __future__ import annotations
 
+from ..errors import UserError
 from .cifar_resnet import blocks_per_stage
 
 INFOPRO_CUTS: dict[str, dict[int, list[list[int]]]] = {
@@ -49,10 +50,6 @@ INFOPRO_BALANCED_CUTS: dict[str, dict[str, dict[int, list[list[int]]]]] = {
 }
 
 SPLIT_KINDS = ("auto", "infopro", "balanced", "layerwise", "even")
-
-
-class SplitError(ValueError):
-    pass
 
 
 def num_units(arch: str) -> int:
@@ -91,20 +88,20 @@ def supported_J(arch: str, kind: str, dataset_recipe: str = "cifar10") -> list[i
 
 
 def resolve_split(arch: str, J: int, kind: str = "auto", dataset_recipe: str = "cifar10") -> list[tuple[int, int]]:
-    """Unit ranges of the J modules, or a SplitError naming what is supported."""
+    """Unit ranges of the J modules, or a UserError naming what is supported."""
     if kind not in SPLIT_KINDS:
-        raise SplitError(f"--split {kind!r} is not one of {', '.join(SPLIT_KINDS)}")
+        raise UserError(f"--split {kind!r} is not one of {', '.join(SPLIT_KINDS)}")
     U = num_units(arch)
     if kind == "auto":
         kind = "infopro" if arch in INFOPRO_CUTS else "even"
     if kind == "infopro":
         table = INFOPRO_CUTS.get(arch)
         if table is None:
-            raise SplitError(
+            raise UserError(
                 f"--split infopro has tables for {', '.join(INFOPRO_CUTS)} only, not {arch}; use --split even"
             )
         if J not in table:
-            raise SplitError(
+            raise UserError(
                 f"-J {J} has no InfoPro split for {arch}; supported J: {', '.join(map(str, sorted(table)))} "
                 f"(or --split even for any J in 1..{U}, --split layerwise for J={U})"
             )
@@ -112,22 +109,22 @@ def resolve_split(arch: str, J: int, kind: str = "auto", dataset_recipe: str = "
     if kind == "balanced":
         by_data = INFOPRO_BALANCED_CUTS.get(arch)
         if by_data is None:
-            raise SplitError(f"--split balanced has tables for {', '.join(INFOPRO_BALANCED_CUTS)} only, not {arch}")
+            raise UserError(f"--split balanced has tables for {', '.join(INFOPRO_BALANCED_CUTS)} only, not {arch}")
         table = by_data.get(dataset_recipe)
         if table is None:
-            raise SplitError(
+            raise UserError(
                 f"--split balanced has tables for data sets {', '.join(by_data)} only, not {dataset_recipe}"
             )
         if J not in table:
-            raise SplitError(
+            raise UserError(
                 f"-J {J} has no balanced split for {arch}/{dataset_recipe}; supported J: "
                 f"{', '.join(map(str, sorted(table)))}"
             )
         return cuts_to_ranges(arch, table[J])
     if kind == "layerwise":
         if J != U:
-            raise SplitError(f"--split layerwise makes one module per unit: -J must be {U} for {arch}, got {J}")
+            raise UserError(f"--split layerwise makes one module per unit: -J must be {U} for {arch}, got {J}")
         return [(u, u + 1) for u in range(U)]
     if not 1 <= J <= U:
-        raise SplitError(f"-J {J} is out of range for {arch} with --split even; supported J: 1..{U}")
+        raise UserError(f"-J {J} is out of range for {arch} with --split even; supported J: 1..{U}")
     return even_ranges(U, J)

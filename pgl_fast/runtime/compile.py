@@ -1,6 +1,6 @@
 """``--compile``: the training steps' pieces under ``torch.compile`` (Inductor).
 
-The executor keeps its own loop -- per-module backward, the per-module SGD step, the device-side
+The learner keeps its own loop -- per-module backward, the per-module SGD step, the device-side
 statistics -- and compiles only what runs between two backward passes:
 
 - **local step**: one compiled callable per module: its forward on the *detached* input and its
@@ -11,7 +11,7 @@ statistics -- and compiles only what runs between two backward passes:
   loss. Under ``--checkpoint-global`` the compiled segment *contains* the non-reentrant
   ``torch.utils.checkpoint`` call: Dynamo turns it into a region that the partitioner recomputes in
   the backward, and batch-norm buffer updates, functionalised in the forward graph, happen exactly
-  once (the eager path needs ``engine.frozen_bn_stats`` for that; here the recomputation has no side
+  once (the eager path needs ``core.learner.frozen_bn_stats`` for that; here the recomputation has no side
   effects at all).
 
 What is compiled are closures over the modules, never the modules themselves, so parameter and
@@ -80,7 +80,7 @@ def _local_ce_piece(block: nn.Module, head: nn.Module):
 
 
 def _local_loss_piece(exe, j: int):
-    # InfoPro's loss (per-module lambdas, decoder): the executor's own definition, traced as is
+    # the method's own loss (InfoPro: per-module lambdas, decoder), traced as is
     def local_loss_piece(x, y, image01):
         h = exe.model.blocks[j](x.detach())
         return h.detach(), exe.local_loss(j, h, y, image01)
@@ -115,15 +115,15 @@ def _segment_piece(units: list[nn.Module], taps: tuple[int, ...], checkpointed: 
 
 
 def _aux_ce_piece(head: nn.Module):
-    def aux_piece(feat, y):
+    def aux_piece(feat, y, image01=None):
         return F.cross_entropy(upcast(head(feat.detach())), y)
 
     return aux_piece
 
 
 def _aux_loss_piece(exe, j: int):
-    def aux_loss_piece(feat, y):
-        return exe.local_loss(j, feat.detach(), y, None)
+    def aux_loss_piece(feat, y, image01=None):
+        return exe.local_loss(j, feat.detach(), y, image01)
 
     return aux_loss_piece
 

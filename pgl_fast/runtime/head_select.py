@@ -279,7 +279,7 @@ def _head_key(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, devic
 def select_for_net(net, *, batch: int, dtype: torch.dtype, device: torch.device, channels_last: bool = False,
                    fused_fn: StackFn = fused_stack, eager_fn: StackFn = eager_stack, timer: Timer = default_timer,
                    cache: dict | None = None) -> list[dict]:
-    """Choose for every aux head of a ``LocalNet`` (heads that share a config and input shape share
+    """Choose for every aux head of a ``LocalModel`` (heads that share a config and input shape share
     one measurement) and set each head's ``use_kernels``. Returns one record per distinct head,
     with the indices of the heads it applies to."""
     cache = _CACHE if cache is None else cache
@@ -310,7 +310,7 @@ def select_for_net(net, *, batch: int, dtype: torch.dtype, device: torch.device,
 def configure_head_kernels(net, mode: str, allowed: bool, *, batch: int, dtype: torch.dtype, device: torch.device,
                            channels_last: bool = False) -> dict:
     """Set every head's ``use_kernels`` for ``--head-kernels mode``; ``allowed`` is what
-    ``train.resolve_head_kernels`` decided (False: eager everywhere). Returns the header record:
+    ``build.resolve_head_kernels`` decided (False: eager everywhere). Returns the header record:
     ``mode``, ``resolved`` (``triton``, ``eager`` or ``mixed``) and ``selection`` (the measured
     choices, for ``auto`` on CUDA)."""
     selection = None

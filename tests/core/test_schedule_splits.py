@@ -1,9 +1,11 @@
 """Schedules against hand-written epoch tables; splits and parameter counts against prior-art."""
 import pytest
 
-from pgl_fast.models.local_model import LocalNet
-from pgl_fast.core.schedule import lr_at_epoch, phase_table
-from pgl_fast.models.splits import SplitError, resolve_split
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.core.methods import BP, DGL, PGL, InfoPro
+from pgl_fast.core.schedule import lr_at_epoch
+from pgl_fast.errors import UserError
+from pgl_fast.models.splits import resolve_split
 
 L, G = "local", "global"
 
@@ -17,11 +19,12 @@ L, G = "local", "global"
     (5, 3, 10, [L, L, L, L, L, G, G, G, L, L]),
 ])
 def test_pgl_phase_table(P, Q, E, expected):
-    assert phase_table("pgl", E, P, Q) == expected
+    # the method object the learner asks agrees with the table
+    assert PGL(P, Q).phases(E) == expected
 
 
 def test_paper_default_cycle():
-    t = phase_table("pgl", 160, 10, 2)
+    t = PGL(10, 2).phases(160)
     # 13 full cycles of 12 epochs = 156 epochs with 26 global ones, then 4 local epochs
     assert t.count(G) == 26
     assert t[10:12] == [G, G] and t[:10] == [L] * 10
@@ -29,9 +32,8 @@ def test_paper_default_cycle():
 
 
 def test_other_methods_phase():
-    assert phase_table("dgl", 3, 10, 2) == [L] * 3
-    assert phase_table("infopro", 3, 10, 2) == [L] * 3
-    assert phase_table("bp", 3, 10, 2) == [G] * 3
+    assert DGL().phases(3) == InfoPro().phases(3) == [L] * 3
+    assert BP().phases(3) == [G] * 3
 
 
 @pytest.mark.parametrize("e,lr0,expected", [
@@ -105,7 +107,7 @@ def test_even_rule_and_layerwise():
     (("resnet20", 11, "even"), "supported J: 1..10"),
 ])
 def test_split_errors(args, match):
-    with pytest.raises(SplitError, match=match):
+    with pytest.raises(UserError, match=match):
         resolve_split(*args)
 
 
@@ -117,11 +119,11 @@ def test_split_errors(args, match):
     (2, "2c2f", 532_068),
 ])
 def test_parameter_counts(J, aux, expected):
-    assert LocalNet("resnet32", J, aux=aux).count_parameters()["total"] == expected
+    assert cifar_resnet("resnet32", J, aux=aux).count_parameters()["total"] == expected
 
 
 def test_backbone_and_infopro_counts():
-    assert LocalNet("resnet32", 1, aux=None).count_parameters()["total"] == 466_906
-    assert LocalNet("resnet110", 1, aux=None).count_parameters()["total"] == 1_730_714
+    assert cifar_resnet("resnet32", 1, aux=None).count_parameters()["total"] == 466_906
+    assert cifar_resnet("resnet110", 1, aux=None).count_parameters()["total"] == 1_730_714
     # InfoPro J=16 with CE heads and decoders: 0.916M (prior-art §2)
-    assert round(LocalNet("resnet32", 16, aux="1c2f", decoders=True).count_parameters()["total"] / 1e3) == 916
+    assert round(cifar_resnet("resnet32", 16, aux="1c2f", decoders=True).count_parameters()["total"] / 1e3) == 916

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.core.learner import LocalLearner
+from pgl_fast.core.methods import PGL, InfoPro
 from pgl_fast.models.heads import MLPSRHead, adaptive_avg_pool, reconstruction_loss, supcon_loss, upsample_bilinear
-from pgl_fast.models.local_model import LocalNet
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.runtime.optim import sgd
 
 # Backward ops that CUDA implements only with atomics and refuses in deterministic mode.
 CUDA_NONDETERMINISTIC = ("_adaptive_avg_pool2d_backward", "upsample_bilinear2d_backward")
@@ -43,27 +45,28 @@ def deterministic():
         torch.use_deterministic_algorithms(before)
 
 
-def _executor(net, method, loss_spec, amp=False):
-    return Executor(net, method=method, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                    loss_spec=loss_spec, amp_dtype=torch.bfloat16 if amp else None)
+def _learner(net, method, amp=False):
+    return LocalLearner(net, method, optimizer=sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                        amp=torch.bfloat16 if amp else None)
 
 
-INFOPRO = LossSpec("infopro", infopro_contrast=False, lambdas=((1.0, 0.5), (0.5, 1.0)))
+def _infopro():
+    return InfoPro(contrast=False, lambdas=((1.0, 0.5), (0.5, 1.0)))
 
 
 @pytest.mark.parametrize("case", ["infopro-local", "mlpsr-local", "mlpsr-global"])
 def test_deterministic_steps_avoid_cuda_nondeterministic_backwards(case):
     torch.manual_seed(0)
     infopro = case.startswith("infopro")
-    net = LocalNet("resnet8", 3, image_size=16, aux="1c2f" if infopro else "mlpsr", decoders=infopro)
-    exe = _executor(net, "infopro" if infopro else "pgl", INFOPRO if infopro else LossSpec("ce"))
+    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f" if infopro else "mlpsr", decoders=infopro)
+    learner = _learner(net, _infopro() if infopro else PGL(1, 1))
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     rec = OpRecorder()
     with deterministic(), rec:
         if case.endswith("global"):
-            exe.global_step(x, y, StepStats(net.J, x.device))
+            learner.global_step(x, y)
         else:
-            exe.local_step(x, y, StepStats(net.J, x.device), torch.rand(4, 3, 16, 16))
+            learner.local_step(x, y, torch.rand(4, 3, 16, 16))
     assert any(op.endswith("_backward") for op in rec.ops)  # the recorder does see the backward
     assert not [op for op in rec.ops if op in CUDA_NONDETERMINISTIC]
 
@@ -79,11 +82,10 @@ def test_infopro_amp_never_calls_plain_bce_under_autocast(monkeypatch):
 
     monkeypatch.setattr(F, "binary_cross_entropy", refused)
     torch.manual_seed(0)
-    net = LocalNet("resnet8", 3, image_size=16, aux="1c2f", decoders=True)
-    exe = _executor(net, "infopro", INFOPRO, amp=True)
-    stats = StepStats(net.J, torch.device("cpu"))
-    exe.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), stats, torch.rand(4, 3, 16, 16))
-    assert all(torch.isfinite(torch.tensor(stats.read()["losses"])))
+    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f", decoders=True)
+    learner = _learner(net, _infopro(), amp=True)
+    learner.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), torch.rand(4, 3, 16, 16))
+    assert all(torch.isfinite(torch.tensor(learner.stats.read()["losses"])))
 
 
 def test_reconstruction_loss_is_bce_of_the_sigmoid():
@@ -140,10 +142,10 @@ def test_supcon_similarity_in_fp32_under_autocast():
 
 def test_gradient_check_is_one_multi_tensor_norm_per_module():
     torch.manual_seed(0)
-    net = LocalNet("resnet8", 3, image_size=16, aux="1c2f")
-    exe = _executor(net, "pgl", LossSpec("ce"))
+    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f")
+    learner = _learner(net, PGL(1, 1))
     rec = OpRecorder()
     with rec:
-        exe.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), StepStats(net.J, torch.device("cpu")))
+        learner.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
     assert rec.ops.count("_foreach_norm") == net.J
     assert rec.ops.count("linalg_vector_norm") == 0 and rec.ops.count("norm") == 0

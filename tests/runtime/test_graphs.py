@@ -6,19 +6,21 @@ import copy
 import pytest
 import torch
 
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
+from pgl_fast.core.learner import LocalLearner, StepStats
+from pgl_fast.core.methods import PGL
+from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.graphs import InPlaceSnapshot, training_state_tensors
-from pgl_fast.models.local_model import LocalNet
+from pgl_fast.runtime.optim import sgd
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
 
 
-def _setup(device="cpu", aux="1c2f", amp=None, seed=0):
+def _setup(device="cpu", aux="1c2f", amp=None, seed=0, cuda_graphs=False):
     torch.manual_seed(seed)
-    net = LocalNet("resnet8", 4, num_classes=10, image_size=16, split="layerwise", aux=aux).to(device)
-    exe = Executor(net, method="pgl", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                   loss_spec=LossSpec("ce"), amp_dtype=amp)
-    return net, exe, StepStats(net.J, torch.device(device))
+    net = cifar_resnet("resnet8", 4, num_classes=10, image_size=16, split="layerwise", aux=aux).to(device)
+    learner = LocalLearner(net, PGL(1, 1), optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                           amp=amp, cuda_graphs=cuda_graphs)
+    return net, learner, learner.stats
 
 
 def _batches(n, device, batch=8, seed=1):
@@ -28,20 +30,20 @@ def _batches(n, device, batch=8, seed=1):
 
 
 def test_warmup_is_undone_in_place():
-    net, exe, stats = _setup()
-    ref_net, ref_exe, ref_stats = _setup()
+    net, learner, stats = _setup()
+    ref_net, ref_learner, ref_stats = _setup()
     batches = _batches(3, "cpu")
-    exe.local_step(*batches[0], stats)  # momentum buffers non-trivial before the snapshot
-    ref_exe.local_step(*batches[0], ref_stats)
-    tensors = training_state_tensors(exe, stats)
+    learner.local_step(*batches[0])  # momentum buffers non-trivial before the snapshot
+    ref_learner.local_step(*batches[0])
+    tensors = training_state_tensors(learner, stats)
     ptrs = [t.data_ptr() for t in tensors]
     snap = InPlaceSnapshot(tensors)
     for _ in range(2):  # the "warm-up"
-        exe.local_step(*batches[1], stats)
+        learner.local_step(*batches[1])
     snap.restore()
-    assert [t.data_ptr() for t in training_state_tensors(exe, stats)] == ptrs  # same tensors, same memory
-    exe.local_step(*batches[2], stats)
-    ref_exe.local_step(*batches[2], ref_stats)
+    assert [t.data_ptr() for t in training_state_tensors(learner, stats)] == ptrs  # same tensors, same memory
+    learner.local_step(*batches[2])
+    ref_learner.local_step(*batches[2])
     for (n, p), (_, q) in zip(net.named_parameters(), ref_net.named_parameters()):
         assert torch.equal(p, q), n
     for (n, b), (_, c) in zip(net.named_buffers(), ref_net.named_buffers()):
@@ -52,7 +54,7 @@ def test_warmup_is_undone_in_place():
 def test_step_statistics_have_no_host_side_counters():
     """Replays of a captured step only update tensors, in place: every counter the step touches must
     be one of StepStats' tensors, still at the same address afterwards, holding the right values."""
-    net, exe, stats = _setup()
+    net, learner, stats = _setup()
     ref_net = copy.deepcopy(net)
     x, y = _batches(1, "cpu")[0]
     fields = vars(stats)
@@ -67,7 +69,7 @@ def test_step_statistics_have_no_host_side_counters():
             out = ref_net.heads[j](h) if j < net.J - 1 else ref_net.classifier(h)
             want.append(torch.nn.functional.cross_entropy(out, y).item())
         correct = int((out.argmax(1) == y).sum())
-    exe.local_step(x, y, stats)
+    learner.local_step(x, y)
     after = vars(stats)
     assert set(after) == set(before)
     for k, (ptr, old) in before.items():
@@ -86,15 +88,15 @@ def test_step_statistics_have_no_host_side_counters():
 def test_graphed_local_steps_match_eager(amp, tol):
     from pgl_fast.runtime.graphs import GraphedLocalSteps
 
-    net, exe, stats = _setup("cuda", amp=amp)
-    ref_net, ref_exe, ref_stats = _setup("cuda", amp=amp)
-    graphed = GraphedLocalSteps(exe, stats)
+    net, learner, stats = _setup("cuda", amp=amp, cuda_graphs=True)
+    ref_net, ref_learner, ref_stats = _setup("cuda", amp=amp)
+    assert isinstance(learner.graphed, GraphedLocalSteps) and ref_learner.graphed is None
     batches = _batches(6, "cuda") + _batches(2, "cuda", batch=5, seed=7)  # and a partial batch shape
     for x, y in batches:
-        graphed(x, y)
-        ref_exe.local_step(x, y, ref_stats)
+        learner.local_step(x, y)  # replays the captured graph
+        ref_learner.local_step(x, y)
     torch.cuda.synchronize()
-    assert graphed.captures == 2
+    assert learner.graphed.captures == 2
     got, ref = stats.read(), ref_stats.read()
     assert got["samples"] == ref["samples"] == 46
     assert got["losses"] == pytest.approx(ref["losses"], rel=tol, abs=tol)

@@ -1,8 +1,8 @@
-"""``--compile``: the compiled executor trains to the eager executor's numbers, compiles a bounded
+"""``--compile``: the compiled learner trains to the eager learner's numbers, compiles a bounded
 number of graphs (nothing new on PGL phase switches), updates BN running statistics once under
 checkpointing, and keeps checkpoints interchangeable with eager runs.
 
-References are independent of the code under test: the eager ``Executor`` (whose semantics
+References are independent of the code under test: the eager ``LocalLearner`` (whose semantics
 ``test_methods.py`` checks against the paper's equations) and a plain ``torch.no_grad`` forward.
 Every test uses the same tiny shapes (resnet8, J=2, 32x32 inputs, batch 16 plus a partial batch
 of 8), so the compiled graphs of one test are reused by the next: Dynamo caches them per code
@@ -18,11 +18,12 @@ import torch
 from pgl_fast.runtime.compile import COMPILE_MODES, compile_count
 from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
-from pgl_fast.models.local_model import LocalNet
+from pgl_fast.core.learner import LocalLearner
+from pgl_fast.core.methods import DGL, PGL, InfoPro
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.runtime.optim import sgd
 from pgl_fast.train import main
 
-CPU = torch.device("cpu")
 # PGL: a local phase with a last partial batch, a global phase, local again (nothing new to compile)
 SCHEDULE = [("local", 16), ("local", 8), ("global", 16), ("local", 16), ("local", 8)]
 
@@ -37,16 +38,20 @@ def _threads():
 
 def _pair(dtype=torch.float64, amp_dtype=None, channels_last=False, checkpoint_global=False, method="pgl",
           lr=0.1, momentum=0.9, weight_decay=5e-4, segments=None):
-    """(compiled executor, eager executor) on two identical networks."""
+    """(compiled learner, eager learner) on two identical networks."""
     torch.manual_seed(0)
-    net = LocalNet("resnet8", 2, num_classes=10, image_size=32, aux="1c2f").to(dtype)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    kw = dict(method=method, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay,
-              loss_spec=LossSpec("ce"), amp_dtype=amp_dtype, checkpoint_global=checkpoint_global,
-              channels_last=channels_last, segments=segments)
+    net = cifar_resnet("resnet8", 2, num_classes=10, image_size=32, aux="1c2f").to(dtype)
     ref = copy.deepcopy(net)
-    return Executor(net, compile_mode="default", **kw), Executor(ref, **kw)
+
+    def learner(model, compile):
+        # a fresh method object per learner: nothing is shared between the two but the starting weights
+        m = {"pgl": lambda: PGL(1, 1), "dgl": DGL}[method]()
+        return LocalLearner(model, m, optimizer=sgd(lr=lr, momentum=momentum, nesterov=momentum > 0,
+                                                     weight_decay=weight_decay),
+                            amp=amp_dtype, compile=compile, channels_last=channels_last,
+                            checkpoint_global=segments if segments is not None else checkpoint_global)
+
+    return learner(net, "default"), learner(ref, None)
 
 
 def _batch(n, seed, dtype=torch.float64, channels_last=False):
@@ -57,17 +62,20 @@ def _batch(n, seed, dtype=torch.float64, channels_last=False):
     return x, torch.randint(0, 10, (n,), generator=g)
 
 
-def _train_both(exe_c, exe_e, schedule, dtype=torch.float64, channels_last=False):
-    """Run the schedule on both executors: (compiled stats, eager stats, graphs compiled per step)."""
-    sc, se = StepStats(exe_c.J, CPU), StepStats(exe_e.J, CPU)
+def _step(learner, phase, x, y):
+    (learner.local_step if phase == "local" else learner.global_step)(x, y)
+
+
+def _train_both(lc, le, schedule, dtype=torch.float64, channels_last=False):
+    """Run the schedule on both learners: (compiled stats, eager stats, graphs compiled per step)."""
     added = []
     for i, (phase, n) in enumerate(schedule):
         x, y = _batch(n, i, dtype, channels_last)
         before = compile_count()
-        exe_c.train_step(phase, x, y, sc)
+        _step(lc, phase, x, y)
         added.append(compile_count() - before)
-        exe_e.train_step(phase, x, y, se)
-    return sc.read(), se.read(), added
+        _step(le, phase, x, y)
+    return lc.stats.read(), le.stats.read(), added
 
 
 def _assert_nets_close(a, b, rtol, atol):
@@ -85,10 +93,10 @@ def _assert_nets_close(a, b, rtol, atol):
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpoint_global", [False, True], ids=["plain", "checkpointed"])
 def test_compiled_pgl_equals_eager(checkpoint_global):
-    exe_c, exe_e = _pair(checkpoint_global=checkpoint_global)
-    rc, re_, added = _train_both(exe_c, exe_e, SCHEDULE)
-    _assert_nets_close(exe_c.net, exe_e.net, rtol=1e-9, atol=1e-11)
-    for a, b in zip(exe_c.optimizers, exe_e.optimizers):
+    lc, le = _pair(checkpoint_global=checkpoint_global)
+    rc, re_, added = _train_both(lc, le, SCHEDULE)
+    _assert_nets_close(lc.model, le.model, rtol=1e-9, atol=1e-11)
+    for a, b in zip(lc.optimizers, le.optimizers):
         for pa, pb in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
             torch.testing.assert_close(a.state[pa]["momentum_buffer"], b.state[pb]["momentum_buffer"],
                                        rtol=1e-9, atol=1e-11)
@@ -100,15 +108,15 @@ def test_compiled_pgl_equals_eager(checkpoint_global):
 
 @pytest.mark.slow
 def test_compiled_checkpointed_global_step_updates_bn_running_stats_once():
-    exe, _ = _pair(checkpoint_global=True, lr=0.0, momentum=0.0, weight_decay=0.0)
-    ref = copy.deepcopy(exe.net)
+    learner, _ = _pair(checkpoint_global=True, lr=0.0, momentum=0.0, weight_decay=0.0)
+    ref = copy.deepcopy(learner.model)
     x, y = _batch(16, 0)
-    exe.global_step(x, y, StepStats(exe.J, CPU))
+    learner.global_step(x, y)
     with torch.no_grad():
         h = x
         for blk in ref.blocks:
             h = blk(h)
-    got = dict(exe.net.named_buffers())
+    got = dict(learner.model.named_buffers())
     for n, b in ref.named_buffers():
         if n.startswith("blocks."):
             if b.is_floating_point():
@@ -119,40 +127,45 @@ def test_compiled_checkpointed_global_step_updates_bn_running_stats_once():
 
 @pytest.mark.slow
 def test_compiled_channels_last_equals_eager():
-    exe_c, exe_e = _pair(channels_last=True)
-    _train_both(exe_c, exe_e, [("local", 16)] * 2, channels_last=True)
-    _assert_nets_close(exe_c.net, exe_e.net, rtol=1e-9, atol=1e-11)
+    lc, le = _pair(channels_last=True)
+    # the learner puts both networks in channels-last itself
+    for learner in (lc, le):
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in learner.model.parameters() if p.dim() == 4)
+    _train_both(lc, le, [("local", 16)] * 2, channels_last=True)
+    _assert_nets_close(lc.model, le.model, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.slow
 def test_compiled_infopro_equals_eager():
-    """InfoPro's loss (decoder reconstruction + SupCon, per-module lambdas) traced as the executor
+    """InfoPro's loss (decoder reconstruction + SupCon, per-module lambdas) traced as the learner
     defines it."""
     torch.manual_seed(0)
-    net = LocalNet("resnet8", 2, num_classes=10, image_size=32, aux="1c2f", decoders=True,
-                   head_out_dim=128).double()
-    kw = dict(method="infopro", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, amp_dtype=None,
-              loss_spec=LossSpec("infopro", infopro_contrast=True, lambdas=((5.0, 0.5),)))
+    net = cifar_resnet("resnet8", 2, num_classes=10, image_size=32, aux="1c2f", decoders=True,
+                       head_out_dim=128).double()
     ref = copy.deepcopy(net)
-    exe_c, exe_e = Executor(net, compile_mode="default", **kw), Executor(ref, **kw)
-    sc, se = StepStats(2, CPU), StepStats(2, CPU)
+
+    def learner(model, compile):
+        return LocalLearner(model, InfoPro(contrast=True, lambdas=((5.0, 0.5),)), amp=None, compile=compile,
+                            optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4))
+
+    lc, le = learner(net, "default"), learner(ref, None)
     for i in range(2):
         x, y = _batch(16, i)
         image01 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-        exe_c.local_step(x, y, sc, image01)
-        exe_e.local_step(x, y, se, image01)
-    _assert_nets_close(exe_c.net, exe_e.net, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(torch.tensor(sc.read()["losses"]), torch.tensor(se.read()["losses"]),
+        lc.local_step(x, y, image01)
+        le.local_step(x, y, image01)
+    _assert_nets_close(lc.model, le.model, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.tensor(lc.stats.read()["losses"]), torch.tensor(le.stats.read()["losses"]),
                                rtol=1e-10, atol=0.0)
 
 
 @pytest.mark.slow
 def test_compiled_dgl_equals_eager_bf16_autocast():
-    exe_c, exe_e = _pair(dtype=torch.float32, amp_dtype=torch.bfloat16, method="dgl", lr=0.05)
-    rc, re_, _ = _train_both(exe_c, exe_e, [("local", 16)] * 3, dtype=torch.float32)
+    lc, le = _pair(dtype=torch.float32, amp_dtype=torch.bfloat16, method="dgl", lr=0.05)
+    rc, re_, _ = _train_both(lc, le, [("local", 16)] * 3, dtype=torch.float32)
     # bf16 products round differently in fused kernels: a bf16 tolerance after three SGD steps
     torch.testing.assert_close(torch.tensor(rc["losses"]), torch.tensor(re_["losses"]), rtol=2e-2, atol=0.0)
-    _assert_nets_close(exe_c.net, exe_e.net, rtol=2e-2, atol=2e-2)
+    _assert_nets_close(lc.model, le.model, rtol=2e-2, atol=2e-2)
 
 
 # -- the CLI: flags, header, checkpoints interchangeable with eager runs ---------------------------

@@ -1,6 +1,6 @@
 """Gradient semantics of each method against the paper's equations, on small random models.
 
-The references below are written independently of the executor: they rebuild each loss from a
+The references below are written independently of the learner: they rebuild each loss from a
 deep copy of the network with plain autograd, and compare gradients parameter by parameter.
 """
 import copy
@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.core.learner import Executor, LossSpec, StepStats
-from pgl_fast.models.local_model import LocalNet
-
+from pgl_fast.core.learner import LocalLearner
+from pgl_fast.core.methods import DGL, PGL, InfoPro
+from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.runtime.optim import sgd
 
 
 @pytest.fixture(autouse=True)
@@ -23,26 +24,28 @@ def _f64():  # exact comparisons in float64; the engine is dtype-agnostic
 
 def make(aux="1c2f", J=4, split="layerwise", arch="resnet8", decoders=False, head_out=None, seed=0):
     torch.manual_seed(seed)
-    net = LocalNet(arch, J, num_classes=5, image_size=16, split=split, aux=aux, decoders=decoders,
-                   head_out_dim=head_out).double()
+    net = cifar_resnet(arch, J, num_classes=5, image_size=16, split=split, aux=aux, decoders=decoders,
+                       head_out_dim=head_out).double()
     x = torch.randn(6, 3, 16, 16)
     y = torch.tensor([0, 1, 2, 3, 4, 1])
     return net, x, y
 
 
-def recording_executor(net, **kw):
-    """Executor whose per-module optimizer steps record every parameter's gradient first."""
-    exe = Executor(net, method=kw.pop("method", "pgl"), lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0,
-                   loss_spec=kw.pop("loss_spec", LossSpec("ce")), amp_dtype=None, **kw)
+def recording_learner(net, method=None, segments=None):
+    """Learner whose per-module optimizer steps record every parameter's gradient first (lr 0:
+    the weights stay put, so one step's gradients are all on the same weights)."""
+    learner = LocalLearner(net, PGL(1, 1) if method is None else method,
+                           optimizer=sgd(lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0), amp=None,
+                           checkpoint_global=segments if segments is not None else False)
     log = []
-    orig = exe._step
+    orig = learner.step_module
 
     def step(j):
         log.append((j, {n: (p.grad.clone() if p.grad is not None else None) for n, p in net.named_parameters()}))
         orig(j)
 
-    exe._step = step
-    return exe, log
+    learner.step_module = step
+    return learner, log
 
 
 def names_of(net, params):
@@ -54,8 +57,8 @@ def names_of(net, params):
 def test_local_step_gradients_are_module_local(aux):
     net, x, y = make(aux)
     ref = copy.deepcopy(net)
-    exe, log = recording_executor(net)
-    exe.local_step(x, y, StepStats(net.J, x.device))
+    learner, log = recording_learner(net)
+    learner.local_step(x, y)
     assert [j for j, _ in log] == list(range(net.J))
     for j, grads in log:
         own = set(names_of(net, net.module_parameters(j) + net.aux_parameters(j)))
@@ -86,8 +89,8 @@ def test_global_step_backbone_gets_bp_gradients_heads_get_local(aux, segments):
     ref = copy.deepcopy(net)
     segs = {"none": None, "modules": list(net.ranges), "units": [(u, u + 1) for u in range(len(net.units))],
             "coarse": [(0, 2), (2, 4)], "two": [(0, 3), (3, 4)]}[segments]  # heads tapped inside segments
-    exe, log = recording_executor(net, segments=segs)
-    exe.global_step(x, y, StepStats(net.J, x.device))
+    learner, log = recording_learner(net, segments=segs)
+    learner.global_step(x, y)
     grads = log[0][1]  # all modules step after the one backward; the first step sees every gradient
     ref_params = dict(ref.named_parameters())
     # eq. 3: backbone from the final loss only, exactly plain BP
@@ -112,9 +115,9 @@ def test_global_step_backbone_gets_bp_gradients_heads_get_local(aux, segments):
 def test_checkpointed_global_step_updates_bn_running_stats_once(segments):
     net, x, y = make("1c2f")
     ref = copy.deepcopy(net)
-    exe = Executor(net, method="pgl", lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0,
-                   loss_spec=LossSpec("ce"), amp_dtype=None, checkpoint_global=True, segments=segments)
-    exe.global_step(x, y, StepStats(net.J, x.device))
+    learner = LocalLearner(net, PGL(1, 1), optimizer=sgd(lr=0.0, momentum=0.0, nesterov=False, weight_decay=0.0),
+                           amp=None, checkpoint_global=segments if segments is not None else True)
+    learner.global_step(x, y)
     with torch.no_grad():
         h = x
         for blk in ref.blocks:
@@ -131,10 +134,9 @@ def test_per_module_steps_equal_one_global_sgd_step():
     net, x, y = make("1c2f")
     ref = copy.deepcopy(net)
     lr, mom, wd = 0.1, 0.9, 1e-2
-    exe = Executor(net, method="dgl", lr=lr, momentum=mom, nesterov=True, weight_decay=wd,
-                   loss_spec=LossSpec("ce"), amp_dtype=None)
+    learner = LocalLearner(net, DGL(), optimizer=sgd(lr=lr, momentum=mom, nesterov=True, weight_decay=wd), amp=None)
     for _ in range(2):
-        exe.local_step(x, y, StepStats(net.J, x.device))
+        learner.local_step(x, y)
     # reference: all local losses' gradients on the same pre-update weights, then hand-written SGD
     bufs = {}
     for _ in range(2):
@@ -177,10 +179,9 @@ def test_infopro_local_loss_matches_equation(contrast):
     net, x, y = make("1c2f", J=J, decoders=True, head_out=8 if contrast else None)
     ref = copy.deepcopy(net)
     lambdas = ((5.0, 0.05), (2.6, 0.275), (0.2, 0.5))
-    exe, log = recording_executor(net, method="infopro",
-                                  loss_spec=LossSpec("infopro", infopro_contrast=contrast, lambdas=lambdas))
+    learner, log = recording_learner(net, InfoPro(contrast=contrast, lambdas=lambdas))
     image01 = torch.rand(6, 3, 16, 16)
-    exe.local_step(x, y, StepStats(J, x.device), image01)
+    learner.local_step(x, y, image01)
     ref_params = dict(ref.named_parameters())
     with torch.no_grad():
         hs, h = [], x
