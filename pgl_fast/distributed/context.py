@@ -158,6 +158,15 @@ class DistContext:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         return self.all_reduce_(t).tolist()
 
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's ``value`` (one collective): how ranks agree on a signal that
+        reached only some of them -- ``signum = ctx.max_int(signum or 0) or None`` at each step
+        boundary makes every rank checkpoint and stop at the same step."""
+        if not self.distributed:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        return int(self.all_reduce_(t, op="max").item())
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.distributed:
             dist.broadcast(tensor, src=src)
