@@ -96,8 +96,9 @@ def _worker(out: str, arch: str, J: int, batch: int, rounds: int, warmup: int) -
 
 @pytest.fixture(scope="module")
 def settings(request):
-    enabled = request.config.getoption("benchmark_enable", False) and not request.config.getoption(
-        "benchmark_disable", False)
+    opt = request.config.getoption
+    # pytest-benchmark: --benchmark-enable overrides the --benchmark-disable of pytest.ini
+    enabled = opt("benchmark_enable", False) or not opt("benchmark_disable", False)
     if enabled:
         return {"arch": MEASURED[0], "J": MEASURED[1], "batch": int(os.environ.get("PGL_FAST_BENCH_DP_BATCH", "128")), "rounds": 5,
                 "warmup": 1}

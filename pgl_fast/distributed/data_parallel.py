@@ -289,6 +289,11 @@ class DataParallelLearner(LocalLearner):
         self._weight = 1.0 / ctx.world_size
         self._next_global: int | None = None
         self.events: list | None = None  # set to [] to record ("reduce"|"step", j) in order (tests)
+        self._bn_checked = False
+
+    def start_epoch(self, epoch: int) -> float | None:
+        self._bn_checked = False
+        return super().start_epoch(epoch)
 
     # -- per step --------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None, *,
@@ -304,11 +309,12 @@ class DataParallelLearner(LocalLearner):
     def _begin(self, n_local: int) -> None:
         if not self.ctx.distributed:
             return
-        if self.bn_sync is not None:
+        if self.bn_sync is not None and not self._bn_checked:  # once per epoch: lean blocks can be set later
             bypass = bypassed_bn(self.model)
             if bypass:
                 raise UserError("--sync-bn: these parts compute batch norm without calling it and would not "
                                 f"synchronise: {', '.join(bypass[:3])}; drop --lean-blocks / use --head-kernels eager")
+            self._bn_checked = True
         n_global = self._next_global
         self._next_global = None
         if n_global is None:
