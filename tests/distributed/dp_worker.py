@@ -109,6 +109,19 @@ def main(out_dir: str) -> None:
         res[f"sync/{method}"] = {"model": learner.model.state_dict(), "stats": st, "events": events}
         if method == "dgl":
             res["eval"] = learner.evaluate(test_batches(ctx))
+    # the same DGL run through the Trainer's own data object wrapped in ShardedData
+    from pgl_fast.distributed import ShardedData
+    from pgl_fast.trainer import _TensorData
+
+    x_tr, y_tr, x_te, y_te = data()
+    learner = build("dgl", ctx, sync_bn=True)
+    tdata = ShardedData(_TensorData((x_tr, y_tr), (x_te, y_te), SPEC, True, torch.device("cpu"), False, 4), ctx, learner)
+    gen = make_generator(7)
+    learner.start_epoch(0)
+    for b in tdata.epoch_batches(BATCH, gen, False):
+        learner.step(*tdata.train_batch(b, gen, learner.method.needs_image))
+    res["sharded_data/dgl"] = {"model": learner.model.state_dict(), "stats": [learner.stats.read()],
+                               "eval": learner.evaluate(tdata.test_batches())}
     # per-rank batch norm (the default)
     learner = build("dgl", ctx, sync_bn=False)
     _, st, _ = train("dgl", learner, ctx=ctx)

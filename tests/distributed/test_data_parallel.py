@@ -147,6 +147,16 @@ def test_evaluation_gathers_the_whole_test_set(ranks):
         assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-6)
 
 
+def test_trainer_data_wrapper_shards_like_the_scenarios(ranks):
+    """``ShardedData`` around the Trainer's own data object: the same shards, augmentation, global
+    batch sizes and test slices as the hand-written loop (so the same result, bit for bit)."""
+    for r in ranks:
+        got = r["sharded_data/dgl"]
+        assert_states_close(got["model"], ranks[0]["sync/dgl"]["model"], rtol=0, atol=0)
+        assert got["stats"] == ranks[0]["sync/dgl"]["stats"]
+        assert got["eval"] == ranks[0]["eval"]
+
+
 def test_rank0_checkpoint_restored_on_every_rank(ranks):
     """A mid-epoch checkpoint written by rank 0 alone, restored on both ranks, continues exactly:
     the same weights and the same epoch statistics as the uninterrupted run."""
@@ -178,6 +188,23 @@ def test_shard_union_is_the_epoch(n, B, world):
     assert union.numel() == n - dropped
     if not dropped:
         assert torch.equal(union, torch.arange(n))
+
+
+def test_single_process_context_is_a_plain_learner(one_thread):
+    """Outside torchrun the data-parallel learner is exactly the learner (bit for bit)."""
+    a, b = W.build("pgl"), W.build("pgl", DistContext())
+    W.train("pgl", a)
+    W.train("pgl", b)
+    assert_states_close(b.model.state_dict(), a.model.state_dict(), rtol=0, atol=0)
+
+
+def test_sync_bn_refuses_parts_that_bypass_batch_norm():
+    from pgl_fast.distributed.sync_bn import bypassed_bn
+
+    learner = W.build("dgl")
+    assert bypassed_bn(learner.model) == []
+    learner.model.set_lean_blocks(True)
+    assert bypassed_bn(learner.model) and all("--lean-blocks" in b for b in bypassed_bn(learner.model))
 
 
 def test_eval_shards_cover_the_test_set_once():
