@@ -39,9 +39,10 @@ their own right after that module's backward, and waited on just before its opti
 is deferred by one module: in a local step module j's all-reduce runs while module j+1 does its
 forward and backward. That is exact: module j's parameters are not used again in this step (the
 next module's input was computed before any update), and at most two modules' gradients are alive
-at a time, as local learning wants. Global steps have DDP semantics: the whole backward runs
-first, then every module's gradients are averaged before its step (bucket j in flight while
-module j-1 steps).
+at a time, as local learning wants. Global steps have DDP semantics: every module's gradients
+are averaged before its step, and its bucket is launched from inside the backward, by
+``register_post_accumulate_grad_hook`` hooks, the moment its last gradient is accumulated (module
+J-1's first, while the backward of modules J-2..0 still runs).
 
 Batch norm
 ----------
@@ -290,6 +291,20 @@ class DataParallelLearner(LocalLearner):
         self._next_global: int | None = None
         self.events: list | None = None  # set to [] to record ("reduce"|"step", j) in order (tests)
         self._bn_checked = False
+        # global steps: a module's bucket is launched from inside the backward, by a hook on each of
+        # its parameters, as soon as the last of them has its gradient (DDP's overlap of the
+        # all-reduce with the rest of the backward); step_module then only waits for it
+        self._in_global = False
+        self._launched: dict[int, _Bucket] = {}
+        self._expected = [sum(1 for g in o.param_groups for p in g["params"] if p.requires_grad)
+                          for o in self.optimizers]
+        self._ready = [0] * self.J
+        if ctx.distributed:
+            for j, o in enumerate(self.optimizers):
+                for g in o.param_groups:
+                    for p in g["params"]:
+                        if p.requires_grad:
+                            p.register_post_accumulate_grad_hook(self._grad_hook(j))
 
     def start_epoch(self, epoch: int) -> float | None:
         self._bn_checked = False
@@ -331,17 +346,38 @@ class DataParallelLearner(LocalLearner):
 
     def global_step(self, x, y, image01=None) -> None:
         self._begin(x.shape[0])
-        super().global_step(x, y, image01)
+        self._ready = [0] * self.J
+        self._in_global = self.ctx.distributed
+        try:
+            super().global_step(x, y, image01)
+        finally:
+            self._in_global = False
+            self._launched.clear()
 
-    def step_module(self, j: int) -> None:
-        """Launch module j's bucket; finish (wait, then step) the module before it."""
-        if not self.ctx.distributed:
-            return super().step_module(j)
+    def _grad_hook(self, j: int):
+        def hook(p: torch.Tensor) -> None:
+            if not self._in_global:
+                return
+            self._ready[j] += 1
+            if self._ready[j] == self._expected[j]:  # the module's last gradient of this step
+                self._launched[j] = self._launch(j)
+        return hook
+
+    def _launch(self, j: int) -> _Bucket:
         opt = self.optimizers[j]
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        self._pending.append((j, _Bucket(grads, self._weight, self.ctx.grad_group)))
         if self.events is not None:
             self.events.append(("reduce", j))
+        return _Bucket(grads, self._weight, self.ctx.grad_group)
+
+    def step_module(self, j: int) -> None:
+        """Launch module j's bucket (unless the backward already did); finish (wait, then step)
+        the module before it."""
+        if not self.ctx.distributed:
+            return super().step_module(j)
+        # a module whose parameters did not all get a gradient in this global step is launched here
+        bucket = self._launched.pop(j, None) or self._launch(j)
+        self._pending.append((j, bucket))
         # lag of one module: finish every bucket but the one just launched
         while len(self._pending) > 1:
             self._finish_one()

@@ -58,16 +58,16 @@ def build(method: str, ctx: DistContext | None = None, sync_bn: bool = False):
 def train(method: str, learner, *, ctx: DistContext | None = None, start_epoch: int = 0, stop_epoch=None, gen=None,
           record_events: bool = False):
     """Train through the method's epochs from ``start_epoch``; returns (generator, the statistics of
-    every epoch, the bucket/step order of the first step). With ``ctx`` each global batch is
+    every epoch, the bucket/step order of every epoch's first step). With ``ctx`` each global batch is
     sharded and augmented as ``pgl_fast.distributed`` does."""
     x_all, y_all, _, _ = data()
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     gen = gen or make_generator(7)
     augment = BatchAugmenter(SPEC)
-    out, events = [], None
+    out, events = [], []
     for e in range(start_epoch, stop_epoch or EPOCHS[method]):
         learner.start_epoch(e)
-        for idx in epoch_batches(N_TRAIN, BATCH, generator=gen, drop_last=False):
+        for step, idx in enumerate( epoch_batches(N_TRAIN, BATCH, generator=gen, drop_last=False)):
             n_global = idx.numel()
             if ctx is not None:
                 idx = shard_batch(idx, rank, world)
@@ -75,13 +75,14 @@ def train(method: str, learner, *, ctx: DistContext | None = None, start_epoch: 
             else:
                 xb = augment(x_all[idx], gen)
             image01 = xb.float().div(255) if learner.method.needs_image else None
-            first = record_events and events is None
+            first = record_events and step == 0
             if first:
-                learner.events = []  # the order of bucket launches and optimizer steps of the first step
+                learner.events = []  # the order of bucket launches and optimizer steps
             kw = {"global_batch": n_global} if ctx is not None else {}
             learner.step(normalize(xb, SPEC), y_all[idx], image01, **kw)
             if first:
-                events, learner.events = learner.events, None
+                events.append(learner.events)
+                learner.events = None
         out.append(learner.stats.read())
     return gen, out, events
 

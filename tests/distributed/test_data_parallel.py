@@ -85,13 +85,15 @@ def test_sync_bn_equals_single_process(ranks, method):
     assert max_diff(W.build(method).model.state_dict(), net.state_dict()) > 1e-3
 
 
-def test_local_buckets_overlap_the_next_module(ranks):
-    """Module j's gradients are in flight while module j+1 runs; it steps one module later."""
-    assert ranks[0]["sync/dgl"]["events"] == [("reduce", 0), ("reduce", 1), ("step", 0), ("reduce", 2),
-                                               ("step", 1), ("step", 2)]
-    # global steps: all backwards first, then every module's average before its step
-    assert ranks[0]["sync/bp"]["events"] == [("reduce", 0), ("reduce", 1), ("step", 0), ("reduce", 2),
-                                              ("step", 1), ("step", 2)]
+def test_buckets_overlap_compute(ranks):
+    """Local steps: module j's gradients are in flight while module j+1 runs; it steps one module
+    later. Global steps: every bucket is launched inside the backward, the last module's first (its
+    gradients are complete first), before any module steps."""
+    local = [("reduce", 0), ("reduce", 1), ("step", 0), ("reduce", 2), ("step", 1), ("step", 2)]
+    in_backward = [("reduce", 2), ("reduce", 1), ("reduce", 0), ("step", 0), ("step", 1), ("step", 2)]
+    assert ranks[0]["sync/dgl"]["events"] == [local]
+    assert ranks[0]["sync/pgl"]["events"] == [local, in_backward]  # with heads: theirs were ready earlier
+    assert ranks[0]["sync/bp"]["events"] == [in_backward]
 
 
 # -- default: per-rank batch norm ----------------------------------------------------------------------
