@@ -2,8 +2,8 @@
 
 ``DistContext.from_env()`` reads what ``torchrun`` (``python -m torch.distributed.run``) exports
 -- ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``
--- and joins the default process group: gloo on the CPU, NCCL on CUDA (gloo has no collectives
-for GPU tensors that NCCL would not do faster, and no point-to-point for them at all). Without
+-- and joins the default process group: gloo on the CPU, NCCL on CUDA (one device per local
+rank, ``cuda:LOCAL_RANK``). Without
 those variables it returns the single-process context, whose collectives are no-ops, so the same
 training code runs either way.
 
@@ -13,9 +13,10 @@ worker exits with an error, but not when one is stuck).
 
 Gradient buckets go through a second process group of their own (``grad_group``): they are
 launched asynchronously and stay in flight while the next module's forward runs, and that forward
-may itself issue blocking collectives (synchronised batch norm). With one group, gloo would run
-those strictly after the bucket; with two, the two streams of work proceed independently (every
-rank issues the same sequence on each group, which is all that matching requires).
+may itself issue blocking collectives (synchronised batch norm). NCCL runs one group's
+collectives in order on one stream, so within one group those would wait behind the bucket; with
+two groups they proceed independently (every rank issues the same sequence on each group, which
+is all that matching requires).
 """
 from __future__ import annotations
 
