@@ -120,6 +120,7 @@ class TrainConfig:
     compile_mode: str = _f("default", "torch.compile mode with --compile (reduce-overhead and max-autotune capture CUDA graphs themselves)", group="runtime", choices=COMPILE_MODES)
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
+    sync_bn: bool = _f(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm; on the CPU an exact all-reduce equivalent) instead of per rank", group="runtime")
     lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
     global_segments: str = _f("modules", "checkpoint segments of global steps with --checkpoint-global: one per module, per unit, ~sqrt(units) coarse ones, or auto (the planner's smallest predicted peak)", group="runtime", choices=("modules", "units", "coarse", "auto"))
     memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the fastest global-step checkpointing that fits (among none, coarse, modules, units, or those --global-memory / --checkpoint-global name), from measured predictions", group="runtime", metavar="MiB")
@@ -232,6 +233,11 @@ class TrainConfig:
         if self.compile and self.cuda_graphs and self.compile_mode in CUDAGRAPH_MODES:
             bad("--compile-mode", f"{self.compile_mode} captures CUDA graphs itself, as does --cuda-graphs; use "
                 "--compile-mode default or max-autotune-no-cudagraphs with --cuda-graphs, or drop --cuda-graphs")
+        if self.sync_bn and self.lean_blocks:
+            bad("--sync-bn", "--lean-blocks computes batch norm without calling it, so it would not synchronise; "
+                "drop one of them")
+        if self.sync_bn and self.compile:
+            bad("--sync-bn", "is not traced by --compile; drop one of them")
         if self.compile and self.lean_blocks:
             bad("--compile", "does not trace --lean-blocks (a hand-written backward with in-place updates); "
                 "drop one of them")

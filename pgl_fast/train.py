@@ -124,8 +124,26 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         for w in warnings:
             print(w, file=sys.stderr, flush=True)
 
-    device = resolve_device(cfg)
-    use_kernels = resolve_head_kernels(cfg, device)
+    from .distributed import DistContext
+
+    ctx = DistContext.from_env(cfg.device)  # torchrun's rank and device, or the single process
+    try:
+        return _run_on(cfg, argv, explicit, ctx, warnings, warn)
+    finally:
+        ctx.shutdown()
+
+
+def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn) -> dict:
+    if ctx.distributed:
+        device = ctx.device
+        if cfg.cuda_graphs:
+            raise UserError("--cuda-graphs is not supported under torchrun (a captured step cannot hold the "
+                            "gradient all-reduces); drop it")
+        if not ctx.is_main:
+            sys.stdout = open(os.devnull, "w")  # one banner and one set of epoch lines: rank 0's
+    else:
+        device = resolve_device(cfg)
+    use_kernels = resolve_head_kernels(cfg, device) and not cfg.sync_bn
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -168,11 +186,13 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32)
     net.set_lean_blocks(cfg.lean_blocks)
-    mem_plan = planner.plan_run(cfg, net, spec.image_size, spec.num_classes)
-    learner = build_learner(cfg, net, mem_plan)
+    # measured on rank 0 only: every rank must checkpoint the same segments
+    mem_plan = ctx.on_main(planner.plan_run, cfg, net, spec.image_size, spec.num_classes)
+    learner = build_learner(cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
-              "head_kernel_selection": head_kernels["selection"], "compile": cfg.compile_mode if cfg.compile else None}
+              "head_kernel_selection": head_kernels["selection"], "compile": cfg.compile_mode if cfg.compile else None,
+              "world_size": ctx.world_size, "backend": ctx.backend, "sync_bn": cfg.sync_bn}
     if cfg.method == "infopro":
         header["infopro_lambdas"] = cfg.infopro_lambda_record()
 

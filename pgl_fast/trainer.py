@@ -402,6 +402,13 @@ class Trainer:
         else:
             raise UserError(f"train_data: a pair (x, y) of tensors or an iterable of (x, y) batches, "
                             f"not a {type(train_data).__name__}")
+        # data parallel (a DataParallelLearner under torchrun): every rank trains its shard of each
+        # global batch and evaluates its slice of the test set; rank 0 alone writes the output dir
+        from .distributed import DistContext, ShardedData
+
+        self.ctx = getattr(learner, "ctx", None) or DistContext()
+        if self.ctx.distributed:
+            self.data = ShardedData(self.data, self.ctx, learner)
         if resume_state is None:
             check_output_dir(self.output_dir)
             resume_state = find_resume_state(resume, self.output_dir, self.config, allow_schedule_change)
@@ -434,9 +441,18 @@ class Trainer:
         device = learner.device
         data = self.data
         gen = data_mod.make_generator(self.seed, device)
-        cleanups.append(prepare_output_dir(self.output_dir, self.command).release)
-        auto_state, note = claim_output_dir(self.output_dir, self.resume, self.overwrite, self.config,
-                                            self.allow_schedule_change)
+        ctx = self.ctx
+        main = ctx.is_main
+        claimed = {}
+
+        def claim():  # rank 0 locks and inspects the output dir; the others learn what it decided
+            cleanups.append(prepare_output_dir(self.output_dir, self.command).release)
+            claimed["state"], note = claim_output_dir(self.output_dir, self.resume, self.overwrite, self.config,
+                                                      self.allow_schedule_change)
+            return (claimed["state"]["path"] if claimed["state"] is not None else None), note
+
+        auto_path, note = ctx.on_main(claim)
+        auto_state = claimed.get("state") if main else (ckpt.load_checkpoint(auto_path) if auto_path else None)
         resume_state = auto_state if self.resume == "auto" else self.resume_state
         if note:
             print(note, flush=True)
@@ -467,7 +483,7 @@ class Trainer:
                       + ", ".join(f"{k} {v!r} -> {self.config.get(k)!r}" for k, v in changed.items())
                       + f") from epoch {start_epoch + 1}{f' step {start_step + 1}' if start_step else ''} on; "
                       "recorded in header.json", flush=True)
-            if start_epoch < self.epochs and os.path.exists(os.path.join(self.output_dir, "summary.json")):
+            if main and start_epoch < self.epochs and os.path.exists(os.path.join(self.output_dir, "summary.json")):
                 os.remove(os.path.join(self.output_dir, "summary.json"))  # the run is not finished any more
             print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
                   f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
@@ -482,15 +498,17 @@ class Trainer:
                        "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
                        "warnings": list(self.warnings)})
         header.update(self.header)
-        if self.config_writer is not None:
-            self.config_writer(os.path.join(self.output_dir, "config.json"))
-        else:
-            write_json_atomic(os.path.join(self.output_dir, "config.json"), self.config)
-        write_json_atomic(os.path.join(self.output_dir, "header.json"), header)
         metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
-        # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
-        write_jsonl_atomic(metrics_path, records)
-        metrics = JsonlWriter(metrics_path)
+        metrics = None
+        if main:
+            if self.config_writer is not None:
+                self.config_writer(os.path.join(self.output_dir, "config.json"))
+            else:
+                write_json_atomic(os.path.join(self.output_dir, "config.json"), self.config)
+            write_json_atomic(os.path.join(self.output_dir, "header.json"), header)
+            # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
+            write_jsonl_atomic(metrics_path, records)
+            metrics = JsonlWriter(metrics_path)
         for line in self.banner(header):
             print(line, flush=True)
 
@@ -505,6 +523,10 @@ class Trainer:
         timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
         def save(epoch_done: int, step: int, mid: dict | None) -> None:
+            # every rank gets here (its arguments, the step statistics, are gathered collectively);
+            # rank 0 writes, the others restore from it
+            if not main:
+                return None
             state = {
                 **learner.state_dict(),
                 "rng": ckpt.rng_state(), "data_generator": gen.get_state().cpu(),
@@ -571,6 +593,8 @@ class Trainer:
                                        "seconds": epoch_seconds + time.time() - t0})
                 _kill_hook(epoch, done)
                 _signal_hook(epoch, done)
+                if ctx.distributed:  # a signal that reached some ranks stops all of them at this step
+                    interrupts.signum = ctx.max_int(interrupts.signum or 0) or None
                 if interrupts.signum is not None and done < len(batches):
                     # the same save as --save-every's, after the same check: never save poisoned weights
                     _check_finite(stats.read(), epoch, phase, net.J, partial=True)
@@ -616,7 +640,8 @@ class Trainer:
             # checkpoint first, then the metrics line: a kill in between is repaired on resume, since
             # metrics.jsonl is rewritten from the checkpoint's records
             path = save(epoch + 1, 0, None)
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             _kill_hook(epoch, "end")
             if not first_step:  # an epoch resumed midway took part of its time in another process
                 timed.append((phases[epoch], time.time() - t_epoch))
@@ -626,6 +651,8 @@ class Trainer:
                   f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB) "
                   f"elapsed {format_duration(time.time() - t_start)} ETA {'?' if eta is None else format_duration(eta)}",
                   flush=True)
+            if ctx.distributed:
+                interrupts.signum = ctx.max_int(interrupts.signum or 0) or None
             if interrupts.signum is not None and epoch + 1 < self.epochs:
                 raise stop(epoch + 1, 0, len(batches), path)
 
@@ -639,7 +666,8 @@ class Trainer:
             "mem_kind": memory.read()["kind"], "method": learner.method.name, "J": net.J, "seed": self.seed,
         }
         summary.update(self.summary_extra)
-        write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary)
+        if main:
+            write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary)
         print(f"done: final {100 * summary['final_test_acc']:.2f}%  best {100 * best_acc:.2f}% (epoch {best_epoch})  "
               f"wall {summary['wall_seconds']:.0f}s")
         return summary
