@@ -53,9 +53,9 @@ timeout.)
 heads, decoders, classifier on the last stage) and their optimizers; :meth:`StageRunner.save` /
 :meth:`StageRunner.load` write and read one file per stage, so the pipeline resumes where it stopped.
 
-**Process group.** :func:`init_pipeline_group` is a minimal set-up (torchrun's environment, gloo on
-the CPU, NCCL on CUDA, a timeout) for as long as the data-parallel context does not provide one; any
-already initialised default group is used as is.
+**Process group.** :func:`init_pipeline_group` joins torchrun's group through the same
+:class:`~pgl_fast.distributed.context.DistContext` data parallel uses (gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``, a timeout); an already initialised default group is used as is.
 """
 from __future__ import annotations
 
@@ -139,18 +139,20 @@ def parse_balance(spec: str, J: int, S: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------------------------
 # process group
 # ----------------------------------------------------------------------------------------------
-def init_pipeline_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """Initialise the default process group from torchrun's environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, MASTER_PORT), unless one exists. gloo on the CPU, NCCL when CUDA is there."""
+def init_pipeline_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto"):
+    """The pipeline's process group: the run's one :class:`~pgl_fast.distributed.context.DistContext`
+    (torchrun's environment, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``, a timeout). An already
+    initialised default group is used as is. Returns the context (the caller shuts it down)."""
+    from .context import DistContext, launched_by_torchrun
+
     if dist.is_initialized():
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                           device=torch.device("cuda", torch.cuda.current_device())
+                           if dist.get_backend() == "nccl" else torch.device("cpu"),
+                           backend=dist.get_backend(), timeout_s=timeout_s)
+    if not launched_by_torchrun():
         raise UserError("--pipeline needs torchrun (e.g. torchrun --nproc_per_node=S -m pgl_fast.train ...)")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistContext.from_env(device, backend=backend, timeout_s=timeout_s)
 
 
 def _default_store():
