@@ -648,6 +648,7 @@ class Trainer:
                         _check_finite(pipe.reduce_stats(), epoch, phase, net.J, partial=True)
                         save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
                                            "seconds": epoch_seconds + time.time() - t0})
+                        _kill_hook(epoch, done)  # every stage dies after the same checkpoint (tests)
             for step in range(first_step, len(batches) if pipe is None else first_step):
                 x, y, image01 = data.train_batch(batches[step], gen, learner.method.needs_image)
                 learner.step(x, y, image01)
