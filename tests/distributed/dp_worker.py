@@ -26,15 +26,8 @@ SPEC = DatasetSpec("synthetic", 10, IMAGE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 
 EPOCHS = {"dgl": 1, "pgl": 2, "bp": 1, "infopro": 1}  # pgl: one local epoch, then one global epoch
 
 
-class _InfoPro(InfoPro):
-    """InfoPro trains locally every epoch (spelled out: core.methods.InfoPro has no phase() of its own yet)."""
-
-    def phase(self, epoch: int) -> str:
-        return "local"
-
-
 def method_of(name: str):
-    return {"dgl": DGL(), "pgl": PGL(1, 1), "bp": BP(), "infopro": _InfoPro(lambdas=[(1.0, 1.0), (0.5, 1.0)])}[name]
+    return {"dgl": DGL(), "pgl": PGL(1, 1), "bp": BP(), "infopro": InfoPro(lambdas=[(1.0, 1.0), (0.5, 1.0)])}[name]
 
 
 def data():
