@@ -1,10 +1,14 @@
-"""Scale-out on ``torch.distributed``: the launch context and data parallel training.
+"""Scale-out on ``torch.distributed``: the launch context, data parallel training and the module
+pipeline.
 
-    torchrun --nproc_per_node=N -m pgl_fast.train ... [--sync-bn]
+    torchrun --nproc_per_node=N -m pgl_fast.train ... [--sync-bn]     # data parallel
+    torchrun --nproc_per_node=S -m pgl_fast.train ... --pipeline S    # S pipeline stages
 
-``context.DistContext`` is who this process is (rank, world, device, process groups);
-``data_parallel`` shards the data, synchronises each module's gradients and gathers the
-evaluation; ``sync_bn`` is batch norm over all ranks' shards.
+``context.DistContext`` is who this process is (rank, world, device, process groups): the one
+process-group set-up of both modes; ``data_parallel`` shards the data, synchronises each module's
+gradients and gathers the evaluation; ``sync_bn`` is batch norm over all ranks' shards;
+``pipeline`` runs contiguous groups of modules on successive ranks (imported on use: ``from
+pgl_fast.distributed.pipeline import build_stage``); ``cost_model`` predicts what a pipeline gains.
 """
 from .context import DistContext, launched_by_torchrun
 from .data_parallel import (DataParallelLearner, DistStepStats, ShardedData, augment_shard, broadcast_module_,
