@@ -426,6 +426,8 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("aux_widen", "aux_feature_dim"),
      lambda c: "with --aux mlpsr (DGL's head has a fixed width)" if c.aux == "mlpsr" else None),
     (("amp_dtype",), lambda c: "without --amp" if not c.amp else None),
+    (("pipeline_balance", "pipeline_depth", "pipeline_micro_batches", "pipeline_timeout"),
+     lambda c: "without --pipeline S > 1" if c.pipeline == 1 else None),
     (("warmup_epochs", "warmup_lr"),
      lambda c: f"with --sched {c.sched} (warm-up blends into a cosine schedule only)"
      if c.sched in ("step", "constant") else None),

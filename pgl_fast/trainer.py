@@ -417,13 +417,13 @@ class Trainer:
         # --pipeline S: this rank's pgl_fast.distributed.pipeline.StageRunner (None: one process)
         self.pipeline = pipeline
         if pipeline is not None:
+            if self.ctx.distributed:
+                raise UserError("--pipeline S with data parallel is not supported: launch exactly S ranks "
+                                "(WORLD_SIZE must equal S) with a plain LocalLearner")
             if not isinstance(self.data, _TensorData):
                 raise UserError("Trainer: a pipeline needs tensor data (x, y): every rank must know the batch sizes")
             if learner.graphed is not None or learner.compiled is not None or learner.checkpoint_global:
                 raise UserError("--pipeline runs eager steps: drop --cuda-graphs, --compile and global-step checkpointing")
-            if self.ctx.distributed:
-                raise UserError("--pipeline S with data parallel is not supported: launch exactly S ranks "
-                                "(WORLD_SIZE must equal S) with a plain LocalLearner")
             import torch.distributed as dist
 
             from .distributed import DistContext
