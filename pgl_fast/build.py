@@ -99,7 +99,8 @@ def lr_schedule(cfg: TrainConfig):
     return lr
 
 
-def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs: bool | None = None) -> LocalLearner:
+def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs: bool | None = None,
+                  ctx=None) -> LocalLearner:
     """The learner a run of ``cfg`` trains ``model`` with (also used by the profiler). With a
     :class:`~pgl_fast.planner.MemoryPlan` its global steps checkpoint exactly the plan's segments
     (None: not at all); without one (the profiler's fixed step kinds), ``--checkpoint-global``
@@ -108,9 +109,16 @@ def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs
         checkpoint_global = plan.segments if plan.segments is not None else False
     else:
         checkpoint_global = bool(cfg.checkpoint_global)
-    return LocalLearner(
-        model, method_of(cfg),
+    kw = dict(
         optimizer=sgd(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay),
         amp=cfg.amp_dtype if cfg.amp else None, compile=cfg.compile_mode if cfg.compile else None,
         cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
         checkpoint_global=checkpoint_global, lr_schedule=lr_schedule(cfg), channels_last=cfg.channels_last)
+    if ctx is not None and ctx.distributed:
+        from .distributed import DataParallelLearner
+
+        return DataParallelLearner(model, method_of(cfg), ctx=ctx, sync_bn=cfg.sync_bn, **kw)
+    if cfg.sync_bn:
+        raise UserError("--sync-bn synchronises batch norm across the ranks of a torchrun launch; this run has one "
+                        "process (start it with torchrun --nproc_per_node=N, or drop --sync-bn)")
+    return LocalLearner(model, method_of(cfg), **kw)

@@ -22,7 +22,11 @@ FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.
 STRUCTURAL_FIELDS = ("method", "arch", "model", "cuts", "cifar_stem", "modules", "split", "aux", "aux_widen",
                      "aux_feature_dim", "dataset",
-                     "infopro_loss", "recipe", "droprate", "ixx_1", "ixy_1", "ixx_2", "ixy_2")
+                     "infopro_loss", "recipe", "droprate", "ixx_1", "ixy_1", "ixx_2", "ixy_2",
+                     # a pipeline's checkpoint is one file per stage: resume with the same stages
+                     "pipeline", "pipeline_balance", "pipeline_micro_batches")
+# what a checkpoint from before a structural field existed meant by it (no pipeline: one process)
+_ABSENT = {"pipeline": 1, "pipeline_balance": "even", "pipeline_micro_batches": 1}
 # Fields that define the data order: a resumed run must see the same images in the same order.
 DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
 # ... and, inside an epoch, the same batches.
@@ -132,8 +136,8 @@ def schedule_changes(state: dict, config: dict) -> dict:
 def check_compatible(state: dict, config: dict, path: str, allow_schedule_change: bool = False) -> None:
     saved = state.get("config", {})
     fields = STRUCTURAL_FIELDS + DATA_FIELDS + (MID_EPOCH_FIELDS if state.get("step", 0) > 0 else ())
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"
-             for k in fields if saved.get(k) != config.get(k)]
+    diffs = [f"{k}: checkpoint {saved.get(k, _ABSENT.get(k))!r} vs now {config.get(k, _ABSENT.get(k))!r}"
+             for k in fields if saved.get(k, _ABSENT.get(k)) != config.get(k, _ABSENT.get(k))]
     if diffs:
         raise UserError(f"checkpoint {path} was made by a different run ({'; '.join(diffs)})")
     opt = [f"{k}: checkpoint {saved.get(k)!r} vs now {config.get(k)!r}"

@@ -120,6 +120,12 @@ class TrainConfig:
     compile_mode: str = _f("default", "torch.compile mode with --compile (reduce-overhead and max-autotune capture CUDA graphs themselves)", group="runtime", choices=COMPILE_MODES)
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
+    sync_bn: bool = _f(False, "under torchrun (data parallel): batch-norm statistics over the global batch (SyncBatchNorm; on the CPU an exact all-reduce equivalent) instead of per rank", group="distributed")
+    pipeline: int = _f(1, "under torchrun with S ranks: pipeline the J modules over S stages (1: off); local steps as in one process, global steps a synchronous GPipe forward/backward", group="distributed", metavar="S")
+    pipeline_balance: str = _f("even", "modules per stage with --pipeline: even (equal counts), auto (by each module's measured local-step time) or counts a,b,... summing to J", group="distributed", metavar="even|auto|a,b,...")
+    pipeline_depth: int = _f(2, "with --pipeline: batches in flight between neighbouring stages (bounds the activation memory queued per rank)", group="distributed", metavar="D")
+    pipeline_micro_batches: int = _f(1, "with --pipeline: GPipe micro-batches per global step (1: exactly the single-process step; more: batch norm per micro-batch)", group="distributed", metavar="M")
+    pipeline_timeout: float = _f(300.0, "with --pipeline: seconds a stage waits for a neighbour before the run stops with an error", group="distributed", metavar="SECONDS")
     lean_blocks: bool = _f(False, "memory-lean BasicBlock backward (recomputes conv1, in-place BN/ReLU backward): same gradients, less memory held; fp32 only", group="runtime")
     global_segments: str = _f("modules", "checkpoint segments of global steps with --checkpoint-global: one per module, per unit, ~sqrt(units) coarse ones, or auto (the planner's smallest predicted peak)", group="runtime", choices=("modules", "units", "coarse", "auto"))
     memory_budget: float | None = _f(None, "memory budget in MiB: the planner picks the fastest global-step checkpointing that fits (among none, coarse, modules, units, or those --global-memory / --checkpoint-global name), from measured predictions", group="runtime", metavar="MiB")
@@ -140,6 +146,48 @@ class TrainConfig:
     save_every: int = _f(0, "also checkpoint every N training steps inside an epoch (0: only at epoch ends)", group="output", metavar="N")
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep", group="output", metavar="K")
     heartbeat: float = _f(60.0, "without a progress bar (no terminal, or --progress off): print a progress line every SECONDS inside an epoch (0: never)", group="output", metavar="SECONDS")
+
+    # ------------------------------------------------------------------------------------------
+    def _check_pipeline(self, bad) -> None:
+        """--pipeline and its companions (J is resolved by now)."""
+        if self.pipeline < 1:
+            bad("--pipeline", f"must be >= 1 stages, got {self.pipeline}")
+        if self.pipeline_depth < 1:
+            bad("--pipeline-depth", f"must be >= 1, got {self.pipeline_depth}")
+        if self.pipeline_micro_batches < 1:
+            bad("--pipeline-micro-batches", f"must be >= 1, got {self.pipeline_micro_batches}")
+        if not self.pipeline_timeout > 0:
+            bad("--pipeline-timeout", f"must be > 0 seconds, got {self.pipeline_timeout}")
+        b = self.pipeline_balance
+        if b not in ("even", "auto"):
+            try:
+                counts = [int(c) for c in b.split(",")]
+            except ValueError:
+                bad("--pipeline-balance", f"{b!r} is not even, auto or comma-separated module counts (e.g. 2,2)")
+            if self.pipeline > 1 and (len(counts) != self.pipeline or min(counts) < 1 or sum(counts) != self.modules):
+                bad("--pipeline-balance", f"{b!r}: needs {self.pipeline} counts >= 1 summing to J={self.modules}")
+        if self.pipeline == 1:
+            return
+        S = self.pipeline
+        if S > self.modules:
+            bad("--pipeline", f"{S} stages for J={self.modules} modules: each stage needs at least one (S <= J)")
+        if self.compile:
+            bad("--pipeline", "runs eager steps; drop --compile")
+        if self.cuda_graphs:
+            bad("--pipeline", "runs eager steps; drop --cuda-graphs")
+        if self.checkpoint_global or self.global_memory not in ("auto", "none"):
+            bad("--pipeline", "global steps are not checkpointed in a pipeline (each stage holds only its own "
+                "modules' graphs); drop --checkpoint-global / use --global-memory none")
+        if self.memory_budget is not None:
+            bad("--pipeline", "--memory-budget plans single-process global-step checkpointing; drop it")
+        if self.amp and self.amp_dtype == "fp16":
+            bad("--pipeline", "fp16 autocast needs a gradient scaler across stages; use --amp-dtype bf16")
+        if self.sync_bn:
+            bad("--pipeline", "--sync-bn is for data parallel, which --pipeline does not combine with; drop it")
+        if self.lean_blocks:
+            bad("--pipeline", "runs the standard blocks; drop --lean-blocks")
+        if self.pipeline_balance == "auto" and self.custom_model:
+            bad("--pipeline-balance", "auto measures the CIFAR ResNet presets; give counts a,b,... for this model")
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -182,6 +230,7 @@ class TrainConfig:
             resolve_split(self.arch, self.modules, self.split, self.split_recipe)
         if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
+        self._check_pipeline(bad)
         if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
             bad("--aux", "InfoPro uses InfoPro's AuxClassifier heads: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f or 2c2f")
         if self.period < 1:
@@ -232,6 +281,11 @@ class TrainConfig:
         if self.compile and self.cuda_graphs and self.compile_mode in CUDAGRAPH_MODES:
             bad("--compile-mode", f"{self.compile_mode} captures CUDA graphs itself, as does --cuda-graphs; use "
                 "--compile-mode default or max-autotune-no-cudagraphs with --cuda-graphs, or drop --cuda-graphs")
+        if self.sync_bn and self.lean_blocks:
+            bad("--sync-bn", "--lean-blocks computes batch norm without calling it, so it would not synchronise; "
+                "drop one of them")
+        if self.sync_bn and self.compile:
+            bad("--sync-bn", "is not traced by --compile; drop one of them")
         if self.compile and self.lean_blocks:
             bad("--compile", "does not trace --lean-blocks (a hand-written backward with in-place updates); "
                 "drop one of them")
@@ -372,6 +426,8 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("aux_widen", "aux_feature_dim"),
      lambda c: "with --aux mlpsr (DGL's head has a fixed width)" if c.aux == "mlpsr" else None),
     (("amp_dtype",), lambda c: "without --amp" if not c.amp else None),
+    (("pipeline_balance", "pipeline_depth", "pipeline_micro_batches", "pipeline_timeout"),
+     lambda c: "without --pipeline S > 1" if c.pipeline == 1 else None),
     (("warmup_epochs", "warmup_lr"),
      lambda c: f"with --sched {c.sched} (warm-up blends into a cosine schedule only)"
      if c.sched in ("step", "constant") else None),
@@ -391,7 +447,8 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
 
 GROUP_TITLES = {
     "data": "data", "model": "model and split", "method": "method (BP / DGL / InfoPro / PGL)",
-    "optimisation": "optimisation", "runtime": "runtime and performance", "output": "output",
+    "optimisation": "optimisation", "runtime": "runtime and performance",
+    "distributed": "distributed (under torchrun: data parallel, or --pipeline)", "output": "output",
 }
 
 

@@ -124,8 +124,43 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         for w in warnings:
             print(w, file=sys.stderr, flush=True)
 
-    device = resolve_device(cfg)
-    use_kernels = resolve_head_kernels(cfg, device)
+    from .distributed import DistContext, launched_by_torchrun
+
+    # under torchrun, WORLD_SIZE > 1 means data parallel unless --pipeline S asks for S stages
+    pipe_ctx = None
+    if cfg.pipeline > 1 and not (cfg.describe or cfg.plan):
+        S = cfg.pipeline
+        if not launched_by_torchrun():
+            raise UserError(f"--pipeline {S} runs one stage per process: start it with "
+                            f"torchrun --nproc_per_node={S} -m pgl_fast.train ...")
+        world = os.environ.get("WORLD_SIZE", "?")
+        if world != str(S):
+            raise UserError(f"--pipeline {S}: WORLD_SIZE is {world}, it must equal S (one rank per stage; "
+                            "pipelining combined with data parallel is not supported)")
+        from .distributed.pipeline import init_pipeline_group
+
+        pipe_ctx = init_pipeline_group(timeout_s=cfg.pipeline_timeout, device=cfg.device)
+        ctx = DistContext(device=pipe_ctx.device)  # no data parallel: each stage is its own replica
+    else:
+        ctx = DistContext.from_env(cfg.device)  # torchrun's rank and device, or the single process
+    try:
+        return _run_on(cfg, argv, explicit, ctx, warnings, warn, pipe_ctx)
+    finally:
+        (pipe_ctx or ctx).shutdown()
+
+
+def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None) -> dict:
+    group = pipe_ctx or ctx  # the ranks of this launch (pipeline stages or data-parallel replicas)
+    if group.distributed:
+        device = group.device
+        if cfg.cuda_graphs:
+            raise UserError("--cuda-graphs is not supported under torchrun (a captured step cannot hold the "
+                            "gradient all-reduces); drop it")
+        if not group.is_main:
+            sys.stdout = open(os.devnull, "w")  # one banner and one set of epoch lines: rank 0's
+    else:
+        device = resolve_device(cfg)
+    use_kernels = resolve_head_kernels(cfg, device) and not cfg.sync_bn
     seed_everything(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -168,11 +203,27 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32)
     net.set_lean_blocks(cfg.lean_blocks)
-    mem_plan = planner.plan_run(cfg, net, spec.image_size, spec.num_classes)
-    learner = build_learner(cfg, net, mem_plan)
+    # measured on rank 0 only: every rank must checkpoint the same segments. A pipeline's global
+    # steps are never checkpointed (each stage holds its own modules' graphs): auto means none there
+    plan_cfg = dataclasses.replace(cfg, global_memory="none") if pipe_ctx is not None else cfg
+    mem_plan = group.on_main(planner.plan_run, plan_cfg, net, spec.image_size, spec.num_classes)
+    learner = build_learner(cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
-              "head_kernel_selection": head_kernels["selection"], "compile": cfg.compile_mode if cfg.compile else None}
+              "head_kernel_selection": head_kernels["selection"], "compile": cfg.compile_mode if cfg.compile else None,
+              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn}
+    runner = None
+    if pipe_ctx is not None:
+        from .distributed.pipeline import build_stage, measured_module_times
+
+        # every rank built the same model from the same seed; each trains its own stage of it
+        balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance
+        if balance == "auto":
+            balance = measured_module_times(cfg.arch, net.J, batch=min(cfg.batch_size, int(data.train_y.shape[0])),
+                                            aux=cfg.aux, split=cfg.split, image_size=spec.image_size)
+        runner = build_stage(learner, cfg.pipeline, balance=balance, depth=cfg.pipeline_depth,
+                             micro_batches=cfg.pipeline_micro_batches,
+                             input_shape=(3, spec.image_size, spec.image_size), timeout_s=cfg.pipeline_timeout)
     if cfg.method == "infopro":
         header["infopro_lambdas"] = cfg.infopro_lambda_record()
 
@@ -190,7 +241,7 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         progress=cfg.progress, heartbeat=cfg.heartbeat, eval_heads=not cfg.no_head_eval, config=cfg.to_dict(),
         header=header, summary_extra={"arch": cfg.model or cfg.arch, "aux": cfg.aux if net.heads else None},
         warnings=warnings, banner=banner, command=command_line(cfg, argv), resume_hint=resume_command(cfg, argv),
-        config_writer=cfg.save, resume_state=resume_state)
+        config_writer=cfg.save, resume_state=resume_state, pipeline=runner)
     return trainer.fit()
 
 
@@ -211,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from .distributed.pipeline import PipelineError, exit_on_error
+
+        if isinstance(e, PipelineError):  # one line, and out without waiting on a peer that is gone
+            exit_on_error(e)
+        raise
     return 0
 
 

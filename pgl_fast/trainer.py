@@ -359,7 +359,8 @@ class Trainer:
                  eval_heads: bool = True, config: dict | None = None, header: dict | None = None,
                  summary_extra: dict | None = None, warnings: Iterable[str] = (), banner: Callable | None = None,
                  command: str | None = None, resume_hint: str | None = None,
-                 config_writer: Callable[[str], None] | None = None, resume_state: dict | None = None):
+                 config_writer: Callable[[str], None] | None = None, resume_state: dict | None = None,
+                 pipeline=None):
         if not isinstance(learner, LocalLearner):
             raise UserError(f"Trainer: learner is a {type(learner).__name__}, not a pgl_fast.LocalLearner")
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("keep_checkpoints", keep_checkpoints, 1),
@@ -402,10 +403,36 @@ class Trainer:
         else:
             raise UserError(f"train_data: a pair (x, y) of tensors or an iterable of (x, y) batches, "
                             f"not a {type(train_data).__name__}")
+        # data parallel (a DataParallelLearner under torchrun): every rank trains its shard of each
+        # global batch and evaluates its slice of the test set; rank 0 alone writes the output dir
+        from .distributed import DistContext, ShardedData
+
+        self.ctx = getattr(learner, "ctx", None) or DistContext()
+        if self.ctx.distributed:
+            self.data = ShardedData(self.data, self.ctx, learner)
         if resume_state is None:
             check_output_dir(self.output_dir)
             resume_state = find_resume_state(resume, self.output_dir, self.config, allow_schedule_change)
         self.resume_state = resume_state
+        # --pipeline S: this rank's pgl_fast.distributed.pipeline.StageRunner (None: one process)
+        self.pipeline = pipeline
+        if pipeline is not None:
+            if self.ctx.distributed:
+                raise UserError("--pipeline S with data parallel is not supported: launch exactly S ranks "
+                                "(WORLD_SIZE must equal S) with a plain LocalLearner")
+            if not isinstance(self.data, _TensorData):
+                raise UserError("Trainer: a pipeline needs tensor data (x, y): every rank must know the batch sizes")
+            if learner.graphed is not None or learner.compiled is not None or learner.checkpoint_global:
+                raise UserError("--pipeline runs eager steps: drop --cuda-graphs, --compile and global-step checkpointing")
+            import torch.distributed as dist
+
+            from .distributed import DistContext
+
+            # the pipeline's ranks decide who writes (rank 0) and share rank 0's decisions
+            self.io = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=learner.device,
+                                  backend=dist.get_backend())
+        else:
+            self.io = self.ctx
 
     def _default_banner(self, header: dict) -> list[str]:
         m = self.learner.model
@@ -434,9 +461,25 @@ class Trainer:
         device = learner.device
         data = self.data
         gen = data_mod.make_generator(self.seed, device)
-        cleanups.append(prepare_output_dir(self.output_dir, self.command).release)
-        auto_state, note = claim_output_dir(self.output_dir, self.resume, self.overwrite, self.config,
-                                            self.allow_schedule_change)
+        import torch.distributed as dist
+
+        ctx = self.ctx  # data parallel (single-process otherwise): gradient and signal collectives
+        io = self.io    # who writes: ctx, or the pipeline's ranks
+        pipe = self.pipeline
+        main = writer = io.is_main  # rank 0 owns the output dir, the metrics and the prints
+        claimed = {}
+
+        def claim():  # rank 0 locks and inspects the output dir; the others learn what it decided
+            cleanups.append(prepare_output_dir(self.output_dir, self.command).release)
+            claimed["state"], note = claim_output_dir(self.output_dir, self.resume, self.overwrite, self.config,
+                                                      self.allow_schedule_change)
+            return (claimed["state"]["path"] if claimed["state"] is not None else None), note
+
+        # a refusal on rank 0 (locked dir, bad --resume) is re-raised on every rank: none waits forever
+        auto_path, note = io.on_main(claim)
+        if not main:
+            note = None
+        auto_state = claimed.get("state") if main else (ckpt.load_checkpoint(auto_path) if auto_path else None)
         resume_state = auto_state if self.resume == "auto" else self.resume_state
         if note:
             print(note, flush=True)
@@ -451,6 +494,8 @@ class Trainer:
         mid_epoch = None
         if resume_state is not None:
             learner.load_state_dict(resume_state)
+            if pipe is not None:  # this stage's modules, optimizers and accumulators
+                pipe.load(ckpt.checkpoint_dir(self.output_dir), tag=resume_state["pipeline_tag"])
             ckpt.set_rng_state(resume_state["rng"])
             gen.set_state(resume_state["data_generator"].to(gen.get_state().device))
             start_epoch, start_step = resume_state["epoch"], resume_state["step"]
@@ -467,9 +512,9 @@ class Trainer:
                       + ", ".join(f"{k} {v!r} -> {self.config.get(k)!r}" for k, v in changed.items())
                       + f") from epoch {start_epoch + 1}{f' step {start_step + 1}' if start_step else ''} on; "
                       "recorded in header.json", flush=True)
-            if start_epoch < self.epochs and os.path.exists(os.path.join(self.output_dir, "summary.json")):
+            if main and start_epoch < self.epochs and os.path.exists(os.path.join(self.output_dir, "summary.json")):
                 os.remove(os.path.join(self.output_dir, "summary.json"))  # the run is not finished any more
-            print(f"resumed from {resume_state['path']}: {start_epoch} epochs"
+            print(f"resumed from {resume_state['path']}: {start_epoch} epochs"  # every rank: resumed together
                   f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
 
         for w in self.warnings:
@@ -482,17 +527,22 @@ class Trainer:
                        "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
                        "warnings": list(self.warnings)})
         header.update(self.header)
-        if self.config_writer is not None:
-            self.config_writer(os.path.join(self.output_dir, "config.json"))
-        else:
-            write_json_atomic(os.path.join(self.output_dir, "config.json"), self.config)
-        write_json_atomic(os.path.join(self.output_dir, "header.json"), header)
+        if pipe is not None:
+            header["pipeline"] = {"stages": pipe.S, "module_ranges": pipe.ranges, "depth": pipe.depth,
+                                  "micro_batches": pipe.micro_batches}
         metrics_path = os.path.join(self.output_dir, "metrics.jsonl")
-        # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
-        write_jsonl_atomic(metrics_path, records)
-        metrics = JsonlWriter(metrics_path)
-        for line in self.banner(header):
-            print(line, flush=True)
+        metrics = None
+        if main:
+            if self.config_writer is not None:
+                self.config_writer(os.path.join(self.output_dir, "config.json"))
+            else:
+                write_json_atomic(os.path.join(self.output_dir, "config.json"), self.config)
+            write_json_atomic(os.path.join(self.output_dir, "header.json"), header)
+            # metrics.jsonl is exactly the checkpoint's epoch records: no duplicated or missing epochs
+            write_jsonl_atomic(metrics_path, records)
+            metrics = JsonlWriter(metrics_path)
+            for line in self.banner(header):
+                print(line, flush=True)
 
         memory = PeakMemory(device)
         # one statistics object for the whole run: captured graphs hold its addresses
@@ -505,6 +555,21 @@ class Trainer:
         timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
         def save(epoch_done: int, step: int, mid: dict | None) -> None:
+            tag = None
+            if pipe is not None:
+                # every stage's file first, then rank 0's checkpoint (the one resume looks for) names them
+                tag = os.path.splitext(ckpt.checkpoint_name(epoch_done, step))[0]
+                pipe.save(ckpt.checkpoint_dir(self.output_dir), tag)
+                dist.barrier()
+                if not writer:
+                    dist.barrier()
+                    pipe.prune(ckpt.checkpoint_dir(self.output_dir),
+                               [os.path.splitext(os.path.basename(c))[0] for c in ckpt.list_checkpoints(self.output_dir)])
+                    return None
+            # data parallel: every rank gets here (its arguments, the step statistics, are gathered
+            # collectively); rank 0 writes, the others restore from it
+            if not main:
+                return None
             state = {
                 **learner.state_dict(),
                 "rng": ckpt.rng_state(), "data_generator": gen.get_state().cpu(),
@@ -513,13 +578,19 @@ class Trainer:
                 "records": records, "best_acc": best_acc, "best_epoch": best_epoch,
                 "elapsed": time.time() - t_start, "peak_by_phase": peak_by_phase, "config": self.config,
                 "versions": {"torch": str(torch.__version__), "pgl_fast": str(header["pgl_fast"])},
-                "schedule_changes": schedule_log,
+                "schedule_changes": schedule_log, "pipeline_tag": tag,
             }
-            return ckpt.save_checkpoint(self.output_dir, state, self.keep_checkpoints)
+            path = ckpt.save_checkpoint(self.output_dir, state, self.keep_checkpoints)
+            if pipe is not None:
+                dist.barrier()  # rank 0 has pruned its checkpoints: the stages prune their files alike
+                pipe.prune(ckpt.checkpoint_dir(self.output_dir),
+                           [os.path.splitext(os.path.basename(c))[0] for c in ckpt.list_checkpoints(self.output_dir)])
+            return path
 
         interrupts = _Interrupts()
-        interrupts.install()
-        cleanups.append(interrupts.restore)
+        if pipe is None:  # in a pipeline Ctrl-C stops every rank at once (PipelineError), from the last checkpoint
+            interrupts.install()
+            cleanups.append(interrupts.restore)
 
         def stop(epoch_done: int, step: int, n_steps: int, path: str) -> RunInterrupted:
             name = signal.Signals(interrupts.signum).name
@@ -533,7 +604,8 @@ class Trainer:
             lr = learner.start_epoch(epoch)
             if lr is None:
                 lr = current_lr(learner)
-            print(f"epoch {epoch + 1}/{self.epochs} phase={phase} lr={lr:.5g}", flush=True)
+            if writer:
+                print(f"epoch {epoch + 1}/{self.epochs} phase={phase} lr={lr:.5g}", flush=True)
             memory.reset()
             first_step, epoch_seconds = 0, 0.0
             if mid_epoch is not None and epoch == start_epoch and start_step > 0:
@@ -545,19 +617,39 @@ class Trainer:
                 batches = list(perm.split(self.batch_size))
                 if self.drop_last and batches and batches[-1].shape[0] < self.batch_size:
                     batches.pop()
-                stats.load_state_dict(mid_epoch["stats"])
+                if pipe is None:
+                    stats.load_state_dict(mid_epoch["stats"])
+                else:  # each stage's own share came back with its stage file
+                    pipe.restore_stats()
                 first_step, epoch_seconds = start_step, mid_epoch["seconds"]
             else:
                 batches = data.epoch_batches(self.batch_size, gen, self.drop_last)
             # saved by mid-epoch checkpoints (tensor data only: a loader's order is its own)
             perm_all = torch.cat(batches) if data.resumable_mid_epoch and len(batches) else None
-            bar = _progress(self.progress, len(batches), f"epoch {epoch + 1} {phase}")
+            bar = _progress(self.progress if pipe is None else "off", len(batches), f"epoch {epoch + 1} {phase}")
             if bar is not None and first_step:
                 bar.update(first_step)
             beat = Heartbeat(self.heartbeat, epoch, self.epochs, len(batches), self.batch_size, first_step=first_step) \
-                if bar is None and self.heartbeat > 0 else None
+                if bar is None and self.heartbeat > 0 and pipe is None else None
             t0 = time.time()
-            for step in range(first_step, len(batches)):
+            if pipe is not None:
+                # the stages run the epoch in chunks of --save-every batches (a checkpoint after each)
+                sizes = [int(b.numel()) for b in batches]
+                needs_image = learner.method.needs_image
+
+                def fetch(t):
+                    return data.train_batch(batches[t], gen, needs_image)
+
+                chunk = self.save_every or len(batches)
+                for a in range(first_step, len(batches), chunk):
+                    done = min(a + chunk, len(batches))
+                    pipe.train_epoch(learner.phase, sizes, fetch if pipe.first else None, range(a, done))
+                    if self.save_every and done < len(batches):
+                        _check_finite(pipe.reduce_stats(), epoch, phase, net.J, partial=True)
+                        save(epoch, done, {"perm": perm_all.cpu(), "stats": stats.state_dict(),
+                                           "seconds": epoch_seconds + time.time() - t0})
+                        _kill_hook(epoch, done)  # every stage dies after the same checkpoint (tests)
+            for step in range(first_step, len(batches) if pipe is None else first_step):
                 x, y, image01 = data.train_batch(batches[step], gen, learner.method.needs_image)
                 learner.step(x, y, image01)
                 if bar is not None:
@@ -571,6 +663,8 @@ class Trainer:
                                        "seconds": epoch_seconds + time.time() - t0})
                 _kill_hook(epoch, done)
                 _signal_hook(epoch, done)
+                if ctx.distributed:  # a signal that reached some ranks stops all of them at this step
+                    interrupts.signum = ctx.max_int(interrupts.signum or 0) or None
                 if interrupts.signum is not None and done < len(batches):
                     # the same save as --save-every's, after the same check: never save poisoned weights
                     _check_finite(stats.read(), epoch, phase, net.J, partial=True)
@@ -592,10 +686,16 @@ class Trainer:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = epoch_seconds + time.time() - t0
-            tr = stats.read()
+            tr = stats.read() if pipe is None else pipe.reduce_stats()
             mem = memory.read()
             _check_finite(tr, epoch, phase, net.J)
-            ev = self.evaluate()
+            if pipe is None:
+                ev = self.evaluate()
+            else:
+                tests = list(data.test_batches()) if pipe.first else []
+                tb, nt = self.test_batch_size, data.num_test
+                ev = pipe.evaluate([min(tb, nt - i) for i in range(0, nt, tb)], (lambda t: tests[t]) if pipe.first else None,
+                                   self.eval_heads)
             if ev["test_acc"] > best_acc:
                 best_acc, best_epoch = ev["test_acc"], epoch + 1
             if mem["peak_mib"] is not None:
@@ -612,11 +712,16 @@ class Trainer:
                 "peak_mem_mib": mem["peak_mib"], "peak_reserved_mib": mem["peak_reserved_mib"],
                 "mem_kind": mem["kind"], "graph_pool_mib": mem["graph_pool_mib"],
             }
+            if pipe is not None:
+                record["peak_inflight_mib"] = [b / 2 ** 20 for b in tr["peak_inflight_bytes"]]
             records.append(record)
             # checkpoint first, then the metrics line: a kill in between is repaired on resume, since
             # metrics.jsonl is rewritten from the checkpoint's records
             path = save(epoch + 1, 0, None)
-            metrics.write(record)
+            if pipe is not None and not writer:
+                continue  # the stages' epoch ends here; rank 0 writes and prints (no collectives follow)
+            if metrics is not None:
+                metrics.write(record)
             _kill_hook(epoch, "end")
             if not first_step:  # an epoch resumed midway took part of its time in another process
                 timed.append((phases[epoch], time.time() - t_epoch))
@@ -626,6 +731,8 @@ class Trainer:
                   f"({record['images_per_s']:.0f} img/s, {train_seconds:.1f}s, peak {mem['peak_mib'] or 0:.0f} MiB) "
                   f"elapsed {format_duration(time.time() - t_start)} ETA {'?' if eta is None else format_duration(eta)}",
                   flush=True)
+            if ctx.distributed:
+                interrupts.signum = ctx.max_int(interrupts.signum or 0) or None
             if interrupts.signum is not None and epoch + 1 < self.epochs:
                 raise stop(epoch + 1, 0, len(batches), path)
 
@@ -639,7 +746,9 @@ class Trainer:
             "mem_kind": memory.read()["kind"], "method": learner.method.name, "J": net.J, "seed": self.seed,
         }
         summary.update(self.summary_extra)
-        write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary)
-        print(f"done: final {100 * summary['final_test_acc']:.2f}%  best {100 * best_acc:.2f}% (epoch {best_epoch})  "
-              f"wall {summary['wall_seconds']:.0f}s")
+        if main:
+            write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary)
+        if main:
+            print(f"done: final {100 * summary['final_test_acc']:.2f}%  best {100 * best_acc:.2f}% (epoch {best_epoch})  "
+                  f"wall {summary['wall_seconds']:.0f}s")
         return summary

@@ -1,0 +1,901 @@
+"""Decoupled modules pipelined across ranks (``--pipeline S``).
+
+S ranks each own a contiguous group of the J local modules. The ranks form a chain: stage 0 reads
+the data, stage r receives the activations (and labels) of batch t from stage r-1 and sends its own
+output on to stage r+1.
+
+**Local steps** (DGL, InfoPro, PGL's local epochs) need no backward between ranks: stage r runs its
+modules' local steps on batch t, posts the *detached* output to stage r+1 (``isend``) and starts batch
+t+1 at once. This is exactly sequential DGL, with no staleness: in a single process module j's input
+for batch t is computed by module j-1 *before* module j-1 steps on batch t, and that is the very tensor
+stage r receives. So S ranks reproduce the single-process parameters (bitwise where the kernels are
+deterministic, which they are on the CPU with one thread per rank). Each rank keeps at most ``depth``
+sends outstanding towards the next stage and ``depth`` receives posted ahead from the previous one;
+the bytes those messages hold (activations, labels) are the pipeline's activation memory in flight,
+reported per rank as ``peak_inflight_bytes``: at most ``depth * batch * (input + output bytes per
+sample + 16)``, on top of the one module's graph a local step keeps alive anyway.
+
+**Global steps** (PGL's global epochs) are a synchronous pipelined forward and backward, GPipe-style:
+the batch is cut into ``micro_batches`` pieces; every stage runs the forwards of all micro-batches
+(each aux head takes its module's *detached* output and backpropagates its own loss at once, eq. 4),
+the last stage backpropagates the final loss of each micro-batch (scaled by its share of the batch,
+so the sum is the batch mean), and the gradients of the stage inputs travel back along the chain
+(eq. 3: the backbone learns from the final loss only). Then every stage steps its modules. With one
+micro-batch this is the single-process global step; with more, batch norm normalises each
+micro-batch with its own statistics (and updates its running statistics once per micro-batch), so the
+result differs from a full-batch step by that much -- it is a different, equally valid, batch-norm
+computation, not an approximation of the gradient arithmetic. Every stage keeps the graphs of all
+its micro-batches until their gradients come back (as GPipe does; 1F1B would bound that to S
+micro-batches and is not implemented), i.e. the same activations the single-process global step
+holds for its modules.
+
+Why not ``torch.distributed.pipelining``: its schedules compute a loss only at the last stage and
+hand intermediate stages nothing but the activations. Here every stage needs the labels (each aux head
+has its own loss), the aux losses must be backpropagated inside the stage on detached features, and
+the local epochs never run a backward across ranks at all, which no schedule expresses. Shipping the
+labels as a stage output would make the schedule treat an integer tensor as an activation to
+differentiate. Plain point-to-point ``isend``/``irecv`` of activations and gradients serves both
+phases with one transport, one failure path and one set of shapes.
+
+**Failure and shutdown.** gloo's point-to-point works cannot be polled (they report completion
+only from ``wait``) and a timed-out ``wait`` closes the connection, so every blocking ``wait`` runs
+on a helper thread while the main thread waits on an event in quarter-second slices: Ctrl-C reaches
+it, and between slices it checks a failure flag in the process group's store and a deadline. A rank
+that raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with its message before it
+leaves; every other rank then stops at its next wait with :class:`PipelineError` naming the rank that
+failed and why. A rank that dies without a word (killed) closes its sockets, so its neighbours' waits
+fail, they raise and set the flag, and the rest follow; a rank that hangs is caught by the deadline.
+No rank blocks forever on a message. (The few collectives -- the batch-size check at an epoch's
+start, the metric reductions at its end -- block in gloo itself, bounded by the process group's
+timeout.)
+
+**Checkpoints.** :meth:`StageRunner.state_dict` holds only the stage's own modules (backbone, aux
+heads, decoders, classifier on the last stage) and their optimizers; :meth:`StageRunner.save` /
+:meth:`StageRunner.load` write and read one file per stage, so the pipeline resumes where it stopped.
+
+**Process group.** :func:`init_pipeline_group` joins torchrun's group through the same
+:class:`~pgl_fast.distributed.context.DistContext` data parallel uses (gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``, a timeout); an already initialised default group is used as is.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..core.learner import StepStats
+from ..errors import UserError
+from ..models.heads import upcast
+
+# one flag per torchrun restart round: a restarted group must not see the last round's failure
+FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class PipelineError(RuntimeError):
+    """The pipeline stopped: this rank or another failed. The message is one line naming both."""
+
+
+# ----------------------------------------------------------------------------------------------
+# balance: which modules each stage owns
+# ----------------------------------------------------------------------------------------------
+def balance_by_time(times: Sequence[float], S: int) -> list[tuple[int, int]]:
+    """S contiguous module ranges ``[(start, end), ...]`` minimising the slowest stage's summed time
+    (the pipeline's period). Exact dynamic programme over all cut positions; ties go to the
+    partition whose earlier stages are lighter, since stage 0 also reads the data."""
+    J = len(times)
+    if not 1 <= S <= J:
+        raise UserError(f"--pipeline {S}: needs 1 <= S <= J modules (J={J})")
+    if any(t < 0 for t in times):
+        raise UserError("--pipeline-balance: module times must be >= 0")
+    prefix = [0.0]
+    for t in times:
+        prefix.append(prefix[-1] + float(t))
+    INF = float("inf")
+    # best[s][j]: smallest max-stage time splitting modules [0, j) into s stages; cut[s][j]: last cut
+    best = [[INF] * (J + 1) for _ in range(S + 1)]
+    cut = [[0] * (J + 1) for _ in range(S + 1)]
+    best[0][0] = 0.0
+    for s in range(1, S + 1):
+        for j in range(s, J - (S - s) + 1):
+            for i in range(j - 1, s - 2, -1):  # the last stage takes modules [i, j); later i = lighter last
+                v = max(best[s - 1][i], prefix[j] - prefix[i])
+                if v < best[s][j] - 1e-12:
+                    best[s][j], cut[s][j] = v, i
+    ranges, j = [], J
+    for s in range(S, 0, -1):
+        i = cut[s][j]
+        ranges.append((i, j))
+        j = i
+    return ranges[::-1]
+
+
+def parse_balance(spec: str, J: int, S: int) -> list[tuple[int, int]]:
+    """``--pipeline-balance 2,1,1``: the number of modules of each stage, in order."""
+    try:
+        counts = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--pipeline-balance {spec!r}: give S comma-separated module counts, e.g. 2,2") from None
+    if len(counts) != S or any(c < 1 for c in counts) or sum(counts) != J:
+        raise UserError(f"--pipeline-balance {spec!r}: needs {S} counts >= 1 summing to J={J}")
+    ranges, a = [], 0
+    for c in counts:
+        ranges.append((a, a + c))
+        a += c
+    return ranges
+
+
+# ----------------------------------------------------------------------------------------------
+# process group
+# ----------------------------------------------------------------------------------------------
+def init_pipeline_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "auto"):
+    """The pipeline's process group: the run's one :class:`~pgl_fast.distributed.context.DistContext`
+    (torchrun's environment, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``, a timeout). An already
+    initialised default group is used as is. Returns the context (the caller shuts it down)."""
+    from .context import DistContext, launched_by_torchrun
+
+    if dist.is_initialized():
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                           device=torch.device("cuda", torch.cuda.current_device())
+                           if dist.get_backend() == "nccl" else torch.device("cpu"),
+                           backend=dist.get_backend(), timeout_s=timeout_s)
+    if not launched_by_torchrun():
+        raise UserError("--pipeline needs torchrun (e.g. torchrun --nproc_per_node=S -m pgl_fast.train ...)")
+    return DistContext.from_env(device, backend=backend, timeout_s=timeout_s)
+
+
+def _default_store():
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # pragma: no cover - no store: failures still surface as communication errors
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the learner, whichever API it comes from
+# ----------------------------------------------------------------------------------------------
+class _Ops:
+    """The handful of :class:`~pgl_fast.core.learner.LocalLearner` operations a stage needs."""
+
+    def __init__(self, learner):
+        self.learner = learner
+        self.model = learner.model
+        self.optimizers = learner.optimizers
+        method = learner.method
+        self.has_heads = bool(method.has_heads) and len(self.model.heads) > 0
+        self.heads_output_logits = bool(getattr(method, "heads_output_logits", True))
+        self.needs_image = bool(getattr(method, "needs_image", False))
+        self.autocast = learner.autocast
+        self.input = learner._input  # the learner's input layout (channels-last when it trains so)
+        self.backward = learner.backward
+        self.end_step = learner.end_step
+        self.local_loss = learner.local_loss
+        self.final_loss = learner.final_loss
+        self.scaler = learner.scaler
+
+    def step(self, j: int, stats) -> None:
+        # the learner's step_module checks the gradients into learner.stats, which is stats
+        self.learner.step_module(j)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage runner
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Meter:
+    """Bytes held by the messages in flight on this rank (both queues), and their peak."""
+
+    bytes: int = 0
+    peak: int = 0
+
+
+@dataclass
+class _Inflight:
+    """Posted messages in order; their tensors' bytes count on the shared meter."""
+
+    meter: _Meter = field(default_factory=_Meter)
+    items: deque = field(default_factory=deque)
+
+    def push(self, works, tensors) -> None:
+        n = sum(t.numel() * t.element_size() for t in tensors)
+        self.items.append((works, tensors, n))
+        self.meter.bytes += n
+        self.meter.peak = max(self.meter.peak, self.meter.bytes)
+
+    def pop(self):
+        works, tensors, n = self.items.popleft()
+        self.meter.bytes -= n
+        return works, tensors
+
+
+class _Pending:
+    def __init__(self, works):
+        self.works, self.done, self.error = works, threading.Event(), None
+
+
+class _Waiter:
+    """One daemon thread that runs the blocking ``Work.wait`` calls, in order."""
+
+    def __init__(self):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="pgl-pipeline-wait", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            p = self.queue.get()
+            try:
+                for w in p.works:
+                    w.wait()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                p.error = e
+            p.done.set()
+
+    def submit(self, works) -> _Pending:
+        p = _Pending(works)
+        self.queue.put(p)
+        return p
+
+
+class StageRunner:
+    """One rank's part of the pipeline: modules ``ranges[stage]`` of ``learner``'s model.
+
+    Every rank builds the whole model the same way (same seed), and trains only its own modules.
+    ``depth`` bounds the batches in flight between neighbours; ``micro_batches`` is the GPipe
+    micro-batch count of global steps (1: exactly the single-process step)."""
+
+    def __init__(self, learner, ranges: Sequence[tuple[int, int]], *, stage: int | None = None,
+                 ranks: Sequence[int] | None = None, group=None, depth: int = 2, micro_batches: int = 1,
+                 input_shape: tuple[int, ...] = (3, 32, 32), timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.ops = _Ops(learner)
+        self.model = self.ops.model
+        self.J = self.model.J
+        self.ranges = [tuple(r) for r in ranges]
+        self.S = len(self.ranges)
+        if self.ranges[0][0] != 0 or self.ranges[-1][1] != self.J or any(
+                a >= b for a, b in self.ranges) or any(self.ranges[i][1] != self.ranges[i + 1][0]
+                                                       for i in range(self.S - 1)):
+            raise UserError(f"--pipeline-balance: stage ranges {self.ranges} must cover modules 0..{self.J - 1} "
+                            "contiguously, each non-empty")
+        if depth < 1:
+            raise UserError(f"--pipeline-depth: must be >= 1, got {depth}")
+        if micro_batches < 1:
+            raise UserError(f"--pipeline-micro-batches: must be >= 1, got {micro_batches}")
+        self.group = group
+        self.ranks = list(ranks) if ranks is not None else list(range(self.S))
+        if len(self.ranks) != self.S:
+            raise UserError(f"--pipeline {self.S}: {len(self.ranks)} ranks given for {self.S} stages")
+        me = dist.get_rank()
+        if stage is None:
+            if me not in self.ranks:
+                raise UserError(f"rank {me} is not one of the pipeline's ranks {self.ranks}")
+            stage = self.ranks.index(me)
+        self.stage = stage
+        self.first, self.last = stage == 0, stage == self.S - 1
+        self.prev = self.ranks[stage - 1] if not self.first else None
+        self.next = self.ranks[stage + 1] if not self.last else None
+        self.modules = list(range(*self.ranges[stage]))
+        self.depth = depth
+        self.micro_batches = micro_batches
+        self.timeout_s = timeout_s
+        self.device = next(self.model.parameters()).device
+        self.store = _default_store()
+        self.rank = dist.get_rank()
+        self._waiter = _Waiter()
+        self.stats: StepStats = learner.stats  # the learner's own accumulators: step_module checks into them
+        self.peak_inflight_bytes = 0  # over the last epoch (local: queued messages; global: micro-batches)
+        self._in_shape, self._in_dtype = self._probe(input_shape)
+        self._image_shape = tuple(input_shape)  # InfoPro's image01 travels with the batch
+
+    # -- shapes ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _probe(self, input_shape):
+        """Per-sample shape and dtype of this stage's input: a one-sample forward of the modules
+        before it, in eval mode so that no batch-norm statistic moves."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            h = torch.zeros((1, *input_shape), device=self.device)
+            with self.ops.autocast():
+                for j in range(self.modules[0]):
+                    h = self.model.blocks[j](h)
+        finally:
+            self.model.train(was)
+        return tuple(h.shape[1:]), h.dtype
+
+    # -- failure handling ------------------------------------------------------------------------
+    def _failed_elsewhere(self) -> str | None:
+        if self.store is None:
+            return None
+        try:
+            if self.store.check([FAIL_KEY]):
+                return self.store.get(FAIL_KEY).decode()
+        except Exception as e:  # the store's host is gone: so is the run
+            return f"the rendezvous store is unreachable ({type(e).__name__}; its host rank exited?)"
+        return None
+
+    def _announce(self, msg: str) -> None:
+        if self.store is None:
+            return
+        with contextlib.suppress(Exception):
+            if not self.store.check([FAIL_KEY]):
+                self.store.set(FAIL_KEY, msg)
+
+    def _wait(self, works, what: str) -> None:
+        """Wait for ``works``. gloo's point-to-point works neither report completion before
+        ``wait`` nor survive a timed-out ``wait`` (the connection is closed), so the blocking wait
+        runs on a helper thread while this (main) thread waits on an event in short slices: Ctrl-C
+        reaches it, a peer's failure flag stops it, and so does the deadline."""
+        if not works:
+            return
+        pending = self._waiter.submit(works)
+        deadline = time.monotonic() + self.timeout_s
+        while not pending.done.wait(0.25):
+            other = self._failed_elsewhere()
+            if other is not None:
+                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped while waiting for "
+                                    f"{what}: {other}")
+            if time.monotonic() >= deadline:
+                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}): no progress on {what} for "
+                                    f"{self.timeout_s:.0f} s (a peer hung?)")
+        if pending.error is not None:
+            e = pending.error
+            # a peer that failed first has usually said why by now
+            other = self._failed_elsewhere()
+            if other is None:
+                time.sleep(0.5)
+                other = self._failed_elsewhere()
+            first = str(e).splitlines()[0] if str(e) else ""
+            cause = other or f"{type(e).__name__}: {first}"
+            raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) lost {what}: {cause}") from None
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Around every piece of pipeline work: an error or Ctrl-C here is announced to every rank
+        (the failure flag) and re-raised as one :class:`PipelineError` line."""
+        try:
+            yield
+        except PipelineError as e:
+            self._announce(str(e))
+            raise
+        except KeyboardInterrupt:
+            msg = f"pipeline stage {self.stage} (rank {self.rank}) was interrupted (Ctrl-C)"
+            self._announce(msg)
+            raise PipelineError(msg) from None
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            msg = f"pipeline stage {self.stage} (rank {self.rank}) failed: {type(e).__name__}: {first}"
+            self._announce(msg)
+            raise PipelineError(msg) from e
+
+    # -- point to point --------------------------------------------------------------------------
+    def _p2p(self, ops):
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def _post_recv(self, n: int, with_image: bool = False):
+        """Receive buffers for a batch of ``n``: activations, labels (and InfoPro's image01)."""
+        tensors = [torch.empty((n, *self._in_shape), dtype=self._in_dtype, device=self.device),
+                   torch.empty((n,), dtype=torch.int64, device=self.device)]
+        if with_image:
+            tensors.append(torch.empty((n, *self._image_shape), dtype=torch.float32, device=self.device))
+        works = self._p2p([dist.P2POp(dist.irecv, t, self.prev, self.group) for t in tensors])
+        return works, tensors
+
+    def _post_send(self, tensors, dst=None):
+        """Activations go forward (default: to the next stage); gradients go back (``dst``)."""
+        tensors = [t.contiguous() for t in tensors]
+        dst = self.next if dst is None else dst
+        return self._p2p([dist.P2POp(dist.isend, t, dst, self.group) for t in tensors]), tensors
+
+    _KINDS = {"local": 1, "global": 2, "eval": 3}
+
+    def _check_sizes(self, sizes: Sequence[int], kind: str) -> list[int]:
+        """Every stage must run the same kind of pass (local, global, evaluation) over the same batch
+        sizes (they size the receive buffers): stage 0's are broadcast and compared, so a rank that
+        resumed elsewhere or was given other data fails here with a message, not in a hang."""
+        sizes = [int(s) for s in sizes]
+        mine = torch.tensor([self._KINDS[kind]] + sizes, dtype=torch.int64, device=self.device)
+        count = torch.tensor([mine.numel()], dtype=torch.int64, device=self.device)
+        dist.broadcast(count, self.ranks[0], group=self.group)
+        ref = mine.clone() if int(count) == mine.numel() else torch.zeros(int(count), dtype=torch.int64,
+                                                                          device=self.device)
+        dist.broadcast(ref, self.ranks[0], group=self.group)
+        if not torch.equal(ref, mine):
+            theirs = {v: k for k, v in self._KINDS.items()}.get(int(ref[0]), "?")
+            raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) was to run a {kind} pass over "
+                                f"{len(sizes)} batches, stage 0 a {theirs} pass over {int(count) - 1} (or other batch "
+                                "sizes): every rank must resume from the same checkpoint and run the same data flags")
+        return sizes
+
+    # -- local epochs ----------------------------------------------------------------------------
+    def _local_modules(self, h, y, image01, n):
+        model, ops, stats = self.model, self.ops, self.stats
+        h = ops.input(h)
+        for j in self.modules:
+            with ops.autocast():
+                if j < self.J - 1:
+                    h = model.blocks[j](h.detach())
+                    loss = ops.local_loss(j, h, y, image01)
+                else:
+                    h = model.classifier(model.blocks[j](h.detach()))
+                    loss = ops.final_loss(h, y)
+            ops.backward(loss)
+            ops.step(j, stats)
+            stats.add(j, loss, n)
+            del loss
+        ops.end_step()
+        return h.detach()
+
+    def local_epoch(self, sizes: Sequence[int], batch_fn: Callable[[int], tuple] | None,
+                    steps: Sequence[int] | None = None) -> None:
+        """Local steps on every batch of the epoch. ``sizes``: the batch sizes (all ranks);
+        ``batch_fn(t) -> (x, y, image01 or None)``: stage 0 only; ``steps``: the batch indices to
+        run (default all; a resumed epoch starts later)."""
+        with self.guard():
+            self._local_epoch(self._check_sizes(sizes, "local"), batch_fn, steps)
+
+    def _local_epoch(self, sizes, batch_fn, steps):
+        steps = list(range(len(sizes))) if steps is None else list(steps)
+        meter = _Meter()
+        recvs, sends = _Inflight(meter), _Inflight(meter)
+        # receives for the first `depth` batches are posted at once: they overlap this rank's compute
+        posted = 0
+        if not self.first:
+            while posted < min(self.depth, len(steps)):
+                recvs.push(*self._post_recv(sizes[steps[posted]], self.ops.needs_image))
+                posted += 1
+        for k, t in enumerate(steps):
+            n = sizes[t]
+            if self.first:
+                x, y, image01 = self._fetch(batch_fn, t, n)
+            else:
+                works, tensors = recvs.pop()
+                self._wait(works, f"batch {t} from stage {self.stage - 1}")
+                x, y = tensors[0], tensors[1]
+                image01 = tensors[2] if self.ops.needs_image else None
+                if posted < len(steps):
+                    recvs.push(*self._post_recv(sizes[steps[posted]], self.ops.needs_image))
+                    posted += 1
+            out = self._local_modules(x, y, image01, n)
+            if self.last:
+                self.stats.add_correct(out, y)
+            else:
+                # at most `depth` batches queued towards the next stage: wait for the oldest first
+                while len(sends.items) >= self.depth:
+                    self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
+                send = [out, y] + ([image01] if self.ops.needs_image else [])
+                sends.push(*self._post_send(send))
+            self.stats.end_step(n)
+            del x, out
+        while sends.items:
+            self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
+        self.peak_inflight_bytes = meter.peak
+
+    def _fetch(self, batch_fn, t, n, need_image=None):
+        if batch_fn is None:
+            raise PipelineError("pipeline stage 0 needs the data (batch_fn)")
+        b = batch_fn(t)
+        x, y = b[0], b[1]
+        image01 = b[2] if len(b) > 2 else None
+        if x.shape[0] != n or y.shape[0] != n:
+            raise PipelineError(f"pipeline stage 0: batch {t} has {x.shape[0]} samples, the epoch said {n}")
+        if (self.ops.needs_image if need_image is None else need_image) and image01 is None:
+            raise PipelineError("pipeline stage 0: InfoPro's decoders need image01 with every batch")
+        return x, y, image01
+
+    # -- global epochs ---------------------------------------------------------------------------
+    def global_epoch(self, sizes: Sequence[int], batch_fn: Callable[[int], tuple] | None,
+                     steps: Sequence[int] | None = None) -> None:
+        """Synchronous pipelined global steps on every batch of the epoch (arguments as
+        :meth:`local_epoch`)."""
+        with self.guard():
+            sizes = self._check_sizes(sizes, "global")
+            self.peak_inflight_bytes = 0
+            for t in (range(len(sizes)) if steps is None else steps):
+                x = y = image01 = None
+                if self.first:
+                    x, y, image01 = self._fetch(batch_fn, t, sizes[t])
+                self._global_step(sizes[t], x, y, t)
+
+    def global_step(self, n: int, x=None, y=None) -> None:
+        """One pipelined global step on a batch of ``n`` (``x``, ``y`` on stage 0 only)."""
+        with self.guard():
+            self._global_step(n, x, y, 0)
+
+    def _global_step(self, n, x, y, t):
+        model, ops, stats = self.model, self.ops, self.stats
+        M = min(self.micro_batches, n)
+        # the same cut on every rank: torch.tensor_split's sizes
+        parts = [len(c) for c in torch.arange(n).tensor_split(M)]
+        saved, logits_all, ys = [], [], []
+        final_sum = None
+        inflight = 0
+        for m, nm in enumerate(parts):
+            if self.first:
+                a = sum(parts[:m])
+                h_in, y_m = x[a:a + nm], y[a:a + nm]
+            else:
+                works, tensors = self._post_recv(nm)
+                self._wait(works, f"micro-batch {m} of batch {t} from stage {self.stage - 1}")
+                h_in, y_m = tensors[0].requires_grad_(True), tensors[1]
+            w = nm / n
+            h = ops.input(h_in)
+            for j in self.modules:
+                with ops.autocast():
+                    h = model.blocks[j](h)
+                if j < self.J - 1 and ops.has_heads:
+                    # eq. 4: the head's own loss on detached features, its graph freed right here
+                    with ops.autocast():
+                        aux = ops.local_loss(j, h.detach(), y_m, None)
+                    ops.backward(aux * w)
+                    stats.add(j, aux, nm)
+                    del aux
+            if self.last:
+                with ops.autocast():
+                    logits = model.classifier(h)
+                    loss = ops.final_loss(logits, y_m)
+                ops.backward(loss * w)  # eq. 3: the backbone from the final loss only
+                final_sum = loss.detach() * w if final_sum is None else final_sum + loss.detach() * w
+                logits_all.append(logits.detach())
+                ys.append(y_m)
+                if not self.first:
+                    works, _ = self._post_send([h_in.grad], self.prev)
+                    self._wait(works, f"sending gradients of micro-batch {m} to stage {self.stage - 1}")
+                    h_in.grad = None
+                del logits, loss
+            else:
+                works, sent = self._post_send([h.detach(), y_m])
+                saved.append((h_in, h, works, sent))
+                inflight += h.numel() * h.element_size() + (0 if self.first else h_in.numel() * h_in.element_size())
+                self.peak_inflight_bytes = max(self.peak_inflight_bytes, inflight)
+        if not self.last:
+            for m, (h_in, h, works, _sent) in enumerate(saved):
+                self._wait(works, f"sending micro-batch {m} to stage {self.stage + 1}")
+                rworks, (g,) = self._p2p_recv_grad(h)
+                self._wait(rworks, f"gradients of micro-batch {m} from stage {self.stage + 1}")
+                h.backward(g.to(h.dtype))
+                if not self.first:
+                    works, _ = self._post_send([h_in.grad], self.prev)
+                    self._wait(works, f"sending gradients of micro-batch {m} to stage {self.stage - 1}")
+            del saved
+        for j in self.modules:
+            ops.step(j, stats)
+        ops.end_step()
+        if self.last:
+            stats.add(self.J - 1, final_sum, n)
+            stats.add_correct(torch.cat(logits_all), torch.cat(ys))
+        stats.end_step(n)
+
+    def _p2p_recv_grad(self, h):
+        g = torch.empty_like(h, memory_format=torch.contiguous_format)
+        return self._p2p([dist.P2POp(dist.irecv, g, self.next, self.group)]), (g,)
+
+    # -- epochs, evaluation and metrics ----------------------------------------------------------
+    def train_epoch(self, phase: str, sizes, batch_fn, steps=None) -> None:
+        """``phase``: "local" or "global" (the learner's phase of this epoch)."""
+        if phase == "local":
+            self.local_epoch(sizes, batch_fn, steps)
+        elif phase == "global":
+            self.global_epoch(sizes, batch_fn, steps)
+        else:
+            raise UserError(f"pipeline phase {phase!r} is not local or global")
+
+    def reduce_stats(self) -> dict:
+        """Every module's losses, the accuracy and the non-finite markers of this epoch, summed over
+        the stages (each contributed only its own modules); the same dict ``StepStats.read`` gives, on
+        every rank."""
+        with self.guard():
+            s = self.stats
+            own = torch.zeros(self.J, dtype=torch.bool, device=s.loss_sum.device)
+            own[self.modules] = True
+            loss = torch.where(own, s.loss_sum, torch.zeros_like(s.loss_sum))
+            correct = s.final_correct.clone() if self.last else torch.zeros_like(s.final_correct)
+            bad = torch.stack([s.first_bad, s.first_bad_grad])
+            bad = torch.where(own.unsqueeze(0), bad, torch.full_like(bad, -1))
+            for t, op in ((loss, dist.ReduceOp.SUM), (correct, dist.ReduceOp.SUM), (bad, dist.ReduceOp.MAX)):
+                dist.all_reduce(t, op=op, group=self.group)
+            # the sums go into a copy: this rank's accumulators stay its own (a mid-epoch call, e.g. the
+            # finiteness check before a checkpoint, must not count the other stages twice later)
+            whole = StepStats(self.J, s.loss_sum.device)
+            whole.load_state_dict(s.state_dict())
+            whole.loss_sum.copy_(loss)
+            whole.final_correct.copy_(correct)
+            whole.first_bad.copy_(bad[0])
+            whole.first_bad_grad.copy_(bad[1])
+            peak = torch.tensor([self.peak_inflight_bytes], dtype=torch.int64, device=s.loss_sum.device)
+            peaks = [torch.zeros_like(peak) for _ in range(self.S)]
+            dist.all_gather(peaks, peak, group=self.group)
+            out = whole.read()
+            out["peak_inflight_bytes"] = [int(p) for p in peaks]
+            return out
+
+    @torch.no_grad()
+    def evaluate(self, sizes, batch_fn, eval_heads: bool = True) -> dict:
+        """Test accuracy and loss of the network and of every aux head, pipelined like the local
+        epochs (no backward), gathered to every rank: the dict ``LocalLearner.evaluate`` returns."""
+        with self.guard():
+            sizes = self._check_sizes(sizes, "eval")
+            model, dev = self.model, self.device
+            was = model.training
+            model.eval()
+            # contrastive InfoPro heads output features, not class logits: nothing to score
+            n_heads = len(model.heads) if eval_heads and self.ops.has_heads and self.ops.heads_output_logits else 0
+            head_correct = torch.zeros(max(self.J - 1, 1), dtype=torch.int64, device=dev)
+            correct = torch.zeros((), dtype=torch.int64, device=dev)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            sends = _Inflight()
+            try:
+                for t, n in enumerate(sizes):
+                    if self.first:
+                        x, y, _ = self._fetch(batch_fn, t, n, need_image=False)
+                    else:
+                        works, tensors = self._post_recv(n)
+                        self._wait(works, f"test batch {t} from stage {self.stage - 1}")
+                        x, y = tensors[0], tensors[1]
+                    h = self.ops.input(x)
+                    with self.ops.autocast():
+                        for j in self.modules:
+                            h = model.blocks[j](h)
+                            if j < n_heads:
+                                head_correct[j] += (model.heads[j](h).argmax(1) == y).sum()
+                        if self.last:
+                            logits = model.classifier(h)
+                    if self.last:
+                        loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
+                        correct += (logits.argmax(1) == y).sum()
+                    else:
+                        while len(sends.items) >= self.depth:
+                            self._wait(sends.pop()[0], f"sending test batch to stage {self.stage + 1}")
+                        sends.push(*self._post_send([h, y]))
+                while sends.items:
+                    self._wait(sends.pop()[0], f"sending test batch to stage {self.stage + 1}")
+            finally:
+                model.train(was)
+            for v in (head_correct, correct, loss_sum):
+                dist.all_reduce(v, group=self.group)
+            total = max(sum(sizes), 1)
+            return {"test_acc": correct.item() / total, "test_loss": loss_sum.item() / total,
+                    "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _owned(self):
+        m = self.model
+        parts = {f"blocks.{j}": m.blocks[j] for j in self.modules}
+        parts.update({f"heads.{j}": m.heads[j] for j in self.modules if j < len(m.heads)})
+        parts.update({f"decoders.{j}": m.decoders[j] for j in self.modules if j < len(m.decoders)})
+        if self.last:
+            parts["classifier"] = m.classifier
+        return parts
+
+    def state_dict(self) -> dict:
+        scaler = self.ops.scaler
+        return {
+            "stage": self.stage, "stages": self.S, "ranges": self.ranges, "J": self.J,
+            "modules": {k: v.state_dict() for k, v in self._owned().items()},
+            "optimizers": {j: self.ops.optimizers[j].state_dict() for j in self.modules},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "stats": self.stats.state_dict(),  # this stage's share of a mid-epoch checkpoint's accumulators
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["stage"], state["stages"], [tuple(r) for r in state["ranges"]], state["J"]) != (
+                self.stage, self.S, self.ranges, self.J):
+            raise UserError(f"--resume: the checkpoint is stage {state['stage']} of {state['stages']} with module "
+                            f"ranges {state['ranges']}; this run is stage {self.stage} of {self.S} with {self.ranges} "
+                            "(resume with the same --pipeline and --pipeline-balance)")
+        parts = self._owned()
+        for k, sd in state["modules"].items():
+            parts[k].load_state_dict(sd)
+        for j, sd in state["optimizers"].items():
+            self.ops.optimizers[int(j)].load_state_dict(sd)
+        if state.get("scaler") is not None and self.ops.scaler is not None:
+            self.ops.scaler.load_state_dict(state["scaler"])
+        self._saved_stats = state.get("stats")
+        self.restore_stats()
+
+    def restore_stats(self) -> None:
+        """The accumulators of the last loaded checkpoint again: a mid-epoch resume calls it after
+        the epoch's start has reset them (each stage holds its own modules' share)."""
+        if getattr(self, "_saved_stats", None) is not None:
+            self.stats.load_state_dict(self._saved_stats)
+
+    def checkpoint_path(self, directory: str, tag: str | None = None) -> str:
+        """``tag``: the name of the run checkpoint this stage file belongs to (e.g. its epoch), so that
+        several kept checkpoints each have their stage files."""
+        suffix = f"-{tag}" if tag else ""
+        return os.path.join(directory, f"pipeline-stage{self.stage}-of{self.S}{suffix}.pt")
+
+    def save(self, directory: str, tag: str | None = None) -> str:
+        """This stage's file, written atomically (a crash mid-write leaves the previous one)."""
+        os.makedirs(directory, exist_ok=True)
+        path = self.checkpoint_path(directory, tag)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def prune(self, directory: str, keep_tags) -> None:
+        """Delete this stage's files whose tag is not in ``keep_tags`` (the run checkpoints that are
+        still kept): stage files follow the run's own checkpoint pruning."""
+        prefix = f"pipeline-stage{self.stage}-of{self.S}-"
+        keep = set(keep_tags)
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.startswith(prefix) and name.endswith(".pt") and name[len(prefix):-3] not in keep:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(directory, name))
+
+    def load(self, directory: str, tag: str | None = None) -> None:
+        path = self.checkpoint_path(directory, tag)
+        if not os.path.exists(path):
+            raise UserError(f"--resume: {path} is missing (was the run saved with --pipeline {self.S}?)")
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
+                          image_size: int = 32, group=None, src: int = 0) -> list[float]:
+    """``--pipeline-balance auto``: rank ``src`` measures the seconds of every module's local step on
+    its device (a fresh network, as :func:`~pgl_fast.distributed.cost_model.measure_module_times`)
+    and broadcasts them, so every rank balances by the same numbers."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    times = torch.zeros(J, dtype=torch.float64, device=device)
+    if dist.get_rank() == src:
+        from .cost_model import measure_module_times
+
+        times.copy_(torch.tensor(measure_module_times(arch, J, batch=batch, aux=aux, split=split,
+                                                      device=str(device), image_size=image_size, steps=2)))
+    dist.broadcast(times, src, group=group)
+    return times.tolist()
+
+
+def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None, depth: int = 2,
+                micro_batches: int = 1, input_shape=(3, 32, 32), timeout_s: float = DEFAULT_TIMEOUT_S,
+                group=None, ranks=None) -> StageRunner:
+    """The stage runner of this rank. ``balance``: None = equal module counts (larger stages last,
+    like ``--split even``), a string "2,1,1" = module counts per stage, a sequence of J floats =
+    measured seconds per module (balanced by :func:`balance_by_time`)."""
+    model = _Ops(learner).model
+    J = model.J
+    if not 1 <= S <= J:
+        raise UserError(f"--pipeline {S}: needs 1 <= S <= J (J={J} modules)")
+    if balance is None:
+        base, extra = divmod(J, S)
+        counts = [base] * (S - extra) + [base + 1] * extra
+        ranges = parse_balance(",".join(map(str, counts)), J, S)
+    elif isinstance(balance, str):
+        ranges = parse_balance(balance, J, S)
+    else:
+        if len(balance) != J:
+            raise UserError(f"--pipeline-balance: {len(balance)} module times for J={J} modules")
+        ranges = balance_by_time(balance, S)
+    runner = StageRunner(learner, ranges, depth=depth, micro_batches=micro_batches, input_shape=input_shape,
+                         timeout_s=timeout_s, group=group, ranks=ranks)
+    return runner
+
+
+def run_epoch(runner: StageRunner, *, phase: str, lr: float | None, sizes: Sequence[int], batch_fn,
+              test_sizes: Sequence[int] | None = None, test_fn=None, eval_heads: bool = True,
+              steps: Sequence[int] | None = None) -> dict:
+    """One epoch as the trainer runs it, on every rank: the lr, the phase's steps, the stats
+    gathered over the stages, the pipelined evaluation. ``batch_fn`` / ``test_fn`` are used on stage 0
+    only (pass them everywhere or None elsewhere). Returns ``{"train": <StepStats.read() dict with
+    peak_inflight_bytes per rank>, "eval": <evaluate dict or None>, "train_seconds": float}``."""
+    if lr is not None:
+        runner.ops.learner.set_lr(lr)
+    runner.model.train()
+    if not steps or steps[0] == 0:
+        runner.stats.reset()
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    t0 = time.perf_counter()
+    runner.train_epoch(phase, sizes, batch_fn if runner.first else None, steps)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    seconds = time.perf_counter() - t0
+    train = runner.reduce_stats()
+    ev = None
+    if test_sizes is not None:
+        ev = runner.evaluate(test_sizes, test_fn if runner.first else None, eval_heads)
+    return {"train": train, "eval": ev, "train_seconds": seconds}
+
+
+def exit_on_error(e: BaseException) -> None:
+    """The CLI's way out of a failed pipeline: the one-line message on stderr and an immediate exit
+    (status 130 for Ctrl-C, else 1). It skips the interpreter's teardown, which can block in the
+    process group's destructor while a peer is gone."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130 if "interrupted" in msg else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# a local launcher (tests, benchmarks): S processes on this machine, gloo
+# ----------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world, port, fn, args, out_dir, threads, timeout_s):
+    import pickle
+    import traceback
+
+    torch.set_num_threads(threads)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    code, result = 0, None
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        result = ("ok", fn(rank, world, *args))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as text
+        code = 1
+        result = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
+        print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        # rank 0 hosts the store that carries the failure flag: keep it up while the peers read it
+        time.sleep(1.0)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # a clean exit can block in the process group's teardown while a peer is dead: leave at once
+    os._exit(code)
+
+
+def run_local_group(fn, world: int, *args, threads: int = 1, timeout_s: float = 60.0,
+                    join_timeout_s: float | None = None, on_start=None) -> list:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined in a gloo group; returns
+    each rank's ``("ok", value)`` or ``("error", message, traceback)`` (``None``: no report, the rank
+    died). ``on_start(processes)`` runs in the parent once they are started (tests kill one there).
+    Any process still alive after ``join_timeout_s`` is killed and reported as ``("hung",)``."""
+    import multiprocessing as mp
+    import pickle
+    import tempfile
+
+    # forkserver: the children fork from one clean server process that has imported torch once
+    # (per parent), instead of each importing it again as "spawn" would; unlike a plain fork they
+    # inherit no OpenMP or other threads from the parent
+    ctx = mp.get_context("forkserver")
+    # (torch.optim imports torch._dynamo on the first optimizer: a few seconds per process otherwise)
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", __name__])
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_child, args=(r, world, port, fn, args, out_dir, threads, timeout_s))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        if on_start is not None:
+            on_start(procs)
+        deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else timeout_s + 60)
+        results = []
+        for r, p in enumerate(procs):
+            p.join(max(deadline - time.monotonic(), 0.1))
+            if p.is_alive():
+                p.kill()
+                p.join()
+                results.append(("hung",))
+                continue
+            path = os.path.join(out_dir, f"rank{r}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    results.append(pickle.load(f))
+            else:
+                results.append(None)
+        return results
