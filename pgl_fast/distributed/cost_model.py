@@ -56,12 +56,9 @@ LABEL_BYTES = 8  # int64 label per sample travels with the activations
 def activation_bytes(arch: str, J: int, *, split: str = "auto", image_size: int = 32,
                      dtype_bytes: int = 4) -> list[int]:
     """Bytes per sample of every module's output (the last: the logits, which never travel)."""
-    try:
-        from ..models.cifar_resnet import unit_shapes  # type: ignore
-        from ..models.splits import resolve_split  # type: ignore
-    except ImportError:  # pragma: no cover - flat layout
-        from ..models import unit_shapes  # type: ignore
-        from ..splits import resolve_split  # type: ignore
+    from ..models.cifar_resnet import unit_shapes
+    from ..models.splits import resolve_split
+
     shapes = unit_shapes(arch, image_size)
     ranges = resolve_split(arch, J, split)
     return [shapes[b - 1][0] * shapes[b - 1][1] ** 2 * dtype_bytes for _, b in ranges]
