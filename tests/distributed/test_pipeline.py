@@ -267,7 +267,9 @@ def test_torchrun_two_stages(tmp_path):
     from pgl_fast.distributed.pipeline import _free_port
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_torchrun_main.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # the checkout under test, whatever an installed copy points at
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            f"--master_port={_free_port()}", "--max-restarts=0", script, str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
