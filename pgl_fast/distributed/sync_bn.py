@@ -115,15 +115,19 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
     def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm, sync: BNSync) -> "AllReduceBatchNorm":
         """The same parameters and buffers (the very tensors: an optimizer built on the old module
         keeps working) behind a synchronised forward."""
-        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, sync=sync,
-                  device=_device_of(bn))
-        if bn.affine:
-            new.weight, new.bias = bn.weight, bn.bias
-        if bn.track_running_stats:
-            new.running_mean, new.running_var = bn.running_mean, bn.running_var
-            new.num_batches_tracked = bn.num_batches_tracked
-        new.train(bn.training)
-        return new
+        return _adopt(cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, sync=sync,
+                          device=_device_of(bn)), bn)
+
+
+def _adopt(new: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """``new`` takes over ``bn``'s very parameter and buffer tensors and its training mode."""
+    if bn.affine:
+        new.weight, new.bias = bn.weight, bn.bias
+    if bn.track_running_stats:
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+    new.train(bn.training)
+    return new
 
 
 def _device_of(m: nn.Module):
@@ -153,15 +157,8 @@ def convert_sync_bn(model: nn.Module, ctx, impl: str = "auto") -> BNSync:
 
 
 def _torch_sync_bn(bn):
-    new = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                           device=_device_of(bn))
-    if bn.affine:
-        new.weight, new.bias = bn.weight, bn.bias
-    if bn.track_running_stats:
-        new.running_mean, new.running_var = bn.running_mean, bn.running_var
-        new.num_batches_tracked = bn.num_batches_tracked
-    new.train(bn.training)
-    return new
+    return _adopt(nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                   device=_device_of(bn)), bn)
 
 
 def _replace_bn(module: nn.Module, make) -> None:
