@@ -60,7 +60,11 @@ timeout.)
 
 **Checkpoints.** :meth:`StageRunner.state_dict` holds only the stage's own modules (backbone, aux
 heads, decoders, classifier on the last stage) and their optimizers; :meth:`StageRunner.save` /
-:meth:`StageRunner.load` write and read one file per stage, so the pipeline resumes where it stopped.
+:meth:`StageRunner.load` write and read one file per stage (tensors and plain containers, read with
+``weights_only=True``), so the pipeline resumes where it stopped. ``save`` first gathers every
+stage's trained modules into every rank's network (:meth:`StageRunner.gather_model`), so the run's
+main checkpoint, written by rank 0, holds the whole trained network; the other stages' optimizer
+state lives only in their stage files.
 
 **Process group.** :func:`init_pipeline_group` joins torchrun's group through the same
 :class:`~pgl_fast.distributed.context.DistContext` data parallel uses (gloo on the CPU, NCCL on
@@ -781,14 +785,41 @@ class StageRunner:
                     "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None}
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _owned(self):
+    def _owned(self, stage: int | None = None):
+        """The modules stage ``stage`` (default: this one) trains, by name."""
+        stage = self.stage if stage is None else stage
         m = self.model
-        parts = {f"blocks.{j}": m.blocks[j] for j in self.modules}
-        parts.update({f"heads.{j}": m.heads[j] for j in self.modules if j < len(m.heads)})
-        parts.update({f"decoders.{j}": m.decoders[j] for j in self.modules if j < len(m.decoders)})
-        if self.last:
+        modules = range(*self.ranges[stage])
+        parts = {f"blocks.{j}": m.blocks[j] for j in modules}
+        parts.update({f"heads.{j}": m.heads[j] for j in modules if j < len(m.heads)})
+        parts.update({f"decoders.{j}": m.decoders[j] for j in modules if j < len(m.decoders)})
+        if stage == self.S - 1:
             parts["classifier"] = m.classifier
         return parts
+
+    @torch.no_grad()
+    def gather_model(self) -> None:
+        """Every stage's trained modules (parameters and buffers) into every rank's copy of the
+        network, broadcast from the rank that trains them: afterwards ``model`` on any rank is the
+        whole trained network. Collective: every rank calls it. :meth:`save` does, so that the run's
+        main checkpoint (rank 0's ``learner.state_dict()``) holds the trained network, usable for
+        evaluation or export, rather than untrained copies of the other stages' modules; it costs one
+        broadcast of the parameters per checkpoint. The copies only overwrite modules this rank
+        never computes with, so training is unaffected."""
+        for s in range(self.S):
+            tensors = [t for part in self._owned(s).values() for t in part.state_dict().values()]
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            for dtype, group in by_dtype.items():
+                if s == self.stage:
+                    flat = torch.cat([t.reshape(-1) for t in group])
+                else:
+                    flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=self.device)
+                dist.broadcast(flat, self.ranks[s], group=self.group)
+                if s != self.stage:
+                    for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+                        t.copy_(chunk.view(t.shape))
 
     def state_dict(self) -> dict:
         scaler = self.ops.scaler
@@ -829,7 +860,13 @@ class StageRunner:
         return os.path.join(directory, f"pipeline-stage{self.stage}-of{self.S}{suffix}.pt")
 
     def save(self, directory: str, tag: str | None = None) -> str:
-        """This stage's file, written atomically (a crash mid-write leaves the previous one)."""
+        """This stage's file, written atomically (a crash mid-write leaves the previous one). It
+        holds tensors, numbers, strings and containers only: :meth:`load` reads it with
+        ``weights_only=True``. Collective: first every stage's trained modules are gathered into
+        every rank's network (:meth:`gather_model`), so rank 0's main checkpoint is the whole
+        trained network."""
+        with self.guard():
+            self.gather_model()
         os.makedirs(directory, exist_ok=True)
         path = self.checkpoint_path(directory, tag)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -851,7 +888,13 @@ class StageRunner:
         path = self.checkpoint_path(directory, tag)
         if not os.path.exists(path):
             raise UserError(f"--resume: {path} is missing (was the run saved with --pipeline {self.S}?)")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        try:
+            # weights only: a checkpoint holds tensors and plain containers, never code to run
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # truncated, corrupt, or holding something other than weights
+            raise UserError(f"--resume: {path} is corrupt or not a weights-only stage file "
+                            f"({type(e).__name__})") from None
+        self.load_state_dict(state)
 
 
 def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
