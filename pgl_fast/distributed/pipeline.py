@@ -81,7 +81,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -446,7 +446,7 @@ class StageRunner:
             cause = other or f"{type(error).__name__}: {first}"
             raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) lost {what}: {cause}") from None
 
-    def _gave_up(self, outcome, what: str):
+    def _gave_up(self, outcome, what: str) -> NoReturn:
         kind, other = outcome
         if kind == "failed":
             raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped while waiting for "
