@@ -17,17 +17,23 @@ sample + 16)``, on top of the one module's graph a local step keeps alive anyway
 
 **Global steps** (PGL's global epochs) are a synchronous pipelined forward and backward, GPipe-style:
 the batch is cut into ``micro_batches`` pieces; every stage runs the forwards of all micro-batches
-(each aux head takes its module's *detached* output and backpropagates its own loss at once, eq. 4),
-the last stage backpropagates the final loss of each micro-batch (scaled by its share of the batch,
-so the sum is the batch mean), and the gradients of the stage inputs travel back along the chain
-(eq. 3: the backbone learns from the final loss only). Then every stage steps its modules. With one
+(each aux head takes its module's *detached* output and backpropagates its own loss at once, eq. 4;
+InfoPro's image travels with every micro-batch, as in local epochs, for its decoders), the last
+stage backpropagates the final loss of each micro-batch (scaled by its share of the batch, so the
+sum is the batch mean), and only then do the gradients of the stage inputs travel back along the
+chain, micro-batch by micro-batch (eq. 3: the backbone learns from the final loss only). Then every
+stage steps its modules. All activations before any gradient, in micro-batch order on every stage
+(:func:`p2p_order`), means each neighbour pair posts its matching sends and receives in the same
+order: NCCL runs a pair's point-to-point operations in order on one stream, and a send larger than
+its buffer blocks until the receive is posted, so any other order between a pair can wait in a
+cycle. With one
 micro-batch this is the single-process global step; with more, batch norm normalises each
 micro-batch with its own statistics (and updates its running statistics once per micro-batch), so the
 result differs from a full-batch step by that much -- it is a different, equally valid, batch-norm
-computation, not an approximation of the gradient arithmetic. Every stage keeps the graphs of all
-its micro-batches until their gradients come back (as GPipe does; 1F1B would bound that to S
-micro-batches and is not implemented), i.e. the same activations the single-process global step
-holds for its modules.
+computation, not an approximation of the gradient arithmetic. Every stage but the last keeps the
+graphs of all its micro-batches until their gradients come back (as GPipe does; 1F1B would bound
+that to S micro-batches and is not implemented), i.e. the same activations the single-process global
+step holds for its modules; the last stage keeps only its input gradients.
 
 Why not ``torch.distributed.pipelining``: its schedules compute a loss only at the last stage and
 hand intermediate stages nothing but the activations. Here every stage needs the labels (each aux head
@@ -40,7 +46,10 @@ phases with one transport, one failure path and one set of shapes.
 **Failure and shutdown.** gloo's point-to-point works cannot be polled (they report completion
 only from ``wait``) and a timed-out ``wait`` closes the connection, so every blocking ``wait`` runs
 on a helper thread while the main thread waits on an event in quarter-second slices: Ctrl-C reaches
-it, and between slices it checks a failure flag in the process group's store and a deadline. A rank
+it, and between slices it checks a failure flag in the process group's store and a deadline. NCCL's
+``wait`` does not block the host at all, so its works are polled (``is_completed``) on the main
+thread with the same flag and deadline (:func:`poll_works`); a message counts as in flight (against
+``depth`` and in ``peak_inflight_bytes``) until it has really completed on the GPU. A rank
 that raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with its message before it
 leaves; every other rank then stops at its next wait with :class:`PipelineError` naming the rank that
 failed and why. A rank that dies without a word (killed) closes its sockets, so its neighbours' waits
@@ -51,7 +60,11 @@ timeout.)
 
 **Checkpoints.** :meth:`StageRunner.state_dict` holds only the stage's own modules (backbone, aux
 heads, decoders, classifier on the last stage) and their optimizers; :meth:`StageRunner.save` /
-:meth:`StageRunner.load` write and read one file per stage, so the pipeline resumes where it stopped.
+:meth:`StageRunner.load` write and read one file per stage (tensors and plain containers, read with
+``weights_only=True``), so the pipeline resumes where it stopped. ``save`` first gathers every
+stage's trained modules into every rank's network (:meth:`StageRunner.gather_model`), so the run's
+main checkpoint, written by rank 0, holds the whole trained network; the other stages' optimizer
+state lives only in their stage files.
 
 **Process group.** :func:`init_pipeline_group` joins torchrun's group through the same
 :class:`~pgl_fast.distributed.context.DistContext` data parallel uses (gloo on the CPU, NCCL on
@@ -68,7 +81,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -164,6 +177,28 @@ def _default_store():
         return None
 
 
+def p2p_order(stage: int, S: int, M: int) -> list[tuple[str, int, str, int]]:
+    """The point-to-point operations stage ``stage`` of ``S`` posts in one global step of ``M``
+    micro-batches, in order: ``(kind, peer stage, what, micro-batch)`` with kind "send" or "recv"
+    and what "act" (activations, labels, image) or "grad" (the input gradient). The executor
+    (:meth:`StageRunner._global_step`) follows it; it is spelled out here so that it can be checked
+    without ranks: every neighbour pair posts its matching operations in the same order (all
+    activations, then all gradients), so no rank waits in a cycle even if every send blocks until
+    its receive is posted."""
+    ops: list[tuple[str, int, str, int]] = []
+    for m in range(M):
+        if stage > 0:
+            ops.append(("recv", stage - 1, "act", m))
+        if stage < S - 1:
+            ops.append(("send", stage + 1, "act", m))
+    for m in range(M):
+        if stage < S - 1:
+            ops.append(("recv", stage + 1, "grad", m))
+        if stage > 0:
+            ops.append(("send", stage - 1, "grad", m))
+    return ops
+
+
 # ----------------------------------------------------------------------------------------------
 # the learner, whichever API it comes from
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +285,34 @@ class _Waiter:
         return p
 
 
+def poll_works(works, timeout_s: float, failed_elsewhere: Callable[[], str | None], *,
+               check_every_s: float = 0.25, clock=time.monotonic, sleep=time.sleep):
+    """Wait on the host until every work reports ``is_completed()`` (NCCL: its CUDA event has
+    fired), checking ``failed_elsewhere()`` every ``check_every_s`` (a store round trip, so not on
+    every poll) and giving up after ``timeout_s``. Returns None once all completed (after a final
+    ``wait()``, which orders the current stream after the transfers and raises a work's own error),
+    else why it gave up: ``("failed", message)`` or ``("timeout", None)``. The poll interval grows
+    from 10 us to 1 ms: a transfer that lands in microseconds is not delayed by a long sleep, and a
+    long one costs no busy core."""
+    deadline = clock() + timeout_s
+    next_check = clock()
+    pause = 1e-5
+    while not all(w.is_completed() for w in works):
+        now = clock()
+        if now >= next_check:
+            other = failed_elsewhere()
+            if other is not None:
+                return ("failed", other)
+            next_check = now + check_every_s
+        if now >= deadline:
+            return ("timeout", None)
+        sleep(pause)
+        pause = min(2 * pause, 1e-3)
+    for w in works:
+        w.wait()
+    return None
+
+
 class StageRunner:
     """One rank's part of the pipeline: modules ``ranges[stage]`` of ``learner``'s model.
 
@@ -295,10 +358,18 @@ class StageRunner:
         self.store = _default_store()
         self.rank = dist.get_rank()
         self._waiter = _Waiter()
+        # NCCL's works complete on the GPU, unseen by a host ``wait``: they are polled (see _wait)
+        self._pollable = dist.get_backend(group) == "nccl"
         self.stats: StepStats = learner.stats  # the learner's own accumulators: step_module checks into them
-        self.peak_inflight_bytes = 0  # over the last epoch (local: queued messages; global: micro-batches)
+        self.peak_inflight_bytes = 0  # over the last epoch: bytes of the messages posted and not yet completed
+        # parameters' dtype: a float64 network is probed (and trained) in float64
+        self._param_dtype = next(self.model.parameters()).dtype
         self._in_shape, self._in_dtype = self._probe(input_shape)
-        self._image_shape = tuple(input_shape)  # InfoPro's image01 travels with the batch
+        # InfoPro's image01 travels with the batch, in the dtype its loss computes in (that of the
+        # parameters, at least fp32: see models.heads.upcast), so casting it before sending changes
+        # nothing the loss sees, and the receiver knows the dtype to post
+        self._image_shape = tuple(input_shape)
+        self._image_dtype = torch.promote_types(self._param_dtype, torch.float32)
 
     # -- shapes ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -308,7 +379,7 @@ class StageRunner:
         was = self.model.training
         self.model.eval()
         try:
-            h = torch.zeros((1, *input_shape), device=self.device)
+            h = torch.zeros((1, *input_shape), device=self.device, dtype=self._param_dtype)
             with self.ops.autocast():
                 for j in range(self.modules[0]):
                     h = self.model.blocks[j](h)
@@ -335,32 +406,53 @@ class StageRunner:
                 self.store.set(FAIL_KEY, msg)
 
     def _wait(self, works, what: str) -> None:
-        """Wait for ``works``. gloo's point-to-point works neither report completion before
-        ``wait`` nor survive a timed-out ``wait`` (the connection is closed), so the blocking wait
-        runs on a helper thread while this (main) thread waits on an event in short slices: Ctrl-C
-        reaches it, a peer's failure flag stops it, and so does the deadline."""
+        """Wait until ``works`` have really completed, while Ctrl-C, a peer's failure flag and the
+        deadline can still stop the wait.
+
+        gloo's point-to-point works neither report completion before ``wait`` nor survive a
+        timed-out ``wait`` (the connection is closed), so their blocking wait runs on a helper
+        thread while this (main) thread waits on an event in short slices. NCCL's ``wait`` does not
+        block the host at all (it only orders the current CUDA stream after the transfer), so
+        returning from it proves nothing: a dead or hung peer would surface only at the NCCL
+        watchdog, and a send "waited" for would still hold its GPU buffer. Their works are polled
+        from the host instead (:func:`poll_works`)."""
         if not works:
             return
-        pending = self._waiter.submit(works)
-        deadline = time.monotonic() + self.timeout_s
-        while not pending.done.wait(0.25):
-            other = self._failed_elsewhere()
-            if other is not None:
-                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped while waiting for "
-                                    f"{what}: {other}")
-            if time.monotonic() >= deadline:
-                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}): no progress on {what} for "
-                                    f"{self.timeout_s:.0f} s (a peer hung?)")
-        if pending.error is not None:
-            e = pending.error
+        error = None
+        if self._pollable:
+            try:
+                outcome = poll_works(works, self.timeout_s, self._failed_elsewhere)
+            except Exception as e:  # noqa: BLE001 - a work's own error, reported like gloo's below
+                outcome, error = None, e
+            if outcome is not None:
+                self._gave_up(outcome, what)
+        else:
+            pending = self._waiter.submit(works)
+            deadline = time.monotonic() + self.timeout_s
+            while not pending.done.wait(0.25):
+                other = self._failed_elsewhere()
+                if other is not None:
+                    self._gave_up(("failed", other), what)
+                if time.monotonic() >= deadline:
+                    self._gave_up(("timeout", None), what)
+            error = pending.error
+        if error is not None:
             # a peer that failed first has usually said why by now
             other = self._failed_elsewhere()
             if other is None:
                 time.sleep(0.5)
                 other = self._failed_elsewhere()
-            first = str(e).splitlines()[0] if str(e) else ""
-            cause = other or f"{type(e).__name__}: {first}"
+            first = str(error).splitlines()[0] if str(error) else ""
+            cause = other or f"{type(error).__name__}: {first}"
             raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) lost {what}: {cause}") from None
+
+    def _gave_up(self, outcome, what: str) -> NoReturn:
+        kind, other = outcome
+        if kind == "failed":
+            raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped while waiting for "
+                                f"{what}: {other}")
+        raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}): no progress on {what} for "
+                            f"{self.timeout_s:.0f} s (a peer hung?)")
 
     @contextlib.contextmanager
     def guard(self):
@@ -390,7 +482,7 @@ class StageRunner:
         tensors = [torch.empty((n, *self._in_shape), dtype=self._in_dtype, device=self.device),
                    torch.empty((n,), dtype=torch.int64, device=self.device)]
         if with_image:
-            tensors.append(torch.empty((n, *self._image_shape), dtype=torch.float32, device=self.device))
+            tensors.append(torch.empty((n, *self._image_shape), dtype=self._image_dtype, device=self.device))
         works = self._p2p([dist.P2POp(dist.irecv, t, self.prev, self.group) for t in tensors])
         return works, tensors
 
@@ -476,7 +568,7 @@ class StageRunner:
                 # at most `depth` batches queued towards the next stage: wait for the oldest first
                 while len(sends.items) >= self.depth:
                     self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
-                send = [out, y] + ([image01] if self.ops.needs_image else [])
+                send = [out, y] + ([image01.to(self._image_dtype)] if self.ops.needs_image else [])
                 sends.push(*self._post_send(send))
             self.stats.end_step(n)
             del x, out
@@ -503,34 +595,53 @@ class StageRunner:
         :meth:`local_epoch`)."""
         with self.guard():
             sizes = self._check_sizes(sizes, "global")
-            self.peak_inflight_bytes = 0
+            meter = _Meter()
             for t in (range(len(sizes)) if steps is None else steps):
                 x = y = image01 = None
                 if self.first:
                     x, y, image01 = self._fetch(batch_fn, t, sizes[t])
-                self._global_step(sizes[t], x, y, t)
+                self._global_step(sizes[t], x, y, image01, t, meter)
+            self.peak_inflight_bytes = meter.peak
 
-    def global_step(self, n: int, x=None, y=None) -> None:
-        """One pipelined global step on a batch of ``n`` (``x``, ``y`` on stage 0 only)."""
+    def global_step(self, n: int, x=None, y=None, image01=None) -> None:
+        """One pipelined global step on a batch of ``n`` (``x``, ``y`` and, for InfoPro's decoders,
+        ``image01`` on stage 0 only)."""
         with self.guard():
-            self._global_step(n, x, y, 0)
+            if self.first and self.ops.needs_image and image01 is None:
+                raise UserError("global_step: InfoPro's decoders need image01 on stage 0")
+            meter = _Meter()
+            self._global_step(n, x, y, image01, 0, meter)
+            self.peak_inflight_bytes = meter.peak
 
-    def _global_step(self, n, x, y, t):
+    def _global_step(self, n, x, y, image01, t, meter):
+        """GPipe order: the forwards of all micro-batches, then their backwards, in micro-batch
+        order on every stage (:func:`p2p_order`). Each neighbour pair then posts its matching
+        operations in the same order, which is what NCCL needs: its sends and receives between two
+        ranks run in order on one stream and, past its buffer size, a send blocks until the receive
+        is posted -- a last stage that sent gradient m before receiving micro-batch m+1, while its
+        predecessor was still sending micro-batch m+1 before receiving gradient m, waited forever.
+        The last stage still runs each micro-batch's backward at once (its graph is freed at once);
+        only the input gradients wait for the backward phase."""
         model, ops, stats = self.model, self.ops, self.stats
         M = min(self.micro_batches, n)
         # the same cut on every rank: torch.tensor_split's sizes
         parts = [len(c) for c in torch.arange(n).tensor_split(M)]
+        with_image = ops.needs_image  # InfoPro's heads reconstruct the image on every stage
+        sends, recvs = _Inflight(meter), _Inflight(meter)
         saved, logits_all, ys = [], [], []
         final_sum = None
-        inflight = 0
+        # forward phase
         for m, nm in enumerate(parts):
             if self.first:
                 a = sum(parts[:m])
                 h_in, y_m = x[a:a + nm], y[a:a + nm]
+                img_m = image01[a:a + nm].to(self._image_dtype) if with_image else None
             else:
-                works, tensors = self._post_recv(nm)
+                recvs.push(*self._post_recv(nm, with_image))
+                works, tensors = recvs.pop()
                 self._wait(works, f"micro-batch {m} of batch {t} from stage {self.stage - 1}")
                 h_in, y_m = tensors[0].requires_grad_(True), tensors[1]
+                img_m = tensors[2] if with_image else None
             w = nm / n
             h = ops.input(h_in)
             for j in self.modules:
@@ -539,7 +650,7 @@ class StageRunner:
                 if j < self.J - 1 and ops.has_heads:
                     # eq. 4: the head's own loss on detached features, its graph freed right here
                     with ops.autocast():
-                        aux = ops.local_loss(j, h.detach(), y_m, None)
+                        aux = ops.local_loss(j, h.detach(), y_m, img_m)
                     ops.backward(aux * w)
                     stats.add(j, aux, nm)
                     del aux
@@ -551,26 +662,29 @@ class StageRunner:
                 final_sum = loss.detach() * w if final_sum is None else final_sum + loss.detach() * w
                 logits_all.append(logits.detach())
                 ys.append(y_m)
-                if not self.first:
-                    works, _ = self._post_send([h_in.grad], self.prev)
-                    self._wait(works, f"sending gradients of micro-batch {m} to stage {self.stage - 1}")
-                    h_in.grad = None
+                saved.append((h_in, None))
                 del logits, loss
             else:
-                works, sent = self._post_send([h.detach(), y_m])
-                saved.append((h_in, h, works, sent))
-                inflight += h.numel() * h.element_size() + (0 if self.first else h_in.numel() * h_in.element_size())
-                self.peak_inflight_bytes = max(self.peak_inflight_bytes, inflight)
-        if not self.last:
-            for m, (h_in, h, works, _sent) in enumerate(saved):
-                self._wait(works, f"sending micro-batch {m} to stage {self.stage + 1}")
-                rworks, (g,) = self._p2p_recv_grad(h)
-                self._wait(rworks, f"gradients of micro-batch {m} from stage {self.stage + 1}")
+                sends.push(*self._post_send([h.detach(), y_m] + ([img_m] if with_image else [])))
+                saved.append((h_in, h))
+        # every forward message is delivered before any gradient is waited for
+        while sends.items:
+            self._wait(sends.pop()[0], f"sending a micro-batch of batch {t} to stage {self.stage + 1}")
+        # backward phase
+        for m, (h_in, h) in enumerate(saved):
+            if not self.last:
+                recvs.push(*self._p2p_recv_grad(h))
+                works, (g,) = recvs.pop()
+                self._wait(works, f"gradients of micro-batch {m} of batch {t} from stage {self.stage + 1}")
                 h.backward(g.to(h.dtype))
-                if not self.first:
-                    works, _ = self._post_send([h_in.grad], self.prev)
-                    self._wait(works, f"sending gradients of micro-batch {m} to stage {self.stage - 1}")
-            del saved
+                del g
+            if not self.first:
+                sends.push(*self._post_send([h_in.grad], self.prev))
+                h_in.grad = None
+            saved[m] = None  # this micro-batch's graph is done with
+        while sends.items:
+            self._wait(sends.pop()[0], f"sending gradients of batch {t} to stage {self.stage - 1}")
+        del saved
         for j in self.modules:
             ops.step(j, stats)
         ops.end_step()
@@ -671,14 +785,41 @@ class StageRunner:
                     "head_acc": [c / total for c in head_correct[:n_heads].tolist()] if n_heads else None}
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _owned(self):
+    def _owned(self, stage: int | None = None):
+        """The modules stage ``stage`` (default: this one) trains, by name."""
+        stage = self.stage if stage is None else stage
         m = self.model
-        parts = {f"blocks.{j}": m.blocks[j] for j in self.modules}
-        parts.update({f"heads.{j}": m.heads[j] for j in self.modules if j < len(m.heads)})
-        parts.update({f"decoders.{j}": m.decoders[j] for j in self.modules if j < len(m.decoders)})
-        if self.last:
+        modules = range(*self.ranges[stage])
+        parts = {f"blocks.{j}": m.blocks[j] for j in modules}
+        parts.update({f"heads.{j}": m.heads[j] for j in modules if j < len(m.heads)})
+        parts.update({f"decoders.{j}": m.decoders[j] for j in modules if j < len(m.decoders)})
+        if stage == self.S - 1:
             parts["classifier"] = m.classifier
         return parts
+
+    @torch.no_grad()
+    def gather_model(self) -> None:
+        """Every stage's trained modules (parameters and buffers) into every rank's copy of the
+        network, broadcast from the rank that trains them: afterwards ``model`` on any rank is the
+        whole trained network. Collective: every rank calls it. :meth:`save` does, so that the run's
+        main checkpoint (rank 0's ``learner.state_dict()``) holds the trained network, usable for
+        evaluation or export, rather than untrained copies of the other stages' modules; it costs one
+        broadcast of the parameters per checkpoint. The copies only overwrite modules this rank
+        never computes with, so training is unaffected."""
+        for s in range(self.S):
+            tensors = [t for part in self._owned(s).values() for t in part.state_dict().values()]
+            by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_dtype.setdefault(t.dtype, []).append(t)
+            for dtype, group in by_dtype.items():
+                if s == self.stage:
+                    flat = torch.cat([t.reshape(-1) for t in group])
+                else:
+                    flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=self.device)
+                dist.broadcast(flat, self.ranks[s], group=self.group)
+                if s != self.stage:
+                    for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+                        t.copy_(chunk.view(t.shape))
 
     def state_dict(self) -> dict:
         scaler = self.ops.scaler
@@ -719,7 +860,13 @@ class StageRunner:
         return os.path.join(directory, f"pipeline-stage{self.stage}-of{self.S}{suffix}.pt")
 
     def save(self, directory: str, tag: str | None = None) -> str:
-        """This stage's file, written atomically (a crash mid-write leaves the previous one)."""
+        """This stage's file, written atomically (a crash mid-write leaves the previous one). It
+        holds tensors, numbers, strings and containers only: :meth:`load` reads it with
+        ``weights_only=True``. Collective: first every stage's trained modules are gathered into
+        every rank's network (:meth:`gather_model`), so rank 0's main checkpoint is the whole
+        trained network."""
+        with self.guard():
+            self.gather_model()
         os.makedirs(directory, exist_ok=True)
         path = self.checkpoint_path(directory, tag)
         tmp = f"{path}.tmp{os.getpid()}"
@@ -741,7 +888,13 @@ class StageRunner:
         path = self.checkpoint_path(directory, tag)
         if not os.path.exists(path):
             raise UserError(f"--resume: {path} is missing (was the run saved with --pipeline {self.S}?)")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        try:
+            # weights only: a checkpoint holds tensors and plain containers, never code to run
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:  # truncated, corrupt, or holding something other than weights
+            raise UserError(f"--resume: {path} is corrupt or not a weights-only stage file "
+                            f"({type(e).__name__})") from None
+        self.load_state_dict(state)
 
 
 def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
