@@ -141,8 +141,10 @@ class InfoPro(Method):
             decoders.append(Decoder(shape[0], model.input_shape[-1]))
         decoders = torch.nn.ModuleList(decoders)
         init_infopro_(decoders)
-        p = next(model.parameters())
-        model.decoders = decoders.to(p.device)
+        # the decoders run on the model's features: same device and floating dtype (a float64 model
+        # feeds float64 features, which an fp32 convolution refuses)
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        model.decoders = decoders.to(device=p.device, dtype=p.dtype) if p is not None else decoders
 
     def local_loss(self, model, j, h, y, image01=None):
         lam_rec, lam_task = self.lambdas(j)
