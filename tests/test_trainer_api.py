@@ -179,3 +179,46 @@ def test_refusals_name_the_constructors_arguments_not_the_cli_flags(tmp_path):
     (empty / "checkpoints" / "ckpt-e0001-s000000.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match=r'^resume="auto": every checkpoint in .* is corrupt$'):
         fit(pgl_fast.LocalLearner(model(1), DGL()), images(16), empty, resume="auto")
+
+
+class StatefulBatches:
+    """A loader with its own resumable state (the protocol of torchdata's StatefulDataLoader): each
+    epoch's order comes from a generator it owns, and state_dict/load_state_dict carry it."""
+
+    def __init__(self, x, y, seed):
+        self.x, self.y, self.g = x, y, torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.y), generator=self.g)
+        return iter([(self.x[i], self.y[i]) for i in perm.split(8)])
+
+    def state_dict(self):
+        return {"rng": self.g.get_state()}
+
+    def load_state_dict(self, state):
+        self.g.set_state(state["rng"])
+
+
+def test_resume_over_a_stateful_loader_restores_its_state(tmp_path, monkeypatch):
+    x, y = images(24, channels=1, seed=3)
+
+    def run(out, **kw):
+        learner = pgl_fast.LocalLearner(model(1), DGL(), lr_schedule=lambda e: 0.05)
+        trainer = pgl_fast.Trainer(learner, StatefulBatches((x.double() - 128) / 64, y, 9), None, epochs=2,
+                                   batch_size=8, output_dir=str(out), progress="off", heartbeat=0, **kw)
+        assert not any("cannot be saved" in w for w in trainer.warnings)
+        trainer.fit()
+        return learner
+
+    full = run(tmp_path / "full")
+    monkeypatch.setenv("PGL_FAST_SIGNAL_AT", "1:3:INT")
+    with pytest.raises(RunInterrupted):
+        run(tmp_path / "cut")
+    monkeypatch.delenv("PGL_FAST_SIGNAL_AT")
+    resumed = run(tmp_path / "cut", resume="auto")
+    assert rows(tmp_path / "cut") == rows(tmp_path / "full")
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
