@@ -51,7 +51,7 @@ class Method:
     def prepare(self, model) -> None:
         """Add what the local loss needs to ``model`` (InfoPro: its decoders); called once by the learner."""
         if self.has_heads and model.J > 1 and len(model.heads) != model.J - 1:
-            raise UserError(f"--method {self.name} trains every module on an aux head, but the model has "
+            raise UserError(f"method {self!r} trains every module on an aux head, but the model has "
                             f"{len(model.heads)} heads for {model.J - 1} cuts (split with aux=...)")
 
     def local_loss(self, model, j: int, h: torch.Tensor, y: torch.Tensor,

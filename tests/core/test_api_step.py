@@ -8,6 +8,7 @@ from torch import nn
 
 import pgl_fast
 from pgl_fast.core.methods import BP, DGL, PGL, InfoPro
+from pgl_fast.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,3 +93,12 @@ def test_step_on_cuda_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert losses.is_cuda and torch.allclose(losses, by_hand(ref, x, y, img, (1.0, 1.0)), rtol=1e-10, atol=1e-10)
+
+
+def test_a_headless_model_is_refused_in_the_apis_words():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = pgl_fast.split(net, [0], aux=None, input_shape=(4,))
+    with pytest.raises(UserError) as e:
+        pgl_fast.LocalLearner(model, DGL())
+    assert str(e.value) == "method DGL() trains every module on an aux head, but the model has 0 heads for 1 cuts " \
+                           "(split with aux=...)"
