@@ -88,7 +88,8 @@ _IMAGEFOLDER_LAYOUT = (
 class DatasetSpec:
     """What the training pipeline needs to know about a data set.
 
-    ``mean``/``std`` are per channel on the 0..1 scale; ``pad`` is the crop padding in pixels
+    ``mean``/``std`` are per channel on the 0..1 scale, one entry per image channel (any count:
+    ``(0.5,)`` for grey images); ``pad`` is the crop padding in pixels
     (0 disables the random crop), ``pad_mode`` is ``"reflect"`` or ``"zeros"`` and ``flip``
     enables the random horizontal flip. Images are square, ``image_size`` pixels a side.
     """
@@ -96,8 +97,8 @@ class DatasetSpec:
     name: str
     num_classes: int
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     pad: int
     pad_mode: str
     flip: bool
@@ -107,8 +108,12 @@ class DatasetSpec:
             raise ValueError(f"DatasetSpec.pad_mode must be 'reflect' or 'zeros', got {self.pad_mode!r}")
         if self.pad < 0:
             raise ValueError(f"DatasetSpec.pad must be >= 0, got {self.pad}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("DatasetSpec.mean and .std need 3 entries each, std > 0")
+        # tuples of floats whatever sequence was given: the spec is hashable and compares by value
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if not self.mean or len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError(f"DatasetSpec.mean and .std need one entry per image channel each (the same count, "
+                             f"at least 1) and std > 0, got mean {self.mean} and std {self.std}")
         if self.num_classes < 1 or self.image_size < 1:
             raise ValueError("DatasetSpec.num_classes and .image_size must be positive")
 
@@ -1059,15 +1064,20 @@ _NORM_CONSTANTS: dict = {}
 
 
 def normalize(x: torch.Tensor, spec: DatasetSpec, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` per channel for a uint8 ``[B, 3, H, W]`` batch, computed in
-    float32 as one multiply-add and returned as ``dtype`` (channels_last layout if asked)."""
+    """``(x / 255 - mean) / std`` per channel for a uint8 ``[B, C, H, W]`` batch (C the spec's
+    channel count), computed in float32 as one multiply-add and returned as ``dtype``
+    (channels_last layout if asked)."""
+    if x.dim() != 4 or x.shape[1] != len(spec.mean):
+        # broadcasting would otherwise turn 1-channel images into C-channel ones (or the reverse)
+        raise ValueError(f"normalize: the spec has {len(spec.mean)} channel(s) of mean/std, the batch is "
+                         f"{tuple(x.shape)} (needs [B, {len(spec.mean)}, H, W])")
     key = (spec.mean, spec.std, x.device)
     consts = _NORM_CONSTANTS.get(key)
     if consts is None:
         mean = torch.tensor(spec.mean, dtype=torch.float64)
         std = torch.tensor(spec.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, 3, 1, 1).to(x.device)
-        shift = (-mean / std).to(torch.float32).view(1, 3, 1, 1).to(x.device)
+        scale = (1.0 / (255.0 * std)).to(torch.float32).view(1, -1, 1, 1).to(x.device)
+        shift = (-mean / std).to(torch.float32).view(1, -1, 1, 1).to(x.device)
         consts = _NORM_CONSTANTS[key] = (scale, shift)
     scale, shift = consts
     if channels_last:

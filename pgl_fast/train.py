@@ -241,7 +241,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         progress=cfg.progress, heartbeat=cfg.heartbeat, eval_heads=not cfg.no_head_eval, config=cfg.to_dict(),
         header=header, summary_extra={"arch": cfg.model or cfg.arch, "aux": cfg.aux if net.heads else None},
         warnings=warnings, banner=banner, command=command_line(cfg, argv), resume_hint=resume_command(cfg, argv),
-        config_writer=cfg.save, resume_state=resume_state, pipeline=runner)
+        config_writer=cfg.save, resume_state=resume_state, pipeline=runner, cli_flags=True)
     return trainer.fit()
 
 

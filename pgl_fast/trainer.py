@@ -16,8 +16,10 @@ tensors are used as they are -- or any iterable of ``(x, y)`` batches such as a 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
 import os
 import signal
 import sys
@@ -157,8 +159,30 @@ def claim_output_dir(out: str, resume: str | None, overwrite: bool, config: dict
                  f"{rundir.summarize_removed(rundir.clear_run(out))}"
 
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM during training, after the mid-epoch checkpoint was written."""
+# The CLI's flags as the Trainer's arguments: shared refusals (output dir, checkpoints) are worded
+# for the command line, and a Python caller is told what to pass instead.
+_API_WORDS = [
+    (re.compile(r"--resume (\S+?)(:|,|;|\)|\s|$)"), r'resume="\1"\2'),
+    (re.compile(r"--resume\b"), "resume"),
+    (re.compile(r"--overwrite\b"), "overwrite=True"),
+    (re.compile(r"--output-dir\b"), "output_dir"),
+    (re.compile(r"--allow-schedule-change\b"), "allow_schedule_change=True"),
+    (re.compile(r"--epochs (\d+)"), r"epochs=\1"),
+    (re.compile(r"\(use the original data flags\)"), "(give the original data)"),
+]
+
+
+def api_wording(message: str) -> str:
+    """``message`` with the CLI's flag names replaced by the Python API's arguments."""
+    for pattern, repl in _API_WORDS:
+        message = pattern.sub(repl, message)
+    return message
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during training, after the mid-epoch checkpoint was written. A
+    ``KeyboardInterrupt``, as the Ctrl-C it stands for: a caller's ``except Exception:`` around
+    ``fit()`` does not swallow it. ``code``: the exit status a process ends with (128 + signal)."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -260,15 +284,30 @@ class _TensorData:
 
     resumable_mid_epoch = True
 
-    def __init__(self, train, test, spec, augment: bool, device, channels_last: bool, test_batch_size: int):
+    def __init__(self, train, test, spec, augment: bool, device, channels_last: bool, test_batch_size: int,
+                 dtype: torch.dtype = torch.float32):
         self.train_x, self.train_y = (t.to(device) for t in train)
         self.test_x, self.test_y = (t.to(device) for t in test) if test is not None else (None, None)
         self.uint8 = self.train_x.dtype == torch.uint8
-        if self.uint8 and spec is None:
-            n_cls = int(self.train_y.max().item()) + 1
-            spec = data_mod.dataset_spec("imagefolder", recipe="cifar10", num_classes=n_cls,
-                                         image_size=int(self.train_x.shape[-1]))
+        self.notes: list[str] = []
+        if self.uint8:
+            if self.train_x.dim() != 4:
+                raise UserError(f"train_data: uint8 images must be [N, C, H, W], got shape {tuple(self.train_x.shape)}")
+            channels = int(self.train_x.shape[1])
+            if spec is None:
+                n_cls = int(self.train_y.max().item()) + 1
+                spec = data_mod.dataset_spec("imagefolder", recipe="cifar10", num_classes=n_cls,
+                                             image_size=int(self.train_x.shape[-1]))
+                if channels != 3:
+                    # the CIFAR-10 statistics are per colour channel: they say nothing about other images
+                    spec = dataclasses.replace(spec, mean=(0.5,) * channels, std=(0.5,) * channels)
+                    self.notes.append(f"warning: train_data has {channels}-channel uint8 images and no spec: "
+                                      f"normalised with mean 0.5 and std 0.5 per channel (pass spec= to choose)")
+            elif len(spec.mean) != channels:
+                raise UserError(f"spec: {spec.name} has mean/std for {len(spec.mean)} channel(s); train_data's uint8 "
+                                f"images have {channels} (shape {tuple(self.train_x.shape)})")
         self.spec = spec
+        self.dtype = dtype  # uint8 images are normalised into the model's floating dtype
         self.device, self.channels_last, self.test_batch_size = device, channels_last, test_batch_size
         self.augment = data_mod.BatchAugmenter(spec, device) if self.uint8 and augment else None
         self.num_train = int(self.train_y.shape[0])
@@ -284,15 +323,22 @@ class _TensorData:
             return xb, self.train_y[idx], None
         if self.augment is not None:
             xb = self.augment(xb, gen)
-        x = data_mod.normalize(xb, self.spec, torch.float32, self.channels_last)
-        return x, self.train_y[idx], xb.float().div_(255) if needs_image else None
+        x = data_mod.normalize(xb, self.spec, self.dtype, self.channels_last)
+        return x, self.train_y[idx], xb.to(self.dtype).div_(255) if needs_image else None
 
     def test_batches(self):
         for i in range(0, self.num_test, self.test_batch_size):
             x = self.test_x[i:i + self.test_batch_size]
             if self.uint8:
-                x = data_mod.normalize(x, self.spec, torch.float32, self.channels_last)
+                x = data_mod.normalize(x, self.spec, self.dtype, self.channels_last)
             yield x, self.test_y[i:i + self.test_batch_size]
+
+    def probe_batch(self):
+        """Two training samples as the model will see them (no augmentation: it draws random numbers)."""
+        x = self.train_x[:2]
+        if self.uint8:
+            x = data_mod.normalize(x, self.spec, self.dtype, self.channels_last)
+        return x, f"train_data ({self.train_x.dtype} {tuple(self.train_x.shape)})"
 
 
 class _LoaderBatches:
@@ -333,6 +379,76 @@ class _LoaderData:
         x, y = batch
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
 
+    def probe_batch(self):
+        """The first sample of the loader's data set as a batch of one, read by index: iterating the
+        loader would draw its epoch order from its generator. Random transforms of the data set
+        draw from a forked random state, so the run's own draws are untouched. None where the
+        loader has no indexable data set."""
+        ds = getattr(self.train, "dataset", None)
+        if ds is None or not hasattr(ds, "__getitem__") or isinstance(ds, torch.utils.data.IterableDataset):
+            return None
+        try:
+            with torch.random.fork_rng(devices=[]):
+                item = ds[0]
+            x = item[0] if isinstance(item, (tuple, list)) else None
+        except Exception:  # noqa: BLE001 - a data set without sample 0 by index: the check is skipped
+            return None
+        if not torch.is_tensor(x):
+            return None
+        return x.unsqueeze(0).to(self.device), f"train_data (samples of shape {tuple(x.shape)}, {x.dtype})"
+
+    def _generators(self) -> list[torch.Generator]:
+        """The distinct generators a DataLoader's epoch order is drawn from (the loader's, its
+        sampler's, its batch sampler's sampler's)."""
+        loader, found = self.train, []
+        sampler = getattr(loader, "sampler", None)
+        inner = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+        for g in (getattr(loader, "generator", None), getattr(sampler, "generator", None),
+                  getattr(inner, "generator", None)):
+            if isinstance(g, torch.Generator) and all(g is not f for f in found):
+                found.append(g)
+        return found
+
+    def resume_support(self) -> str | None:
+        """None where an interrupted run continues on the order an uninterrupted one takes; else why not."""
+        loader = self.train
+        if callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)):
+            return None  # a stateful loader (torchdata's StatefulDataLoader, ...): its own state is saved
+        if isinstance(loader, (list, tuple)):
+            return None  # the same batches every epoch
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            return f"a {type(loader).__name__} has no state to save"
+        known = (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)
+        for s in (loader.sampler, getattr(loader.batch_sampler, "sampler", None)):
+            if s is not None and not isinstance(s, known + (torch.utils.data.BatchSampler,)) \
+                    and not isinstance(s, torch.utils.data.dataloader._InfiniteConstantSampler):
+                return f"its sampler is a {type(s).__name__}, whose state is unknown"
+        if loader.batch_sampler is not None and type(loader.batch_sampler) is not torch.utils.data.BatchSampler:
+            return f"its batch sampler is a {type(loader.batch_sampler).__name__}, whose state is unknown"
+        # RandomSampler and the loader draw from their generators (saved here) or from torch's
+        # global generator (saved with every checkpoint)
+        return None
+
+    def state_dict(self) -> dict:
+        """The loader's state at an epoch end: what the next epoch's order is drawn from."""
+        loader = self.train
+        if callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)):
+            return {"loader": loader.state_dict()}
+        return {"generators": [g.get_state() for g in self._generators()]}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:
+            return
+        if "loader" in state:
+            self.train.load_state_dict(state["loader"])
+            return
+        gens = self._generators()
+        if len(gens) != len(state["generators"]):
+            raise UserError(f"resume: the checkpoint saved {len(state['generators'])} generator(s) of train_data's "
+                            f"loader; this loader has {len(gens)}: pass a loader built like the original")
+        for g, st in zip(gens, state["generators"]):
+            g.set_state(st)
+
     def test_batches(self):
         for x, y in (self.test if self.test is not None else ()):
             yield x.to(self.device), y.to(self.device)
@@ -360,7 +476,7 @@ class Trainer:
                  summary_extra: dict | None = None, warnings: Iterable[str] = (), banner: Callable | None = None,
                  command: str | None = None, resume_hint: str | None = None,
                  config_writer: Callable[[str], None] | None = None, resume_state: dict | None = None,
-                 pipeline=None):
+                 pipeline=None, cli_flags: bool = False):
         if not isinstance(learner, LocalLearner):
             raise UserError(f"Trainer: learner is a {type(learner).__name__}, not a pgl_fast.LocalLearner")
         for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("keep_checkpoints", keep_checkpoints, 1),
@@ -387,22 +503,34 @@ class Trainer:
         self.command = command or f"{sys.executable} (pgl_fast.Trainer.fit, pid {os.getpid()})"
         self.resume_hint = resume_hint or "the same Trainer with resume='auto'"
         self.config_writer = config_writer
+        # the messages of a refusal name the CLI's flags (--resume auto) when the CLI drives this
+        # Trainer, the constructor's arguments (resume="auto") otherwise
+        self.cli_flags = bool(cli_flags)
         device = learner.device
+        p = next((q for q in learner.model.parameters() if q.is_floating_point()), None)
         if _is_tensor_pair(train_data):
             if test_data is not None and not _is_tensor_pair(test_data):
                 raise UserError("test_data: give (x, y) tensors like train_data, or None")
             self.data = _TensorData(train_data, test_data, spec, augment, device, learner.channels_last,
-                                    self.test_batch_size)
-            if learner.method.needs_image and not self.data.uint8:
+                                    self.test_batch_size, p.dtype if p is not None else torch.float32)
+            self.warnings += self.data.notes
+            if learner.method.needs_image and not (self.data.uint8 and self.data.train_x.shape[1] == 3):
                 raise UserError("InfoPro's loss reconstructs the input image: give uint8 images [N, 3, H, W]")
         elif isinstance(train_data, Iterable):
             if save_every:
                 raise UserError("Trainer: save_every needs tensor data (x, y); a loader's order is its own, so "
                                 "checkpoints are taken at epoch ends")
             self.data = _LoaderData(train_data, test_data, device, learner.method.needs_image)
+            why = self.data.resume_support()
+            if why is not None:
+                self.warnings.append(f"warning: train_data's order cannot be saved ({why}): a resumed run continues "
+                                     "on another order than an uninterrupted one would (give a DataLoader with a "
+                                     "RandomSampler/generator, or a stateful loader with state_dict/load_state_dict)")
         else:
             raise UserError(f"train_data: a pair (x, y) of tensors or an iterable of (x, y) batches, "
                             f"not a {type(train_data).__name__}")
+        if pipeline is None:  # a pipeline stage holds only its own modules
+            self._check_input(learner.model)
         # data parallel (a DataParallelLearner under torchrun): every rank trains its shard of each
         # global batch and evaluates its slice of the test set; rank 0 alone writes the output dir
         from .distributed import DistContext, ShardedData
@@ -411,8 +539,9 @@ class Trainer:
         if self.ctx.distributed:
             self.data = ShardedData(self.data, self.ctx, learner)
         if resume_state is None:
-            check_output_dir(self.output_dir)
-            resume_state = find_resume_state(resume, self.output_dir, self.config, allow_schedule_change)
+            with self._api_words():
+                check_output_dir(self.output_dir)
+                resume_state = find_resume_state(resume, self.output_dir, self.config, allow_schedule_change)
         self.resume_state = resume_state
         # --pipeline S: this rank's pgl_fast.distributed.pipeline.StageRunner (None: one process)
         self.pipeline = pipeline
@@ -434,6 +563,39 @@ class Trainer:
         else:
             self.io = self.ctx
 
+    def _check_input(self, net) -> None:
+        """One forward of a sample of the training data through the model, before anything is
+        written: data the model cannot take is refused here, not inside the first step."""
+        probe = self.data.probe_batch()
+        if probe is None:
+            return
+        x, what = probe
+        was = net.training
+        net.eval()  # running statistics: no batch-norm state changes
+        try:
+            with torch.no_grad():
+                h = self.learner._input(x)
+                for block in net.blocks:
+                    h = block(h)
+                net.classifier(h)
+        except Exception as e:  # noqa: BLE001 - a user's model and data: say which and why
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            expects = f"input of shape {tuple(net.input_shape)} per sample" if net.input_shape else "another input"
+            raise UserError(f"{what} does not fit the model {net.name}, which expects {expects} "
+                            f"({x.dtype} batch of shape {tuple(x.shape)}: {reason})") from None
+        finally:
+            net.train(was)
+
+    @contextlib.contextmanager
+    def _api_words(self):
+        """Refusals raised inside name the constructor's arguments instead of the CLI's flags."""
+        try:
+            yield
+        except UserError as e:
+            if self.cli_flags:
+                raise
+            raise UserError(api_wording(str(e))) from None
+
     def _default_banner(self, header: dict) -> list[str]:
         m = self.learner.model
         return [f"pgl_fast {header['pgl_fast']} | torch {header['torch']} | device {header['device_name']} | "
@@ -450,7 +612,8 @@ class Trainer:
         dir's lock and the signal handlers end with the call."""
         cleanups: list = []
         try:
-            return self._fit(cleanups)
+            with self._api_words():
+                return self._fit(cleanups)
         finally:
             for undo in reversed(cleanups):
                 undo()
@@ -498,6 +661,8 @@ class Trainer:
                 pipe.load(ckpt.checkpoint_dir(self.output_dir), tag=resume_state["pipeline_tag"])
             ckpt.set_rng_state(resume_state["rng"])
             gen.set_state(resume_state["data_generator"].to(gen.get_state().device))
+            if isinstance(data, _LoaderData):
+                data.load_state_dict(resume_state.get("loader_state"))
             start_epoch, start_step = resume_state["epoch"], resume_state["step"]
             records = list(resume_state["records"])
             best_acc, best_epoch = resume_state["best_acc"], resume_state["best_epoch"]
@@ -579,6 +744,8 @@ class Trainer:
                 "elapsed": time.time() - t_start, "peak_by_phase": peak_by_phase, "config": self.config,
                 "versions": {"torch": str(torch.__version__), "pgl_fast": str(header["pgl_fast"])},
                 "schedule_changes": schedule_log, "pipeline_tag": tag,
+                # a loader's order of the next epoch (taken at epoch ends only: mid is None then)
+                "loader_state": data.state_dict() if isinstance(data, _LoaderData) and mid is None else None,
             }
             path = ckpt.save_checkpoint(self.output_dir, state, self.keep_checkpoints)
             if pipe is not None:

@@ -245,6 +245,9 @@ class LocalLearner:
         # fp16 needs loss scaling; bf16 does not, so nothing syncs with the host
         self.scaler = torch.amp.GradScaler(self.device_type) if self.amp_dtype == torch.float16 else None
         self.stats = StepStats(self.J, self.device)
+        # module j's loss of the latest step, what step() returns (NaN: none yet, e.g. BP's headless
+        # modules); written in place, so a step replayed from a CUDA graph updates it too
+        self.last_losses = torch.full((self.J,), float("nan"), device=self.device, dtype=torch.float64)
         self.lr_schedule = lr_schedule
         self.phase = method.phase(0)
         self.epoch = 0
@@ -326,12 +329,19 @@ class LocalLearner:
         return x
 
     # -- the step kinds --------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
-        """One step of the current phase (set by :meth:`start_epoch`)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> torch.Tensor:
+        """One step of the current phase (set by :meth:`start_epoch`).
+
+        Returns the step's losses as a float64 tensor of J entries on the learner's device (no host
+        synchronisation: call ``.tolist()`` when the values are wanted on the host): entry j < J-1
+        is module j's local loss (in a global step: its aux head's local loss on detached features),
+        entry J-1 the final cross-entropy loss of the network. Entries of modules without an aux
+        head (``BP``) are NaN. The tensor is a copy: later steps do not change it."""
         if self.phase == LOCAL:
             self.local_step(x, y, image01)
         else:
             self.global_step(x, y, image01)
+        return self.last_losses.clone()
 
     def local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         if self.graphed is not None:
@@ -361,6 +371,7 @@ class LocalLearner:
             self.backward(loss)
             self.step_module(j)
             stats.add(j, loss, n)
+            self.last_losses[j].copy_(loss.detach())
             del loss
         self.end_step()
         stats.add_correct(logits, y)
@@ -402,6 +413,7 @@ class LocalLearner:
                         aux_loss = self.local_loss(j, feat.detach(), y, image01)
                 self.backward(aux_loss)
                 stats.add(j, aux_loss, n)
+                self.last_losses[j].copy_(aux_loss.detach())
                 del aux_loss
             del tapped, inner
         with self.autocast():
@@ -415,6 +427,7 @@ class LocalLearner:
             self.step_module(j)
         self.end_step()
         stats.add(self.J - 1, loss, n)
+        self.last_losses[self.J - 1].copy_(loss.detach())
         stats.add_correct(logits, y)
         stats.end_step(n)
 

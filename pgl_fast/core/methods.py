@@ -51,7 +51,7 @@ class Method:
     def prepare(self, model) -> None:
         """Add what the local loss needs to ``model`` (InfoPro: its decoders); called once by the learner."""
         if self.has_heads and model.J > 1 and len(model.heads) != model.J - 1:
-            raise UserError(f"--method {self.name} trains every module on an aux head, but the model has "
+            raise UserError(f"method {self!r} trains every module on an aux head, but the model has "
                             f"{len(model.heads)} heads for {model.J - 1} cuts (split with aux=...)")
 
     def local_loss(self, model, j: int, h: torch.Tensor, y: torch.Tensor,
@@ -141,8 +141,10 @@ class InfoPro(Method):
             decoders.append(Decoder(shape[0], model.input_shape[-1]))
         decoders = torch.nn.ModuleList(decoders)
         init_infopro_(decoders)
-        p = next(model.parameters())
-        model.decoders = decoders.to(p.device)
+        # the decoders run on the model's features: same device and floating dtype (a float64 model
+        # feeds float64 features, which an fp32 convolution refuses)
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        model.decoders = decoders.to(device=p.device, dtype=p.dtype) if p is not None else decoders
 
     def local_loss(self, model, j, h, y, image01=None):
         lam_rec, lam_task = self.lambdas(j)

@@ -93,13 +93,17 @@ class LocalModel(nn.Module):
 
     # -- shapes ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def probe(self, input_shape: Sequence[int]) -> "LocalModel":
+    def probe(self, input_shape: Sequence[int], example: torch.Tensor | None = None) -> "LocalModel":
         """One forward of a 2-sample batch at ``input_shape`` (per sample, e.g. (3, 32, 32)) in eval
-        mode, recording every unit's output shape and the class count; returns self."""
+        mode, recording every unit's output shape and the class count; returns self. ``example``: a
+        batch to probe with instead of zeros (a model with integer inputs, e.g. token ids)."""
         input_shape = tuple(int(s) for s in input_shape)
         p = next((q for q in self.parameters() if q.is_floating_point()), None)
-        x = torch.zeros((2, *input_shape), device=p.device if p is not None else None,
-                        dtype=p.dtype if p is not None else torch.get_default_dtype())
+        if example is not None:
+            x = example.to(device=p.device if p is not None else None)
+        else:
+            x = torch.zeros((2, *input_shape), device=p.device if p is not None else None,
+                            dtype=p.dtype if p is not None else torch.get_default_dtype())
         was = self.training
         self.eval()
         shapes = []

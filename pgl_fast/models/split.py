@@ -54,10 +54,14 @@ def _named_children(model: nn.Module, cuts: Sequence) -> list[tuple[str, nn.Modu
     return out
 
 
-def _probe_input(model: nn.Module, input_shape: tuple, zeros: bool) -> torch.Tensor:
-    """A 2-sample probe batch on the model's device, in its floating dtype."""
+def _probe_input(model: nn.Module, input_shape: tuple, zeros: bool, example: torch.Tensor | None = None) -> torch.Tensor:
+    """A 2-sample probe batch on the model's device, in its floating dtype; or the user's example
+    batch there (integer inputs such as token ids keep their dtype)."""
     p = next((q for q in model.parameters() if q.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.get_default_dtype()
+    if example is not None:
+        x = example.to(device=p.device if p is not None else "cpu")
+        return x.to(dtype) if x.is_floating_point() else x
     if zeros:
         return torch.zeros((2, *input_shape), device=p.device if p is not None else None, dtype=dtype)
     x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -71,20 +75,78 @@ def _tail_start(children: list[tuple[str, nn.Module]]) -> int:
     return k
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 @torch.no_grad()
-def _feature_rank(body: list[nn.Module], input_shape: tuple, model: nn.Module) -> int | None:
-    """Per-sample rank of the features the body hands to the classifier (3 for feature maps)."""
-    x = _probe_input(model, input_shape, zeros=True)
+def _probe_refusal(model: nn.Module, children: list[tuple[str, nn.Module]], x: torch.Tensor, input_shape: tuple,
+                   failed: str | None, err: BaseException) -> UserError:
+    """Why running ``model``'s children in order failed on ``x``: the input (the model's own
+    forward fails too), or what its forward does besides calling its children in sequence, found by
+    watching its own forward call them."""
+    what = type(model).__name__
+    order: list[str] = []
+    inputs: dict = {}
+    outputs: dict = {}
+
+    def watch(name):
+        def hook(mod, args, out):
+            order.append(name)
+            inputs.setdefault(name, args[0] if args else None)
+            outputs.setdefault(name, out)
+        return hook
+
+    hooks = [m.register_forward_hook(watch(n)) for n, m in children]
     was = model.training
     model.eval()
     try:
-        for m in body:
+        model(x)
+    except Exception as e:  # noqa: BLE001 - the model itself cannot take this input
+        return UserError(f"probe forward of {what} at input shape {input_shape} ({x.dtype}) failed: {_first_line(e)}; "
+                         "give input_shape= of one sample, or example_input= (a batch of real inputs) for a model "
+                         "whose input is not a float tensor")
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    called = list(dict.fromkeys(order))
+    defined = [n for n, _ in children if n in called]
+    twice = [n for n in called if order.count(n) > 1]
+    if twice:
+        reason = f"its forward calls child {twice[0]!r} more than once"
+    elif called != defined:
+        reason = (f"its forward calls its children in the order {', '.join(called)}, not in the order they are "
+                  f"defined ({', '.join(defined)})")
+    else:
+        after = next((cur for prev, cur in zip(called, called[1:]) if inputs[cur] is not outputs[prev]), None)
+        if after is not None:
+            prev = called[called.index(after) - 1]
+            reason = (f"child {after!r} does not take the output of child {prev!r}: its forward combines outputs "
+                      "(a concatenation, a skip connection) or transforms them between children")
+        else:
+            reason = f"running its children in order fails{f' at child {failed!r}' if failed else ''} ({_first_line(err)})"
+    return UserError(f"{what} cannot be cut: {reason}; build the blocks yourself and pass a list of them, "
+                     "or use LocalModel(blocks, classifier, heads)")
+
+
+@torch.no_grad()
+def _feature_rank(body: list[tuple[str, nn.Module]], input_shape: tuple, model: nn.Module,
+                  children: list[tuple[str, nn.Module]], example: torch.Tensor | None) -> int | None:
+    """Per-sample rank of the features the body hands to the classifier (3 for feature maps)."""
+    x0 = x = _probe_input(model, input_shape, zeros=True, example=example)
+    was = model.training
+    model.eval()
+    failed = None
+    try:
+        for name, m in body:
             x = m(x)
-    except Exception as e:
-        raise UserError(f"probe forward of {type(model).__name__} at input shape {input_shape} failed: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # noqa: BLE001 - a user's model: say why it cannot be cut
+        failed = (name, e)
     finally:
         model.train(was)
+    if failed is not None:
+        raise _probe_refusal(model, children, x0, input_shape, *failed) from None
     return x.dim() - 1
 
 
@@ -125,6 +187,9 @@ def _resolve_cuts(names: list[str], cuts: Sequence, indexed: bool) -> list[int]:
                 raise UserError(f"cuts of a {type(c).__name__}-indexed model are child names, got {c!r}")
             if c not in names:
                 raise UserError(f"cut after {c!r}: the model has no such top-level child; children: {', '.join(names)}")
+            if names.index(c) == len(names) - 1:
+                raise UserError(f"cut after {c!r}: it is the model's last child, which ends the network; cut after "
+                                f"one of {', '.join(names[:-1])}")
             positions.append(names.index(c))
     if positions != sorted(set(positions)):
         raise UserError(f"cuts {list(cuts)} must name distinct children in forward order")
@@ -158,8 +223,9 @@ def _build_heads(model: LocalModel, aux: AuxSpec, num_classes: int) -> list[nn.M
     return heads
 
 
-def _check_equal(local: LocalModel, original: Callable, input_shape: tuple, what: str) -> None:
-    x = _probe_input(local, input_shape, zeros=False)
+def _check_equal(local: LocalModel, original: Callable, input_shape: tuple, what: str,
+                 example: torch.Tensor | None = None) -> None:
+    x = _probe_input(local, input_shape, zeros=False, example=example)
     modules = [m for m in (original if isinstance(original, list) else [original]) if isinstance(m, nn.Module)]
     was = [m.training for m in modules] + [local.training]
     for m in modules:
@@ -182,14 +248,24 @@ def _check_equal(local: LocalModel, original: Callable, input_shape: tuple, what
                         "and pass a list of them, or use LocalModel(blocks, classifier, heads)")
 
 
-def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int] = (3, 32, 32),
-          num_classes: int | None = None) -> LocalModel:
+def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int] | None = None,
+          num_classes: int | None = None, example_input: torch.Tensor | None = None) -> LocalModel:
     """Cut ``model`` into local modules: a cut after each child in ``cuts``; an aux head ``aux`` on
-    every cut, sized by one probe forward at ``input_shape`` (per sample). ``aux`` is a head name
-    (``pgl_fast.models.heads.AUX_CONFIGS``), one name per cut, a callable
+    every cut, sized by one probe forward at ``input_shape`` (per sample; default (3, 32, 32)).
+    ``example_input``: a batch ``[B, ...]`` of inputs to probe with instead, for a model whose
+    input is not a float tensor (token ids for an ``nn.Embedding``); it sets ``input_shape``.
+    ``aux`` is a head name (``pgl_fast.models.heads.AUX_CONFIGS``), one name per cut, a callable
     ``(out_shape, num_classes) -> nn.Module``, or None (no heads: end-to-end training).
     ``num_classes`` sizes the heads (default: the model's own output width)."""
-    input_shape = tuple(int(s) for s in input_shape)
+    if example_input is not None:
+        if not torch.is_tensor(example_input) or example_input.dim() < 1 or example_input.shape[0] < 1:
+            raise UserError("split: example_input must be a tensor batch [B, ...] (B >= 1) of inputs the model takes")
+        shape = tuple(int(s) for s in example_input.shape[1:])
+        if input_shape is not None and tuple(int(s) for s in input_shape) != shape:
+            raise UserError(f"split: input_shape {tuple(input_shape)} is not example_input's per-sample shape {shape}; "
+                            "give one of them")
+        input_shape = shape
+    input_shape = tuple(int(s) for s in (input_shape if input_shape is not None else (3, 32, 32)))
     if isinstance(model, (list, tuple)):
         if cuts is not None:
             raise UserError("split(list_of_blocks, cuts): a list is cut after every block; pass cuts=None")
@@ -217,8 +293,8 @@ def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int]
             start = p + 1
         groups.append(children[start:])
         body_len = _tail_start(groups[-1])
-        rank = _feature_rank([m for g in groups[:-1] for _, m in g] + [m for _, m in groups[-1][:body_len]],
-                             input_shape, model)
+        rank = _feature_rank([c for g in groups[:-1] for c in g] + groups[-1][:body_len], input_shape, model,
+                             children, example_input)
         body, classifier = _classifier_tail(groups[-1], rank)
         if not body:
             raise UserError(f"cut after {cuts[-1]!r} leaves the last module only the classifier "
@@ -229,9 +305,16 @@ def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int]
         original = model
     else:
         raise UserError(f"split: cannot cut a {type(model).__name__}; pass an nn.Module or a list of blocks")
-    local.probe(input_shape)
+    try:
+        local.probe(input_shape, example=_probe_input(local, input_shape, True, example_input)
+                    if example_input is not None else None)
+    except UserError as e:
+        if original is None:
+            raise
+        raise _probe_refusal(original, children, _probe_input(original, input_shape, True, example_input),
+                             input_shape, None, e) from None
     if original is not None:
-        _check_equal(local, original, input_shape, type(model).__name__)
+        _check_equal(local, original, input_shape, type(model).__name__, example_input)
     n_cls = num_classes if num_classes is not None else local.num_classes
     heads = _build_heads(local, aux, n_cls)
     if heads:
