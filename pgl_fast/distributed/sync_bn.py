@@ -171,12 +171,20 @@ def _replace_bn(module: nn.Module, make) -> None:
 
 
 def bypassed_bn(net: nn.Module) -> list[str]:
-    """Parts of ``net`` that read their batch norms' parameters directly instead of calling them
-    (``--lean-blocks``, the fused head kernels): a synchronised batch norm would be skipped there."""
+    """Parts of ``net`` that would skip a synchronised batch norm: those that read their batch
+    norms' parameters directly instead of calling them (``--lean-blocks``, the fused head kernels),
+    and units of a :class:`~pgl_fast.models.local_model.LocalModel` (what global steps run) that
+    reach a batch norm which is not in the registered module tree (a swap made in the tree, as
+    :func:`convert_sync_bn`'s, never reaches it)."""
     found = []
     for name, m in net.named_modules():
         if getattr(m, "lean", False):
             found.append(f"{name} (--lean-blocks)")
         if getattr(m, "use_kernels", False):
             found.append(f"{name} (fused head kernels)")
+    registered = {id(m) for m in net.modules()}
+    for i, u in enumerate(getattr(net, "units", ())):
+        for m in u.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in registered:
+                found.append(f"units[{i}] ({type(m).__name__} outside the module tree)")
     return found
