@@ -18,6 +18,9 @@ all-reduce's backward returns ``(sum_r w_r dL_r/dS) / w_q`` on rank q: multiplie
 the gradient sync it contributes exactly its share. With equal shards (``w = 1/world``) this is a
 plain sum, which is also what ``torch.nn.SyncBatchNorm``'s backward does.
 
+Statistics are computed in the input's dtype (float64 stays float64), and in fp32 for half
+inputs (fp16 / bf16 under autocast), as batch norm's own kernels keep them.
+
 Running statistics are updated on every rank from the global mean and the unbiased global
 variance (N / (N - 1)), as ``nn.BatchNorm`` and ``SyncBatchNorm`` do, so they stay identical
 across ranks. ``momentum = 0`` (``frozen_bn_stats`` in a checkpoint recomputation) leaves them
@@ -94,7 +97,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()  # statistics in fp32 also under autocast, as the fused kernels keep them
+        # fp32 statistics for half inputs (autocast), as the fused kernels keep them; float32 and
+        # float64 inputs keep their own precision
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         spatial = xf[0, 0].numel() if x.dim() > 2 else 1
         n_global = sync.global_samples if sync.global_samples is not None else x.shape[0] * sync.world_size
         count = float(n_global * spatial)
