@@ -285,6 +285,11 @@ class DataParallelLearner(LocalLearner):
                 self.bn_sync = convert_sync_bn(net, ctx, sync_bn_impl)
             broadcast_module_(net, ctx)  # every replica begins from rank 0's weights
         self.stats = DistStepStats(self.J, self.device, ctx)
+        if self.graphed is not None:
+            # the CUDA-graph machinery (single process only) was built by the base constructor
+            # around the stats it made there: its snapshot of the training state must hold the
+            # stats a captured step writes and the trainer reads, which are these
+            self.graphed.stats = self.stats
         self.eval_counts = None
         self._pending: list[tuple[int, _Bucket]] = []
         self._weight = 1.0 / ctx.world_size

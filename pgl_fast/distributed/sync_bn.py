@@ -1,9 +1,15 @@
 """Batch norm whose training statistics span every rank's shard (``--sync-bn``).
 
-On CUDA this is ``torch.nn.SyncBatchNorm``. On the CPU it cannot be: this torch's SyncBatchNorm
-refuses CPU input ("SyncBatchNorm expected input tensor to be on GPU or XPU or privateuseone";
-its fused gather-statistics kernels exist only for those devices), and gloo is exactly the CPU
-case. :class:`AllReduceBatchNorm` computes the same thing from plain autograd ops and all-reduces:
+Every device uses :class:`AllReduceBatchNorm`, CUDA included, and not ``torch.nn.SyncBatchNorm``:
+torch's backward all-reduces the per-rank gradient sums unweighted, which is the gradient of the
+whole run only when every rank holds the same number of samples. The engine weights rank r's
+gradients by n_r / N (below), so with unequal shards -- a global batch that does not divide by
+the world size: 3 or 6 GPUs, an odd batch, an epoch's last batch -- torch's module gives a wrong
+gradient, and it refuses CPU input anyway. One implementation everywhere also means the
+arithmetic a GPU run does is the one the CPU tests check. The price on CUDA is a few unfused
+kernels and four small all-reduces per batch norm and step instead of two.
+:class:`AllReduceBatchNorm` computes batch norm over the union batch from plain autograd ops and
+all-reduces:
 
     mean = sum over all ranks of x / N            (N: samples x spatial positions, all ranks)
     var  = sum over all ranks of (x - mean)^2 / N (two-pass, like the single-process kernel)
@@ -16,7 +22,10 @@ statistics. Ranks' gradients are later combined as ``sum_r w_r g_r`` with ``w_r 
 engine's gradient sync, exact also for a last batch that does not split evenly), so the
 all-reduce's backward returns ``(sum_r w_r dL_r/dS) / w_q`` on rank q: multiplied by ``w_q`` in
 the gradient sync it contributes exactly its share. With equal shards (``w = 1/world``) this is a
-plain sum, which is also what ``torch.nn.SyncBatchNorm``'s backward does.
+plain sum, which is what ``torch.nn.SyncBatchNorm``'s backward does for any shards.
+
+Statistics are computed in the input's dtype (float64 stays float64), and in fp32 for half
+inputs (fp16 / bf16 under autocast), as batch norm's own kernels keep them.
 
 Running statistics are updated on every rank from the global mean and the unbiased global
 variance (N / (N - 1)), as ``nn.BatchNorm`` and ``SyncBatchNorm`` do, so they stay identical
@@ -27,7 +36,7 @@ statistics without any collective.
 The modules read the current shard weight and global sample count from a shared :class:`BNSync`
 that the data-parallel executor sets before every step; in the single-process context they are
 plain batch norm. Memory: the decomposed ops keep a few more tensors alive for the backward than
-the fused kernel (a CPU-only cost).
+the fused kernel.
 """
 from __future__ import annotations
 
@@ -94,7 +103,9 @@ class AllReduceBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()  # statistics in fp32 also under autocast, as the fused kernels keep them
+        # fp32 statistics for half inputs (autocast), as the fused kernels keep them; float32 and
+        # float64 inputs keep their own precision
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         spatial = xf[0, 0].numel() if x.dim() > 2 else 1
         n_global = sync.global_samples if sync.global_samples is not None else x.shape[0] * sync.world_size
         count = float(n_global * spatial)
@@ -139,44 +150,40 @@ def _device_of(m: nn.Module):
 def convert_sync_bn(model: nn.Module, ctx, impl: str = "auto") -> BNSync:
     """Make every batch norm of ``model`` synchronised across ``ctx``'s ranks, in place.
 
-    ``impl``: ``auto`` (torch.nn.SyncBatchNorm on CUDA, :class:`AllReduceBatchNorm` elsewhere),
-    ``torch`` or ``allreduce``. Returns the :class:`BNSync` the executor updates every step."""
-    if impl not in ("auto", "torch", "allreduce"):
-        raise UserError(f"sync-bn implementation must be auto, torch or allreduce, got {impl!r}")
+    ``impl``: ``auto`` or ``allreduce``, both :class:`AllReduceBatchNorm` on every device (see the
+    module docstring for why not ``torch.nn.SyncBatchNorm``). Returns the :class:`BNSync` the
+    executor updates every step."""
+    if impl not in ("auto", "allreduce"):
+        raise UserError(f"sync_bn_impl must be auto or allreduce (exact for any shard sizes), got {impl!r}")
     sync = BNSync(group=None, world_size=ctx.world_size)
-    if impl == "auto":
-        impl = "torch" if ctx.device.type == "cuda" else "allreduce"
-    if impl == "torch":
-        if ctx.device.type == "cpu":
-            raise UserError("--sync-bn with torch.nn.SyncBatchNorm needs CUDA (it refuses CPU tensors); "
-                            "use the all-reduce implementation on the CPU")
-        _replace_bn(model, lambda bn: _torch_sync_bn(bn))
-    else:
-        _replace_bn(model, lambda bn: AllReduceBatchNorm.from_bn(bn, sync))
+    _replace_bn(model, lambda bn: AllReduceBatchNorm.from_bn(bn, sync))
     return sync
-
-
-def _torch_sync_bn(bn):
-    return _adopt(nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                   device=_device_of(bn)), bn)
 
 
 def _replace_bn(module: nn.Module, make) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(
-                child, (nn.SyncBatchNorm, AllReduceBatchNorm)):
+        # a model's own nn.SyncBatchNorm is replaced too: its backward is inexact for unequal shards
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, AllReduceBatchNorm):
             setattr(module, name, make(child))
         else:
             _replace_bn(child, make)
 
 
 def bypassed_bn(net: nn.Module) -> list[str]:
-    """Parts of ``net`` that read their batch norms' parameters directly instead of calling them
-    (``--lean-blocks``, the fused head kernels): a synchronised batch norm would be skipped there."""
+    """Parts of ``net`` that would skip a synchronised batch norm: those that read their batch
+    norms' parameters directly instead of calling them (``--lean-blocks``, the fused head kernels),
+    and units of a :class:`~pgl_fast.models.local_model.LocalModel` (what global steps run) that
+    reach a batch norm which is not in the registered module tree (a swap made in the tree, as
+    :func:`convert_sync_bn`'s, never reaches it)."""
     found = []
     for name, m in net.named_modules():
         if getattr(m, "lean", False):
             found.append(f"{name} (--lean-blocks)")
         if getattr(m, "use_kernels", False):
             found.append(f"{name} (fused head kernels)")
+    registered = {id(m) for m in net.modules()}
+    for i, u in enumerate(getattr(net, "units", ())):
+        for m in u.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in registered:
+                found.append(f"units[{i}] ({type(m).__name__} outside the module tree)")
     return found

@@ -79,17 +79,29 @@ class LocalModel(nn.Module):
         self.classifier = classifier
         self.heads = nn.ModuleList(heads)
         self.decoders = nn.ModuleList(decoders)
-        # the same modules as blocks, flat (a plain list: not registered twice)
-        self.units: list[nn.Module] = [u for b in blocks for u in block_units(b)]
-        ranges, start = [], 0
-        for b in blocks:
-            n = len(block_units(b))
-            ranges.append((start, start + n))
-            start += n
-        self.ranges: list[tuple[int, int]] = ranges
         self.input_shape: tuple[int, ...] | None = None
         self.unit_out_shapes: list[tuple[int, ...]] | None = None
         self.num_classes: int | None = None
+
+    # -- units -----------------------------------------------------------------------------------
+    # Derived from the registered blocks on every read, never stored: a merged unit is a fresh
+    # wrapper around the blocks' current children, so a child swapped in place after construction
+    # (synchronised batch norm, a compile or lean variant) is what global steps run too. A stored
+    # list would keep the replaced modules alive behind the blocks' backs.
+    @property
+    def units(self) -> list[nn.Module]:
+        """The same modules as ``blocks``, flat (a plain list: not registered twice)."""
+        return [u for b in self.blocks for u in block_units(b)]
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """Module j's units are ``units[a:b]`` for ``(a, b) = ranges[j]``."""
+        ranges, start = [], 0
+        for b in self.blocks:
+            n = len(block_units(b))
+            ranges.append((start, start + n))
+            start += n
+        return ranges
 
     # -- shapes ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -5,6 +5,11 @@ a single process runs them (``ctx=None``) or as one rank of a torchrun launch.
 
 writes ``OUT_DIR/rank{r}.pt`` with every scenario's result; the test compares them with
 single-process runs of the same functions (and with an emulation of per-rank batch norm).
+
+    torchrun --standalone --nproc_per_node=2 tests/distributed/dp_worker.py OUT_DIR syncbn
+
+runs only the ``--sync-bn`` global steps of models cut by ``split()`` (``test_syncbn_exact.py``;
+``syncbn-slow``: those of torchvision's resnet18).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import os
 import sys
 
 import torch
+from torch import nn
 
 from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import BP, DGL, PGL, InfoPro
@@ -19,6 +25,7 @@ from pgl_fast.data import BatchAugmenter, DatasetSpec, epoch_batches, make_gener
 from pgl_fast.distributed import DataParallelLearner, DistContext, augment_shard, eval_shard, shard_batch
 from pgl_fast.errors import UserError
 from pgl_fast.models.presets import cifar_resnet
+from pgl_fast.models.split import split
 from pgl_fast.runtime.optim import sgd
 
 N_TRAIN, N_TEST, BATCH, IMAGE, J = 21, 11, 8, 16, 3  # 21 = 8 + 8 + 5: the last batch splits 3 + 2
@@ -86,6 +93,63 @@ def test_batches(ctx: DistContext | None = None, batch: int = 4):
     for i in range(lo, hi, batch):
         j = min(i + batch, hi)
         yield normalize(x[i:j], SPEC), y[i:j]
+
+
+# -- --sync-bn global steps of split() models (test_syncbn_exact.py) -------------------------------
+SB_BATCH, SB_CLASSES, SB_LR = 5, 3, 0.1  # a global batch of 5 splits 3 + 2: unequal shards
+SB_CASES = [("vgg", "bp"), ("vgg", "pgl")]
+SB_SLOW_CASES = [("resnet18", "bp"), ("resnet18", "pgl")]  # importing torchvision alone takes seconds
+
+
+def syncbn_net(arch: str, aux: bool):
+    """(the float64 torch model, its split, the children the cuts follow, the image size), built
+    from seed 0. The split runs the model's own child modules, so the model's state_dict is the
+    trained one. In both models a batch norm is followed by an in-place ReLU inside a cut-out
+    piece (every BN of the VGG-like model, resnet18's top-level bn1)."""
+    torch.manual_seed(0)
+    if arch == "vgg":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                              nn.Conv2d(4, 6, 3, padding=1, stride=2), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                              nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, SB_CLASSES)).double()
+        cuts, image = [2, 5], 8
+        after = [model[2], model[5]]
+    else:
+        import torchvision  # optional heavy dependency: only this scenario needs it
+
+        model = torchvision.models.resnet18(num_classes=SB_CLASSES).double()
+        cuts, image = ["layer1", "layer3"], 16
+        after = [model.layer1, model.layer3]
+    local = split(model, cuts, aux="1c2f" if aux else None, input_shape=(3, image, image))
+    return model, local, after, image
+
+
+def syncbn_batch(image: int):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SB_BATCH, 3, image, image, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, SB_CLASSES, (SB_BATCH,), generator=g)
+
+
+def syncbn_main(out_dir: str, cases) -> None:
+    """One global step (BP, and PGL's global phase) of every case on this rank's shard."""
+    from pgl_fast.core.schedule import GLOBAL
+
+    torch.set_num_threads(1)
+    ctx = DistContext.from_env(device="cpu", timeout_s=120)
+    res = {}
+    for arch, method in cases:
+        model, local, _, image = syncbn_net(arch, aux=method == "pgl")
+        x, y = syncbn_batch(image)
+        learner = DataParallelLearner(local, method_of(method), ctx=ctx, sync_bn=True,
+                                      optimizer=lambda ps: torch.optim.SGD(ps, lr=SB_LR))
+        learner.start_epoch(1 if method == "pgl" else 0)
+        assert learner.phase == GLOBAL
+        r, w = ctx.rank, ctx.world_size
+        learner.step(x.tensor_split(w)[r], y.tensor_split(w)[r], global_batch=SB_BATCH)
+        res[f"{arch}/{method}"] = {"model": model.state_dict(), "heads": local.heads.state_dict()}
+    torch.save(res, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+    ctx.barrier()
+    ctx.shutdown()
 
 
 def _refuse():
@@ -165,4 +229,8 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    mode = sys.argv[2] if len(sys.argv) > 2 else None
+    if mode is None:
+        main(sys.argv[1])
+    else:
+        syncbn_main(sys.argv[1], {"syncbn": SB_CASES, "syncbn-slow": SB_SLOW_CASES}[mode])
