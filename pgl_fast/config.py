@@ -120,7 +120,7 @@ class TrainConfig:
     compile_mode: str = _f("default", "torch.compile mode with --compile (reduce-overhead and max-autotune capture CUDA graphs themselves)", group="runtime", choices=COMPILE_MODES)
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
-    sync_bn: bool = _f(False, "under torchrun (data parallel): batch-norm statistics over the global batch (SyncBatchNorm; on the CPU an exact all-reduce equivalent) instead of per rank", group="distributed")
+    sync_bn: bool = _f(False, "under torchrun (data parallel): batch-norm statistics over the global batch (an all-reduce batch norm on every device, exact for unequal shards) instead of per rank", group="distributed")
     pipeline: int = _f(1, "under torchrun with S ranks: pipeline the J modules over S stages (1: off); local steps as in one process, global steps a synchronous GPipe forward/backward", group="distributed", metavar="S")
     pipeline_balance: str = _f("even", "modules per stage with --pipeline: even (equal counts), auto (by each module's measured local-step time) or counts a,b,... summing to J", group="distributed", metavar="even|auto|a,b,...")
     pipeline_depth: int = _f(2, "with --pipeline: batches in flight between neighbouring stages (bounds the activation memory queued per rank)", group="distributed", metavar="D")

@@ -317,10 +317,11 @@ class DataParallelLearner(LocalLearner):
 
     # -- per step --------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None, *,
-             global_batch: int | None = None) -> None:
-        """One step of the current phase on this rank's shard of a global batch of ``global_batch``."""
+             global_batch: int | None = None) -> torch.Tensor:
+        """One step of the current phase on this rank's shard of a global batch of ``global_batch``;
+        returns this rank's per-module losses (on its shard) as ``LocalLearner.step`` does."""
         self._next_global = global_batch
-        super().step(x, y, image01)
+        return super().step(x, y, image01)
 
     def set_global_batch(self, n: int | None) -> None:
         """The global batch size of the next step (for callers that use ``local_step``/``global_step``)."""
