@@ -33,6 +33,8 @@ from .core.learner import LocalLearner
 from .errors import UserError
 from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
 from .metrics import PeakMemory, run_header
+from .runtime.device import device_context
+from .runtime.rng import seed_rank_streams
 
 
 def _progress(mode: str, total: int, desc: str):
@@ -235,6 +237,26 @@ def _kill_hook(epoch: int, step) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore_rank_rng(state: dict, rank: int, world: int, seed: int) -> str | None:
+    """Put back this rank's random streams from the checkpoint ``state``: its own, saved by every
+    rank (``rng_ranks``), or in a single process the one saved. A checkpoint without one state per
+    rank of this run (written by another number of ranks, or before they were saved) restores the
+    saved state and then gives each rank's default generators a stream of its own derived from
+    (seed, rank, epoch, step); the returned line says so (None otherwise)."""
+    per_rank = state.get("rng_ranks")
+    if world == 1:
+        ckpt.set_rng_state(state["rng"])
+        return None
+    if per_rank is not None and len(per_rank) == world:
+        ckpt.set_rng_state(per_rank[rank])
+        return None
+    ckpt.set_rng_state(state["rng"])
+    seed_rank_streams(seed, rank, state["epoch"], state["step"])
+    saved = f"{len(per_rank)} rank(s)" if per_rank is not None else "one process (rank 0)"
+    return (f"the checkpoint holds the random streams of {saved}, this run has {world} ranks: each rank's "
+            "dropout stream continues from one derived from (seed, rank, epoch, step), not the saved one")
 
 
 class NonFiniteError(RuntimeError):
@@ -450,7 +472,8 @@ class Trainer:
         dir's lock and the signal handlers end with the call."""
         cleanups: list = []
         try:
-            return self._fit(cleanups)
+            with device_context(self.learner.device):  # the loop's own launches go to the model's device too
+                return self._fit(cleanups)
         finally:
             for undo in reversed(cleanups):
                 undo()
@@ -496,7 +519,9 @@ class Trainer:
             learner.load_state_dict(resume_state)
             if pipe is not None:  # this stage's modules, optimizers and accumulators
                 pipe.load(ckpt.checkpoint_dir(self.output_dir), tag=resume_state["pipeline_tag"])
-            ckpt.set_rng_state(resume_state["rng"])
+            rng_note = restore_rank_rng(resume_state, io.rank, io.world_size, self.seed)
+            if rng_note and main:
+                print(f"warning: {rng_note}", flush=True)
             gen.set_state(resume_state["data_generator"].to(gen.get_state().device))
             start_epoch, start_step = resume_state["epoch"], resume_state["step"]
             records = list(resume_state["records"])
@@ -516,6 +541,8 @@ class Trainer:
                 os.remove(os.path.join(self.output_dir, "summary.json"))  # the run is not finished any more
             print(f"resumed from {resume_state['path']}: {start_epoch} epochs"  # every rank: resumed together
                   f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
+        elif io.distributed:
+            seed_rank_streams(self.seed, io.rank)  # every rank its own dropout stream (runtime/rng.py)
 
         for w in self.warnings:
             print(w, file=sys.stderr, flush=True)
@@ -555,6 +582,8 @@ class Trainer:
         timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
         def save(epoch_done: int, step: int, mid: dict | None) -> None:
+            # every rank's random streams (collective): each rank continues its own on resume
+            rng_ranks = io.all_gather_object(ckpt.rng_state()) if io.distributed else None
             tag = None
             if pipe is not None:
                 # every stage's file first, then rank 0's checkpoint (the one resume looks for) names them
@@ -572,7 +601,8 @@ class Trainer:
                 return None
             state = {
                 **learner.state_dict(),
-                "rng": ckpt.rng_state(), "data_generator": gen.get_state().cpu(),
+                "rng": ckpt.rng_state() if rng_ranks is None else rng_ranks[0], "rng_ranks": rng_ranks,
+                "data_generator": gen.get_state().cpu(),
                 "epoch": epoch_done, "step": step, "mid_epoch": mid,
                 "phase": learner.method.phase(min(epoch_done, self.epochs - 1)),
                 "records": records, "best_acc": best_acc, "best_epoch": best_epoch,
