@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
+from .device import device_context
 # (atol, rtol) per dtype of the head input, against a float64 eager reference: the kernel tests' table.
 from ..kernels.reference import TOLERANCES  # noqa: E402
 
@@ -83,6 +85,11 @@ def max_errors(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: 
 
 def default_timer(step: Callable[[], None], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Seconds per call: CUDA events after warm-up on a GPU, ``time.perf_counter`` elsewhere."""
+    with device_context(device):  # the events time the current stream: it must be ``device``'s
+        return _time_calls(step, device, warmup, iters)
+
+
+def _time_calls(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -228,6 +235,13 @@ def select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, dev
                 timer: Timer = default_timer, warn: bool = True) -> dict:
     """Check and time one head at one input ``shape`` (batch, C, H, W); returns the record of the
     choice (``"choice"``: ``"triton"`` or ``"eager"``)."""
+    with device_context(device):  # the fused kernels launch on the current device
+        return _select_head(head, shape, dtype, device, channels_last=channels_last, fused_fn=fused_fn,
+                            eager_fn=eager_fn, timer=timer, warn=warn)
+
+
+def _select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
+                 channels_last: bool, fused_fn: StackFn, eager_fn: StackFn, timer: Timer, warn: bool) -> dict:
     where = (f"{head.config} head on input {shape[1]}x{shape[2]}x{shape[3]} (batch {shape[0]}, "
              f"{_dtype_name(dtype)}{', channels-last' if channels_last else ''}, {device})")
     check = check_fused(head, shape, dtype, device, channels_last=channels_last, fused_fn=fused_fn)
