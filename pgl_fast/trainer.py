@@ -33,6 +33,7 @@ from .core.learner import LocalLearner
 from .errors import UserError
 from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
 from .metrics import PeakMemory, run_header
+from .runtime import head_select
 from .runtime.device import device_context
 from .runtime.rng import seed_rank_streams
 
@@ -543,6 +544,8 @@ class Trainer:
                   f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
         elif io.distributed:
             seed_rank_streams(self.seed, io.rank)  # every rank its own dropout stream (runtime/rng.py)
+        # --head-kernels auto: a resumed run computes with the kernels its checkpoint's run chose
+        reused_heads = resume_state is not None and head_select.reuse_choice(net, resume_state.get("head_kernel_choice"))
 
         for w in self.warnings:
             print(w, file=sys.stderr, flush=True)
@@ -554,6 +557,9 @@ class Trainer:
                        "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
                        "warnings": list(self.warnings)})
         header.update(self.header)
+        if reused_heads:
+            header["head_kernels"] = head_select.resolved(net)
+            header["head_kernels_reused_from"] = resume_state["path"]
         if pipe is not None:
             header["pipeline"] = {"stages": pipe.S, "module_ranges": pipe.ranges, "depth": pipe.depth,
                                   "micro_batches": pipe.micro_batches}
@@ -602,7 +608,7 @@ class Trainer:
             state = {
                 **learner.state_dict(),
                 "rng": ckpt.rng_state() if rng_ranks is None else rng_ranks[0], "rng_ranks": rng_ranks,
-                "data_generator": gen.get_state().cpu(),
+                "head_kernel_choice": head_select.saved_choice(net), "data_generator": gen.get_state().cpu(),
                 "epoch": epoch_done, "step": step, "mid_epoch": mid,
                 "phase": learner.method.phase(min(epoch_done, self.epochs - 1)),
                 "records": records, "best_acc": best_acc, "best_epoch": best_epoch,
