@@ -211,7 +211,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     learner = build_learner(cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
-              "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels["rule"],
+              "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
               "compile": cfg.compile_mode if cfg.compile else None,
               "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn}
     runner = None

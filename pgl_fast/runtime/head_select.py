@@ -334,7 +334,7 @@ def configure_head_kernels(net, mode: str, allowed: bool, *, batch: int, dtype: 
     """Set every head's ``use_kernels`` for ``--head-kernels mode``; ``allowed`` is what
     ``build.resolve_head_kernels`` decided (False: eager everywhere). Returns the header record:
     ``mode``, ``resolved`` (``triton``, ``eager`` or ``mixed``), ``selection`` (the measured
-    choices, for ``auto`` on CUDA) and ``rule`` (how ``auto`` chose without measuring, if it did).
+    choices, for ``auto`` on CUDA) and, where ``auto`` chose without measuring, ``rule`` (how).
 
     ``auto`` on CUDA measures, which makes its choice a matter of timing noise. So the choice is
     made once per run and then fixed: under data parallel or a pipeline (``ctx``: the launch's
@@ -359,7 +359,10 @@ def configure_head_kernels(net, mode: str, allowed: bool, *, batch: int, dtype: 
         net.head_kernels_measured = True
     else:
         net.set_head_kernels(True)
-    return {"mode": mode, "resolved": resolved(net), "selection": selection, "rule": rule}
+    record = {"mode": mode, "resolved": resolved(net), "selection": selection}
+    if rule is not None:
+        record["rule"] = rule
+    return record
 
 
 def resolved(net) -> str:
