@@ -201,7 +201,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
 
     head_kernels = configure_head_kernels(
         net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
-        dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32)
+        dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
+        deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
     # measured on rank 0 only: every rank must checkpoint the same segments. A pipeline's global
     # steps are never checkpointed (each stage holds its own modules' graphs): auto means none there
@@ -210,7 +211,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     learner = build_learner(cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
-              "head_kernel_selection": head_kernels["selection"], "compile": cfg.compile_mode if cfg.compile else None,
+              "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
+              "compile": cfg.compile_mode if cfg.compile else None,
               "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn}
     runner = None
     if pipe_ctx is not None:

@@ -35,6 +35,9 @@ from .core.learner import LocalLearner
 from .errors import UserError
 from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
 from .metrics import PeakMemory, run_header
+from .runtime import head_select
+from .runtime.device import device_context
+from .runtime.rng import seed_rank_streams
 
 
 def _progress(mode: str, total: int, desc: str):
@@ -259,6 +262,26 @@ def _kill_hook(epoch: int, step) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restore_rank_rng(state: dict, rank: int, world: int, seed: int) -> str | None:
+    """Put back this rank's random streams from the checkpoint ``state``: its own, saved by every
+    rank (``rng_ranks``), or in a single process the one saved. A checkpoint without one state per
+    rank of this run (written by another number of ranks, or before they were saved) restores the
+    saved state and then gives each rank's default generators a stream of its own derived from
+    (seed, rank, epoch, step); the returned line says so (None otherwise)."""
+    per_rank = state.get("rng_ranks")
+    if world == 1:
+        ckpt.set_rng_state(state["rng"])
+        return None
+    if per_rank is not None and len(per_rank) == world:
+        ckpt.set_rng_state(per_rank[rank])
+        return None
+    ckpt.set_rng_state(state["rng"])
+    seed_rank_streams(seed, rank, state["epoch"], state["step"])
+    saved = f"{len(per_rank)} rank(s)" if per_rank is not None else "one process (rank 0)"
+    return (f"the checkpoint holds the random streams of {saved}, this run has {world} ranks: each rank's "
+            "dropout stream continues from one derived from (seed, rank, epoch, step), not the saved one")
 
 
 class NonFiniteError(RuntimeError):
@@ -612,7 +635,8 @@ class Trainer:
         dir's lock and the signal handlers end with the call."""
         cleanups: list = []
         try:
-            with self._api_words():
+            # the loop's own launches go to the model's device too
+            with self._api_words(), device_context(self.learner.device):
                 return self._fit(cleanups)
         finally:
             for undo in reversed(cleanups):
@@ -659,7 +683,9 @@ class Trainer:
             learner.load_state_dict(resume_state)
             if pipe is not None:  # this stage's modules, optimizers and accumulators
                 pipe.load(ckpt.checkpoint_dir(self.output_dir), tag=resume_state["pipeline_tag"])
-            ckpt.set_rng_state(resume_state["rng"])
+            rng_note = restore_rank_rng(resume_state, io.rank, io.world_size, self.seed)
+            if rng_note and main:
+                print(f"warning: {rng_note}", flush=True)
             gen.set_state(resume_state["data_generator"].to(gen.get_state().device))
             if isinstance(data, _LoaderData):
                 data.load_state_dict(resume_state.get("loader_state"))
@@ -681,6 +707,10 @@ class Trainer:
                 os.remove(os.path.join(self.output_dir, "summary.json"))  # the run is not finished any more
             print(f"resumed from {resume_state['path']}: {start_epoch} epochs"  # every rank: resumed together
                   f"{f' and {start_step} steps' if start_step else ''} done", flush=True)
+        elif io.distributed:
+            seed_rank_streams(self.seed, io.rank)  # every rank its own dropout stream (runtime/rng.py)
+        # --head-kernels auto: a resumed run computes with the kernels its checkpoint's run chose
+        reused_heads = resume_state is not None and head_select.reuse_choice(net, resume_state.get("head_kernel_choice"))
 
         for w in self.warnings:
             print(w, file=sys.stderr, flush=True)
@@ -692,6 +722,9 @@ class Trainer:
                        "schedule_changed_from": changed or None, "schedule_changes": schedule_log,
                        "warnings": list(self.warnings)})
         header.update(self.header)
+        if reused_heads:
+            header["head_kernels"] = head_select.resolved(net)
+            header["head_kernels_reused_from"] = resume_state["path"]
         if pipe is not None:
             header["pipeline"] = {"stages": pipe.S, "module_ranges": pipe.ranges, "depth": pipe.depth,
                                   "micro_batches": pipe.micro_batches}
@@ -720,6 +753,8 @@ class Trainer:
         timed: list[tuple[str, float]] = []  # (phase, wall seconds) of the whole epochs run by this process
 
         def save(epoch_done: int, step: int, mid: dict | None) -> None:
+            # every rank's random streams (collective): each rank continues its own on resume
+            rng_ranks = io.all_gather_object(ckpt.rng_state()) if io.distributed else None
             tag = None
             if pipe is not None:
                 # every stage's file first, then rank 0's checkpoint (the one resume looks for) names them
@@ -737,7 +772,8 @@ class Trainer:
                 return None
             state = {
                 **learner.state_dict(),
-                "rng": ckpt.rng_state(), "data_generator": gen.get_state().cpu(),
+                "rng": ckpt.rng_state() if rng_ranks is None else rng_ranks[0], "rng_ranks": rng_ranks,
+                "head_kernel_choice": head_select.saved_choice(net), "data_generator": gen.get_state().cpu(),
                 "epoch": epoch_done, "step": step, "mid_epoch": mid,
                 "phase": learner.method.phase(min(epoch_done, self.epochs - 1)),
                 "records": records, "best_acc": best_acc, "best_epoch": best_epoch,

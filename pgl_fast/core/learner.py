@@ -23,6 +23,7 @@ per step).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from ..models.heads import upcast
 from ..models.local_model import LocalModel
+from ..runtime.device import device_context
 from ..runtime.optim import sgd
 from .methods import Method, from_name
 from .schedule import LOCAL
@@ -169,6 +171,16 @@ class StepStats:
             "first_bad": first_bad,
             "first_bad_grad": first_bad_grad,
         }
+
+
+def _on_device(method):
+    """Run a learner method with the model's CUDA device current (see ``runtime.device``): streams,
+    events, graph replays and Triton launches inside it go to that device, also for ``cuda:N``."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with device_context(self.device):
+            return method(self, *args, **kwargs)
+    return run
 
 
 def _amp_dtype(amp) -> torch.dtype | None:
@@ -329,6 +341,7 @@ class LocalLearner:
         return x
 
     # -- the step kinds --------------------------------------------------------------------------
+    @_on_device
     def step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> torch.Tensor:
         """One step of the current phase (set by :meth:`start_epoch`).
 
@@ -343,12 +356,14 @@ class LocalLearner:
             self.global_step(x, y, image01)
         return self.last_losses.clone()
 
+    @_on_device
     def local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         if self.graphed is not None:
             self.graphed(self._input(x), y, image01)
         else:
             self.run_local_step(self._input(x), y, image01)
 
+    @_on_device
     def run_local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         """The eager local step (what a CUDA graph captures)."""
         net, n, stats = self.model, x.shape[0], self.stats
@@ -377,6 +392,7 @@ class LocalLearner:
         stats.add_correct(logits, y)
         stats.end_step(n)
 
+    @_on_device
     def global_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         net, stats = self.model, self.stats
         x = self._input(x)
@@ -432,6 +448,7 @@ class LocalLearner:
         stats.end_step(n)
 
     # -- evaluation ------------------------------------------------------------------------------
+    @_on_device
     @torch.no_grad()
     def evaluate(self, batches: Iterable, eval_heads: bool = True) -> dict:
         """Test accuracy and loss of the full network over ``batches`` of (x, y), and the accuracy of

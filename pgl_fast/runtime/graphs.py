@@ -16,7 +16,14 @@ Before capturing, the step is warmed up on a side stream with the real batch (th
 lazily-created state, runs cuDNN's and Triton's autotuning, and compiles kernels); the warm-up
 updates are then undone *in place* -- parameters, buffers, momentum buffers and statistics are
 copied back into the same tensors -- so the training trajectory is exactly that of the eager run and
-graphs captured earlier keep pointing at valid memory.
+graphs captured earlier keep pointing at valid memory. The warm-up's random draws (dropout) are
+undone too: the CPU generator and the device generator's seed and Philox offset are put back, so
+the first replay draws the masks the eager step would have drawn, and a capture in the middle of a
+run (the last partial batch, or the first batch after a resume) does not shift the stream.
+
+Everything runs with the model's device current (``torch.cuda.device``): the side stream, the
+capture stream and the graph's kernels are created on that device, also for ``cuda:N`` with N > 0
+in a process whose current device is another one.
 
 Memory. A replay never calls the allocator: the activations of a graphed step live in the graph
 pool, which ``max_memory_allocated`` counts only while the capture is allocating them. So every
@@ -31,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from .device import device_context
+from .rng import preserved_rng
 
 
 def training_state_tensors(exe, stats) -> list[torch.Tensor]:
@@ -58,6 +67,26 @@ class InPlaceSnapshot:
         with torch.no_grad():
             for t, s in zip(self.tensors, self.saved):
                 t.copy_(s)
+
+
+def warm_up(exe, stats, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None, iters: int,
+            stream=None) -> None:
+    """Run ``iters`` local steps of the learner ``exe`` on one batch (on ``stream``, a CUDA stream,
+    when given) and undo them: the training state is copied back into the same tensors and the CPU
+    and device generators are restored, so the next step is the step the eager run takes."""
+    snapshot = InPlaceSnapshot(training_state_tensors(exe, stats))
+    with preserved_rng(x.device):
+        if stream is None:
+            for _ in range(iters):
+                exe.run_local_step(x, y, image01)
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(iters):
+                    exe.run_local_step(x, y, image01)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()  # the warm-up's kernels were launched with the offsets being undone
+    snapshot.restore()
 
 
 def pool_reserved_bytes(pool) -> int:
@@ -109,6 +138,10 @@ class GraphedLocalSteps:
         }
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> tuple:
+        with device_context(x.device):
+            return self._capture_on_device(x, y, image01)
+
+    def _capture_on_device(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> tuple:
         exe, stats = self.exe, self.stats
         static_x, static_y = x.clone(), y.clone()
         static_img = image01.clone() if image01 is not None else None
@@ -117,16 +150,8 @@ class GraphedLocalSteps:
         # the window's peaks so far, before the warm-up adds its own and the reset below erases them
         self._outside_peak = (max(self._outside_peak[0], torch.cuda.max_memory_allocated(dev)),
                               max(self._outside_peak[1], torch.cuda.max_memory_reserved(dev)))
-        snapshot = InPlaceSnapshot(training_state_tensors(exe, stats))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup_iters):
-                exe.run_local_step(static_x, static_y, static_img)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        snapshot.restore()
-        del snapshot  # its copies must not count in the capture's peak
+        # the snapshot's copies are freed on return: they must not count in the capture's peak
+        warm_up(exe, stats, static_x, static_y, static_img, self.warmup_iters, stream=torch.cuda.Stream())
         for opt in exe.optimizers:
             opt.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()  # the warm-up's cached blocks are not the graph's memory
@@ -148,8 +173,9 @@ class GraphedLocalSteps:
             entry = self.graphs[key] = self._capture(x, y, image01)
         graph, sx, sy, simg = entry
         self._replayed.add(key)
-        sx.copy_(x)
-        sy.copy_(y)
-        if simg is not None:
-            simg.copy_(image01)
-        graph.replay()
+        with device_context(sx.device):  # a replay launches on the current device's stream
+            sx.copy_(x)
+            sy.copy_(y)
+            if simg is not None:
+                simg.copy_(image01)
+            graph.replay()

@@ -18,6 +18,10 @@ every distinct aux head (its config, input shape [C, H, W], batch, dtype, memory
 Every choice, with both timings and the check's worst errors, goes into ``header.json``. Choices
 are cached per process, keyed by device and shape, so a grid of runs measures each shape once.
 
+Once made, a run's choice stays fixed: under data parallel or a pipeline rank 0 measures and every
+rank takes its choice, every checkpoint records it and a resumed run reuses it, and with
+``--deterministic`` nothing is timed at all (every head eager, see ``configure_head_kernels``).
+
 On the CPU ``auto`` stays eager without measuring: Triton runs there only under its interpreter.
 ``--head-kernels triton`` forces the fused kernels and ``eager`` forces eager, on every head.
 """
@@ -32,6 +36,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
+from .device import device_context
 # (atol, rtol) per dtype of the head input, against a float64 eager reference: the kernel tests' table.
 from ..kernels.reference import TOLERANCES  # noqa: E402
 
@@ -83,6 +89,11 @@ def max_errors(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: 
 
 def default_timer(step: Callable[[], None], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
     """Seconds per call: CUDA events after warm-up on a GPU, ``time.perf_counter`` elsewhere."""
+    with device_context(device):  # the events time the current stream: it must be ``device``'s
+        return _time_calls(step, device, warmup, iters)
+
+
+def _time_calls(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -228,6 +239,13 @@ def select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, dev
                 timer: Timer = default_timer, warn: bool = True) -> dict:
     """Check and time one head at one input ``shape`` (batch, C, H, W); returns the record of the
     choice (``"choice"``: ``"triton"`` or ``"eager"``)."""
+    with device_context(device):  # the fused kernels launch on the current device
+        return _select_head(head, shape, dtype, device, channels_last=channels_last, fused_fn=fused_fn,
+                            eager_fn=eager_fn, timer=timer, warn=warn)
+
+
+def _select_head(head: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, *,
+                 channels_last: bool, fused_fn: StackFn, eager_fn: StackFn, timer: Timer, warn: bool) -> dict:
     where = (f"{head.config} head on input {shape[1]}x{shape[2]}x{shape[3]} (batch {shape[0]}, "
              f"{_dtype_name(dtype)}{', channels-last' if channels_last else ''}, {device})")
     check = check_fused(head, shape, dtype, device, channels_last=channels_last, fused_fn=fused_fn)
@@ -307,19 +325,80 @@ def select_for_net(net, *, batch: int, dtype: torch.dtype, device: torch.device,
     return list(records.values())
 
 
+DETERMINISTIC_RULE = ("--deterministic: eager on every head, chosen without timing (a choice by timing can differ "
+                      "between runs, a run and its resume, and ranks)")
+
+
 def configure_head_kernels(net, mode: str, allowed: bool, *, batch: int, dtype: torch.dtype, device: torch.device,
-                           channels_last: bool = False) -> dict:
+                           channels_last: bool = False, deterministic: bool = False, ctx=None) -> dict:
     """Set every head's ``use_kernels`` for ``--head-kernels mode``; ``allowed`` is what
     ``build.resolve_head_kernels`` decided (False: eager everywhere). Returns the header record:
-    ``mode``, ``resolved`` (``triton``, ``eager`` or ``mixed``) and ``selection`` (the measured
-    choices, for ``auto`` on CUDA)."""
-    selection = None
+    ``mode``, ``resolved`` (``triton``, ``eager`` or ``mixed``), ``selection`` (the measured
+    choices, for ``auto`` on CUDA) and, where ``auto`` chose without measuring, ``rule`` (how).
+
+    ``auto`` on CUDA measures, which makes its choice a matter of timing noise. So the choice is
+    made once per run and then fixed: under data parallel or a pipeline (``ctx``: the launch's
+    :class:`~pgl_fast.distributed.DistContext`) rank 0 measures and every rank takes its choice;
+    the choice goes into every checkpoint and a resumed run reuses it (:func:`reuse_choice`); and
+    with ``deterministic`` nothing is timed: every head runs eager (torch's deterministic
+    algorithms cover the eager heads; the fused kernels stay available with ``--head-kernels
+    triton``, a choice that does not depend on the machine's speed either)."""
+    selection, rule = None, None
+    net.head_kernels_measured = False
     if not allowed:
         net.set_head_kernels(False)
+    elif mode == "auto" and device.type == "cuda" and deterministic:
+        net.set_head_kernels(False)
+        rule = DETERMINISTIC_RULE
     elif mode == "auto" and device.type == "cuda":
-        selection = select_for_net(net, batch=batch, dtype=dtype, device=device, channels_last=channels_last)
+        def measure() -> list[dict]:
+            return select_for_net(net, batch=batch, dtype=dtype, device=device, channels_last=channels_last)
+
+        selection = measure() if ctx is None or not ctx.distributed else ctx.on_main(measure)
+        apply_selection(net, selection)
+        net.head_kernels_measured = True
     else:
         net.set_head_kernels(True)
+    record = {"mode": mode, "resolved": resolved(net), "selection": selection}
+    if rule is not None:
+        record["rule"] = rule
+    return record
+
+
+def resolved(net) -> str:
+    """``triton`` (every head fused), ``eager`` (none) or ``mixed``."""
     fused = [has_fused_convs(h) and h.use_kernels for h in net.heads]
-    resolved = "triton" if fused and all(fused) else ("mixed" if any(fused) else "eager")
-    return {"mode": mode, "resolved": resolved, "selection": selection}
+    return "triton" if fused and all(fused) else ("mixed" if any(fused) else "eager")
+
+
+def apply_selection(net, selection: list[dict]) -> None:
+    """Set the heads' ``use_kernels`` from the records of :func:`select_for_net` (possibly measured
+    by another rank); heads without fused convs, which no record names, stay eager."""
+    for head in net.heads:
+        head.use_kernels = False
+    for rec in selection:
+        for j in rec["heads"]:
+            net.heads[j].use_kernels = rec["choice"] == "triton"
+
+
+def saved_choice(net) -> dict | None:
+    """What a checkpoint keeps of a measured ``auto`` choice (None when nothing was measured: the
+    other modes decide the same way on every start)."""
+    if not getattr(net, "head_kernels_measured", False):
+        return None
+    return {"use_kernels": [bool(has_fused_convs(h) and h.use_kernels) for h in net.heads]}
+
+
+def reuse_choice(net, saved: dict | None) -> bool:
+    """On resume: the heads compute with the kernels the checkpoint's run chose, when both that
+    run and this one chose by measuring (``auto`` on CUDA, not ``--deterministic``). Returns
+    whether the saved choice was applied."""
+    if saved is None or not getattr(net, "head_kernels_measured", False):
+        return False
+    flags = saved["use_kernels"]
+    if len(flags) != len(net.heads):
+        raise UserError(f"--resume: the checkpoint chose kernels for {len(flags)} aux heads, this network has "
+                        f"{len(net.heads)}; resume with the original model flags")
+    for head, on in zip(net.heads, flags):
+        head.use_kernels = bool(on) and has_fused_convs(head)
+    return True
