@@ -70,7 +70,8 @@ def _worker(out: str) -> None:
             if isinstance(m, torch.nn.Dropout):
                 # the generator's state as the layer draws its mask: the mask is a function of it
                 # (and of the input's shape), where the zeros of the output also depend on the input
-                m.register_forward_pre_hook(lambda mod, inp: masks.append(torch.get_rng_state()))
+                # (in training only: an eval-mode forward, as the Trainer's check of one batch, draws none)
+                m.register_forward_pre_hook(lambda mod, inp: masks.append(torch.get_rng_state()) if mod.training else None)
         return DataParallelLearner(net, DGL(), ctx=ctx, optimizer=sgd(lr=0.05, momentum=0.9))
 
     def fit(learner, name, epochs, **kw):
