@@ -20,21 +20,8 @@ what the engine keeps). ``bn="sequential"`` normalises every shard on its own an
 running statistics shard after shard (GPipe micro-batches)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-
-
-@contextlib.contextmanager
-def _buffers_kept(net):
-    saved = [(b, b.detach().clone()) for b in net.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 def _local_loss(net, kind, j, h, y, image01, lambdas):
@@ -97,6 +84,7 @@ def train(net, steps, *, phases, kind, heads, lambdas, lr, momentum, wd, bn_loca
                 return _local_loss_sum(net, kind, xs, ys, ims, lambdas)
             return _global_loss_sum(net, kind, xs, ys, ims, lambdas, heads)
 
+        rank0 = None
         if bn == "full":
             loss = loss_of(x, y, image01)
         else:
@@ -104,9 +92,15 @@ def train(net, steps, *, phases, kind, heads, lambdas, lr, momentum, wd, bn_loca
             loss = 0.0
             for r, (xs, ys, ims) in enumerate(zip(x.split(list(shards)), y.split(list(shards)),
                                                   image01.split(list(shards)))):
-                keep = _buffers_kept(net) if bn == "rank0" and r > 0 else contextlib.nullcontext()
-                with keep:
-                    loss = loss + loss_of(xs, ys, ims) * (xs.shape[0] / n)
+                loss = loss + loss_of(xs, ys, ims) * (xs.shape[0] / n)
+                if r == 0 and bn == "rank0":
+                    rank0 = [b.detach().clone() for b in net.buffers()]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if rank0 is not None:
+            # the later shards' running statistics belong to the other ranks: put back shard 0's
+            # (only now: the backward of batch norm reads the running statistics it saved)
+            with torch.no_grad():
+                for b, v in zip(net.buffers(), rank0):
+                    b.copy_(v)
         _sgd(params, grads, bufs, lr, momentum, wd)
     return net
