@@ -160,13 +160,13 @@ def reference(method: str, model: str, strategy: str) -> dict:
     return C.state(net)
 
 
-def one_process(method, model, runtime) -> dict:
-    net = C.build_model(model, method)
+def one_process(method, model, runtime, device="cpu") -> dict:
+    net = C.build_model(model, method).to(device)
     learner = LocalLearner(net, C.method_of(method), **C.learner_kwargs(runtime))
     for e, (x, y, im) in enumerate(C.batches()):
         learner.start_epoch(e)
-        learner.step(x, y, im if C.uses_infopro(method) else None)
-    return C.state(net)
+        learner.step(x.to(device), y.to(device), im.to(device) if C.uses_infopro(method) else None)
+    return {k: v.cpu() for k, v in C.state(net).items()}
 
 
 def assert_states(got: dict, ref: dict, what: str, buffers: bool = True) -> None:
@@ -232,6 +232,17 @@ def test_cell(method, model, strategy, runtime, strategy_results, one_thread):
         assert_states(ranks[1]["state"], ref, "rank 1", buffers=False)
 
 
+CUDA_CELLS = [c for c in CELLS if c[2] == "one" and c[3] in ("eager", "ckpt") and not refusals_of(c)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,model,strategy,runtime", [_param(c) for c in CUDA_CELLS])
+def test_cell_cuda(method, model, strategy, runtime):
+    """The one-process cells on the GPU (cuDNN's float64 kernels), against the CPU reference."""
+    assert_states(one_process(method, model, runtime, "cuda"), reference(method, model, strategy), "cuda")
+
+
 # -- the tables ------------------------------------------------------------------------------------------
 def _show(v) -> str:
     return "any" if v == ANY else ", ".join(v) if isinstance(v, tuple) else v
@@ -264,6 +275,29 @@ def test_pipeline_float64_model(one_thread):
     making float64 the default dtype while it builds them)."""
     res = run_local_group(_build_float64_stage, 2, timeout_s=30)
     assert all(r is not None and r[0] == "ok" for r in res), [r[1] if r else r for r in res]
+
+
+@pytest.mark.xfail(strict=True, reason="new defect: build_stage accepts a learner built with compile=... or "
+                                       "checkpoint_global=... and silently runs eager, unsegmented steps")
+def test_pipeline_api_refuses_compile_and_checkpointing(one_thread):
+    """What the command line refuses (--pipeline with --compile or --checkpoint-global, see
+    REFUSALS), the Python API refuses too, with a one-line UserError."""
+    res = run_local_group(_stage_of_learner_with, 2, timeout_s=30)
+    assert all(r is not None and r[0] == "ok" for r in res), res
+    assert res[0][1] == {"compile": "UserError", "ckpt": "UserError"}, res[0][1]
+
+
+def _stage_of_learner_with(rank, world):
+    out = {}
+    for runtime in ("compile", "ckpt"):
+        net = C.build_model("cifar_resnet", "dgl").float()  # float32: the stage probe's dtype
+        try:
+            build_stage(LocalLearner(net, C.method_of("dgl"), **C.learner_kwargs(runtime)), world,
+                        input_shape=(3, C.IMG, C.IMG), timeout_s=20)
+            out[runtime] = "accepted"
+        except UserError:
+            out[runtime] = "UserError"
+    return out
 
 
 def _build_float64_stage(rank, world):
