@@ -922,6 +922,12 @@ def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None
     measured seconds per module (balanced by :func:`balance_by_time`)."""
     model = _Ops(learner).model
     J = model.J
+    # a stage runs its modules' eager steps itself: what the learner would have done otherwise
+    # (compiled pieces, checkpointed or graphed steps, fp16 loss scaling) is refused, never ignored
+    for on, what in ((learner.compiled is not None, "compile"), (learner.checkpoint_global, "checkpoint_global"),
+                     (learner.graphed is not None, "cuda_graphs"), (learner.scaler is not None, "fp16 amp")):
+        if on:
+            raise UserError(f"build_stage: a pipeline stage runs eager steps; build the LocalLearner without {what}")
     if not 1 <= S <= J:
         raise UserError(f"--pipeline {S}: needs 1 <= S <= J (J={J} modules)")
     if balance is None:

@@ -159,6 +159,10 @@ class CompiledPieces:
         for j in range(J):
             if j == J - 1:
                 fn = _local_final_piece(net.blocks[j], net.classifier)
+            elif j >= len(net.heads):
+                # a headless module (end-to-end training) takes no local step: nothing to compile
+                local.append(None)
+                continue
             elif ce:
                 fn = _local_ce_piece(net.blocks[j], net.heads[j])
             else:

@@ -125,11 +125,11 @@ def learner_kwargs(runtime: str) -> dict:
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(x, y, image01) of each step: the whole (global) batch. image01 (InfoPro's reconstruction
-    target) is float32, as the trainer hands it to the learner (``xb.float().div(255)``)."""
+    target) is in the model's dtype, as the trainer hands it to the learner."""
     g = torch.Generator().manual_seed(7)
     return [(torch.randn(BATCH, 3, IMG, IMG, generator=g, dtype=torch.float64),
              torch.randint(0, CLASSES, (BATCH,), generator=g),
-             torch.rand(BATCH, 3, IMG, IMG, generator=g, dtype=torch.float32)) for _ in range(STEPS)]
+             torch.rand(BATCH, 3, IMG, IMG, generator=g, dtype=torch.float64)) for _ in range(STEPS)]
 
 
 def state(net: nn.Module) -> dict:

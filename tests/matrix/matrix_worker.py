@@ -43,15 +43,8 @@ def _pipe_build(strategy, method, model, runtime):
     # a process group of its own per cell: a cell that fails mid-step leaves receives posted on its
     # group's connections, which would swallow the next cell's messages
     group = dist.new_group([0, 1])
-    # the stage probes its input shape with a zeros batch of the default dtype, which a float64
-    # model refuses (test_matrix.py::test_pipeline_float64_model pins that defect): float64 is the
-    # default while the stage is built, so that the cells test everything after it
-    torch.set_default_dtype(torch.float64)
-    try:
-        runner = build_stage(learner, 2, micro_batches=1 if strategy == "pipe_m1" else 2,
-                             input_shape=(3, C.IMG, C.IMG), timeout_s=30, group=group)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    runner = build_stage(learner, 2, micro_batches=1 if strategy == "pipe_m1" else 2,
+                         input_shape=(3, C.IMG, C.IMG), timeout_s=30, group=group)
     return net, learner, runner
 
 

@@ -78,19 +78,7 @@ REFUSALS = [
 ]
 
 # -- known defects (strict xfail): delete an entry when its fix lands ----------------------------------
-KNOWN_DEFECTS = {
-    (INFOPRO, SPLIT_CNN, ANY, ANY):
-        "defect 7: InfoPro.prepare builds the decoders of a split() model in fp32 (a float64 model crashes)",
-    ("pgl_infopro", CNN, PIPE, "eager"):
-        "defect 7: the pipelined global step passes image01=None to PGL(local=InfoPro())'s aux losses",
-    (ANY, CNN, "dp_syncbn", ("eager", "ckpt")):
-        "defect 7: AllReduceBatchNorm computes float64 statistics in fp32",
-    (WITH_GLOBAL, SPLIT_CNN, "dp_syncbn", ("eager", "ckpt")):
-        "defect 1: --sync-bn leaves a split() model's unit-level batch norm per-rank in global steps",
-    ("bp", ANY, ("one", "dp_syncbn", "dp_rankbn"), "compile"):
-        "new defect: LocalLearner(model without aux heads, BP(), compile=True) raises IndexError when built "
-        "(CompiledPieces asks for net.heads[0]); with --sync-bn it hides the one-line refusal",
-}
+KNOWN_DEFECTS: dict = {}  # every defect the matrix found is fixed; a new one goes here with its reason
 
 # compile cells that run by default (the others cost ~10-17 s of CPU each)
 COMPILE_BY_DEFAULT = {("pgl", "cifar_resnet", "one"), ("bp", "cifar_resnet", "one"),
@@ -268,8 +256,6 @@ def test_every_listed_pattern_names_cells():
         assert any(_matches(pattern, c) for c in CELLS), pattern
 
 
-@pytest.mark.xfail(strict=True, reason="new defect: StageRunner probes its input with float32 zeros; a float64 "
-                                       "model fails to build its stage 1")
 def test_pipeline_float64_model(one_thread):
     """A float64 model in a 2-stage pipeline builds its stages (the worker works around this by
     making float64 the default dtype while it builds them)."""
@@ -277,8 +263,6 @@ def test_pipeline_float64_model(one_thread):
     assert all(r is not None and r[0] == "ok" for r in res), [r[1] if r else r for r in res]
 
 
-@pytest.mark.xfail(strict=True, reason="new defect: build_stage accepts a learner built with compile=... or "
-                                       "checkpoint_global=... and silently runs eager, unsegmented steps")
 def test_pipeline_api_refuses_compile_and_checkpointing(one_thread):
     """What the command line refuses (--pipeline with --compile or --checkpoint-global, see
     REFUSALS), the Python API refuses too, with a one-line UserError."""
@@ -290,7 +274,7 @@ def test_pipeline_api_refuses_compile_and_checkpointing(one_thread):
 def _stage_of_learner_with(rank, world):
     out = {}
     for runtime in ("compile", "ckpt"):
-        net = C.build_model("cifar_resnet", "dgl").float()  # float32: the stage probe's dtype
+        net = C.build_model("cifar_resnet", "dgl")
         try:
             build_stage(LocalLearner(net, C.method_of("dgl"), **C.learner_kwargs(runtime)), world,
                         input_shape=(3, C.IMG, C.IMG), timeout_s=20)
