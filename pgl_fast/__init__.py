@@ -2,8 +2,9 @@
 
 The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts without it):
 
-- ``pgl_fast.split(model, cuts, *, aux="1c2f", input_shape=(3, 32, 32), num_classes=None)``: cut a
-  network into local modules, an aux head at every cut -> ``LocalModel``;
+- ``pgl_fast.split(model, cuts, *, aux="1c2f", input_shape=(3, 32, 32), num_classes=None,
+  example_input=None)``: cut a network into local modules, an aux head at every cut -> ``LocalModel``
+  (``example_input``: a batch to probe with, for inputs that are not float images);
 - ``pgl_fast.LocalModel(blocks, classifier, heads)``: the pieces, assembled by hand;
 - ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``PGL(period, duration, local=...)``;
 - ``pgl_fast.LocalLearner(local_model, method, ...)``: local and global steps, evaluation, state;
