@@ -589,7 +589,8 @@ class Trainer:
     def _check_input(self, net) -> None:
         """One forward of a sample of the training data through the model, before anything is
         written: data the model cannot take is refused here, not inside the first step."""
-        probe = self.data.probe_batch()
+        with torch.no_grad():  # a sample read for a look, never trained on
+            probe = self.data.probe_batch()
         if probe is None:
             return
         x, what = probe
