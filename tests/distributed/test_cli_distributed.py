@@ -49,17 +49,33 @@ def records(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process run both launches are compared with."""
-    out = tmp_path_factory.mktemp("one") / "run"
+def _one_process(out, *extra):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main([*ARGS, "-o", str(out)]) == 0
+        assert main([*ARGS, "-o", str(out), *extra]) == 0
     finally:
         torch.set_num_threads(n)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run the pipeline launch is compared with."""
+    return _one_process(tmp_path_factory.mktemp("one") / "run")
+
+
+# Data parallel sums in another order than one process (fp32), and the first global steps from
+# initialisation amplify that: at --lr 0.05 the weights end up to 3e-3 relative apart on an AVX2
+# EPYC (the float64 matrix in tests/matrix shows the arithmetic itself is exact). At --lr 0.01 the
+# losses agree to 1e-5 and the weights to 5e-5, which is what this test checks: the plumbing
+# (sharding, rank-0 IO, kill and resume).
+DDP_LR = ("--lr", "0.01")
+
+
+@pytest.fixture(scope="module")
+def reference_ddp(tmp_path_factory):
+    return _one_process(tmp_path_factory.mktemp("one-ddp") / "run", *DDP_LR)
 
 
 def _killed_then_resumed(out, *extra):
@@ -88,20 +104,20 @@ def test_torchrun_pipeline_2_kill_resume_equals_one_process(tmp_path, reference)
 
 
 @pytest.mark.slow
-def test_torchrun_sync_bn_kill_resume_equals_one_process(tmp_path, reference):
-    _killed_then_resumed(tmp_path / "two", "--sync-bn")
+def test_torchrun_sync_bn_kill_resume_equals_one_process(tmp_path, reference_ddp):
+    reference = reference_ddp
+    _killed_then_resumed(tmp_path / "two", "--sync-bn", *DDP_LR)
     one, two = records(reference), records(tmp_path / "two")
     assert [r["phase"] for r in two] == ["local", "global"]
     for a, b in zip(one, two):
         assert {k: b[k] for k in DDP_EXACT} == {k: a[k] for k in DDP_EXACT}
         for k in DDP_CLOSE:
-            # a global epoch amplifies the fp32 summation-order difference of the sharded sums: on an
-            # AVX2 EPYC the test loss lands 2.2e-5 relative apart, so the bound is the weights' 1e-4
-            assert b[k] == pytest.approx(a[k], rel=1e-4), k
+            assert b[k] == pytest.approx(a[k], rel=1e-5), k
     wa = torch.load(reference / "checkpoints" / "ckpt-e0002-s000000.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "two" / "checkpoints" / "ckpt-e0002-s000000.pt", weights_only=True)["model"]
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5, msg=k)
+        # 5e-5 measured at most; one lost or repeated step moves the weights by ~1e-3 at this lr
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     header = json.load(open(tmp_path / "two" / "header.json"))
     assert header["world_size"] == 2 and header["sync_bn"] is True
 
