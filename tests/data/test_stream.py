@@ -178,3 +178,31 @@ def test_cli_stream_kill_mid_epoch_resume_is_bit_identical(tree, tmp_path):
     assert read(tmp_path / "ref") == read(tmp_path / "run")
     header = json.load(open(tmp_path / "run" / "header.json"))
     assert header["data_pipeline"] == "stream" and header["skipped_images"] == 0
+
+
+@pytest.mark.slow  # a torchrun launch of 2 gloo ranks plus a one-process run, about 40 s here
+def test_torchrun_two_ranks_stream_equals_one_process(tree, tmp_path):
+    """Data parallel over 2 gloo ranks with synchronised batch norm, each rank decoding only its
+    shard of every global batch of 8 (24 images: three even steps): the same images per step as
+    one process, so accuracies are identical and losses/weights equal to fp32 summation order."""
+    one = cli(tree, tmp_path / "one", "--workers", "1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "PGL_FAST_KILL_AT"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pgl_fast.train", *ARGS, "--data-dir", str(tree), "-o", str(tmp_path / "two"),
+                          "--workers", "1", "--sync-bn"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda p: [json.loads(x) for x in open(p / "metrics.jsonl")]  # noqa: E731
+    for a, b in zip(read(tmp_path / "one"), read(tmp_path / "two"), strict=True):
+        assert {k: b[k] for k in ("phase", "train_acc", "test_acc", "head_acc")} == \
+            {k: a[k] for k in ("phase", "train_acc", "test_acc", "head_acc")}
+        for k in ("train_loss", "test_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), k
+    final = "checkpoints/ckpt-e0002-s000000.pt"
+    wa = torch.load(tmp_path / "one" / final, map_location="cpu", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / final, map_location="cpu", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5, msg=k)
+    assert json.load(open(tmp_path / "two" / "header.json"))["world_size"] == 2
