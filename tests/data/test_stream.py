@@ -206,3 +206,41 @@ def test_torchrun_two_ranks_stream_equals_one_process(tree, tmp_path):
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5, msg=k)
     assert json.load(open(tmp_path / "two" / "header.json"))["world_size"] == 2
+
+
+@pytest.mark.slow  # builds torchvision's ResNet-50 and its memory plan: about 30 s here
+def test_cli_torchvision_resnet50_infopro_split_streams(tree, tmp_path):
+    """The issue's command, shrunk: ResNet-50 cut by --split infopro -J 2 (after layer2.0), 32 px crops."""
+    out = tmp_path / "r50"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PGL_FAST_KILL_AT", None)
+    r = subprocess.run([sys.executable, "-m", "pgl_fast.train", "--dataset", "imagefolder", "--data-dir", str(tree),
+                        "--recipe", "imagenet", "--image-size", "32", "--arch", "torchvision:resnet50", "--split",
+                        "infopro", "-J", "2", "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "-b", "4",
+                        "--train-subset", "8", "--test-subset", "4", "--lr", "0.05", "--device", "cpu",
+                        "--workers", "1", "--progress", "off", "-o", str(out)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(--cuts layer2.0)" in r.stdout
+    header = json.load(open(out / "header.json"))
+    assert header["data_pipeline"] == "stream" and header["train_images"] == 8
+    assert len(json.load(open(out / "config.json"))["cuts"].split(",")) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batches_are_pinned_copies_of_the_cpu_ones(tree):
+    """On a GPU the loader pins its batches and the copies are non-blocking; the normalised
+    batches equal those of the same stream on the CPU."""
+    stream = ds.load_stream(tree, recipe="imagenet", image_size=16, workers=1)
+    assert stream.loader("train", ds._Plan(), torch.device("cuda")).pin_memory
+    out = {}
+    for dev in ("cpu", "cuda"):
+        bound = ds.BoundStream(stream, dev, False, 4, torch.float32, seed=0)
+        batches = [torch.tensor([3, 1, 7, 0], device=dev), torch.tensor([5, 2], device=dev)]
+        bound.begin_epoch(0, batches, 0)
+        out[dev] = [bound.train_batch(b, None, True) for b in batches]
+    for (xc, yc, ic), (xg, yg, ig) in zip(out["cpu"], out["cuda"]):
+        assert xg.is_cuda and torch.equal(yg.cpu(), yc)
+        torch.testing.assert_close(xg.cpu(), xc, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ig.cpu(), ic, rtol=0, atol=0)
