@@ -301,6 +301,10 @@ class BoundStream:
             raise RuntimeError("BoundStream.train_batch before begin_epoch")
         xb, y = next(self._it)
         n_global = self._expect.pop(0)
+        if int(y.shape[0]) != (int(idx.numel()) if self.world == 1 else int(idx.numel()) // self.world
+                               + (self.rank < int(idx.numel()) % self.world)):
+            # the loop asked for another batch than begin_epoch queued: never train on the wrong images
+            raise RuntimeError(f"BoundStream: a batch of {int(y.shape[0])} images arrived for {int(idx.numel())} indices")
         if self.learner is not None:
             self.learner.set_global_batch(n_global)
         xb = xb.to(self.device, non_blocking=True)

@@ -204,6 +204,11 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         n_train = data.num_train
         train_data, test_data = data, None
     else:
+        if cfg.dataset == "imagefolder" and cfg.data_pipeline == "auto" and (
+                cfg.image_size is not None or cfg.skip_bad_images or "workers" in (explicit or ())):
+            warnings.append(f"warning: --data-pipeline auto keeps {cfg.data_dir} resident (it fits --resident-budget "
+                            f"{cfg.resident_budget:g} MiB): --workers, --image-size and --skip-bad-images have no "
+                            "effect (pass --data-pipeline stream to stream it)")
         data = data_mod.load_dataset(
             cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
             test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,

@@ -12,7 +12,8 @@ on ``output_dir`` for the run's lifetime, and a checkpoint-then-exit on SIGINT/S
 Data: a pair ``(x, y)`` of tensors -- uint8 images ``[N, 3, H, W]`` are normalised (and augmented
 unless ``augment=False``) by ``spec`` (default: the CIFAR-10 recipe sized to the images), float
 tensors are used as they are -- or any iterable of ``(x, y)`` batches such as a torch
-``DataLoader`` (checkpoints then at epoch ends only: the loader's order is its own).
+``DataLoader`` (checkpoints then at epoch ends only: the loader's order is its own) -- or a
+:class:`~pgl_fast.data_stream.StreamData` (files decoded by loader workers, mid-epoch resume exact).
 """
 from __future__ import annotations
 
