@@ -18,7 +18,7 @@ from .core.methods import METHODS as METHOD_CLASSES
 from .errors import UserError
 from .jsonio import write_json_atomic
 from .argparsing import OneLineParser, add_fields, flag_of
-from .models.splits import SPLIT_KINDS, resolve_split
+from .models.splits import SPLIT_KINDS, imagenet_infopro_cuts, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
 # --global-memory-factor's default. Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to
@@ -27,7 +27,8 @@ METHODS = tuple(METHOD_CLASSES)
 # faster one that gives back much of the saving (coarse at J=8); where nothing fits, the smallest runs.
 DEFAULT_FACTOR = 1.25
 DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
-RECIPES = ("cifar10", "svhn", "stl10")
+RECIPES = ("cifar10", "svhn", "stl10", "imagenet")
+PIPELINES = ("auto", "resident", "stream")
 
 # InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), as its published run commands set
 # them per data set, network, J and balanced-memory split.
@@ -75,6 +76,11 @@ class TrainConfig:
     drop_last: bool = _f(False, "drop the last partial training batch (InfoPro keeps it)", group="data")
     synthetic_train: int = _f(512, "training images of --dataset synthetic", group="data")
     synthetic_test: int = _f(256, "test images of --dataset synthetic", group="data")
+    data_pipeline: str = _f("auto", "resident: decode the whole set once and keep it on the device; stream: DataLoader workers decode each batch from the files (ImageFolder trees); auto: stream for --recipe imagenet or when the decoded set would exceed --resident-budget, else resident", group="data", choices=PIPELINES)
+    workers: int = _f(2, "with --data-pipeline stream: DataLoader worker processes decoding files (0: in the training process)", group="data", metavar="N")
+    image_size: int | None = _f(None, "with --data-pipeline stream: the crop size the network sees (default: the recipe's, 224 for imagenet)", group="data", metavar="PX")
+    skip_bad_images: bool = _f(False, "with --data-pipeline stream: decode every file once before training and leave out the ones that fail (counted in header.json) instead of stopping at the first", group="data")
+    resident_budget: float = _f(4096.0, "with --data-pipeline auto: the most MiB a decoded ImageFolder may take to be kept resident", group="data", metavar="MiB")
 
     # -- model and split
     arch: str = _f("resnet32", "CIFAR ResNet-(6n+2) (resnet20, resnet32, resnet56, resnet110, ...) or torchvision:<name> (e.g. torchvision:resnet18, torchvision:vgg11_bn, torchvision:mobilenet_v2; cut with --cuts)", group="model")
@@ -207,6 +213,12 @@ class TrainConfig:
         if self.custom_model:
             if self.arch.startswith("torchvision:") and not self.arch.split(":", 1)[1]:
                 bad("--arch", "torchvision: needs a model name, e.g. torchvision:resnet18")
+            if self.split == "infopro" and self.model is None:
+                if self.cuts is not None:
+                    bad("--cuts", "and --split infopro both set the cuts; give one of them")
+                # the ImageNet ResNets' module split as a --cuts list (J is checked there)
+                self.cuts = ",".join(imagenet_infopro_cuts(self.arch.split(":", 1)[1], self.modules))
+                self.split = "auto"
             if not self.cut_list:
                 bad("--cuts", "is required with --arch torchvision:<name> or --model: name the children to cut "
                     "after, e.g. --cuts layer1,layer2,layer3")
@@ -239,6 +251,18 @@ class TrainConfig:
             bad("-Q/--duration", f"must be >= 0, got {self.duration}")
         if self.epochs < 1:
             bad("--epochs", f"must be >= 1, got {self.epochs}")
+        if self.workers < 0:
+            bad("--workers", f"must be >= 0, got {self.workers}")
+        if self.image_size is not None and self.image_size < 8:
+            bad("--image-size", f"must be >= 8 pixels, got {self.image_size}")
+        if self.resident_budget <= 0:
+            bad("--resident-budget", f"must be > 0 MiB, got {self.resident_budget}")
+        if self.data_pipeline == "stream" and self.dataset != "imagefolder":
+            bad("--data-pipeline", f"stream reads ImageFolder trees; --dataset {self.dataset} is decoded whole "
+                "(use resident or auto)")
+        if self.data_pipeline == "resident" and self.dataset == "imagefolder" and self.recipe == "imagenet":
+            bad("--data-pipeline", "resident cannot train --recipe imagenet: its random resized crops need the "
+                "full-size images; use stream or auto")
         if self.batch_size is None:
             self.batch_size = 128 if self.recipe_name == "stl10" else 1024
         if self.lr is None:
@@ -441,6 +465,10 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
      lambda c: "with --dataset synthetic (generated in memory)" if c.dataset == "synthetic" else None),
     (("no_download",),
      lambda c: "with --dataset imagefolder (nothing is downloaded)" if c.dataset == "imagefolder" else None),
+    (("workers", "image_size", "skip_bad_images"),
+     lambda c: "without streaming (--data-pipeline stream, or auto with --dataset imagefolder)"
+     if c.dataset != "imagefolder" or c.data_pipeline == "resident" else None),
+    (("resident_budget",), lambda c: f"with --data-pipeline {c.data_pipeline}" if c.data_pipeline != "auto" else None),
     (("heartbeat",), lambda c: "with --progress on (the progress bar shows the same)" if c.progress == "on" else None),
 ]
 

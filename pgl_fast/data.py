@@ -136,6 +136,10 @@ RECIPES: dict[str, DatasetSpec] = {
     ),
     "svhn": DatasetSpec("svhn", 10, 32, _HALF, _HALF, pad=2, pad_mode="zeros", flip=False),
     "stl10": DatasetSpec("stl10", 10, 96, _HALF, _HALF, pad=4, pad_mode="zeros", flip=True),
+    # ImageNet's usual statistics; the crop is the streaming pipeline's random resized crop
+    # (pgl_fast.data_stream), so there is no pad-and-crop here: only the flip.
+    "imagenet": DatasetSpec("imagenet", 1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                            pad=0, pad_mode="zeros", flip=True),
 }
 
 

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from . import data as data_mod
+from . import data_stream
 from . import planner
 from .build import build_learner, build_model, resolve_device, resolve_head_kernels
 from .config import TrainConfig, config_from_args, explicit_fields
@@ -171,7 +172,12 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
 
     if cfg.describe or cfg.plan:
         spec_size, n_classes = 96 if cfg.recipe_name == "stl10" else 32, 10
-        if cfg.plan and cfg.dataset == "imagefolder":
+        if cfg.plan and cfg.dataset == "imagefolder" and data_stream.choose_pipeline(
+                cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir, cfg.resident_budget) == "stream":
+            spec = data_stream.load_stream(cfg.data_dir, recipe=cfg.recipe, image_size=cfg.image_size,
+                                           workers=cfg.workers).spec
+            spec_size, n_classes = spec.image_size, spec.num_classes
+        elif cfg.plan and cfg.dataset == "imagefolder":
             # the plan depends on the images' size and the class count: read them as the run will
             spec = data_mod.load_dataset(
                 cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
@@ -188,11 +194,28 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     # everything is validated before the output dir is created or touched
     check_output_dir(cfg.output_dir)
     resume_state = find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
-    data = data_mod.load_dataset(
-        cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
-        test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
-        cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
-        synthetic_test=cfg.synthetic_test)
+    pipeline = data_stream.choose_pipeline(cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir,
+                                           cfg.resident_budget)
+    if pipeline == "stream":
+        data = data_stream.load_stream(cfg.data_dir, recipe=cfg.recipe, image_size=cfg.image_size,
+                                       workers=cfg.workers, skip_bad=cfg.skip_bad_images,
+                                       train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+                                       subset_seed=cfg.seed)
+        n_train = data.num_train
+        train_data, test_data = data, None
+    else:
+        if cfg.dataset == "imagefolder" and cfg.data_pipeline == "auto" and (
+                cfg.image_size is not None or cfg.skip_bad_images or "workers" in (explicit or ())):
+            warnings.append(f"warning: --data-pipeline auto keeps {cfg.data_dir} resident (it fits --resident-budget "
+                            f"{cfg.resident_budget:g} MiB): --workers, --image-size and --skip-bad-images have no "
+                            "effect (pass --data-pipeline stream to stream it)")
+        data = data_mod.load_dataset(
+            cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
+            cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
+            synthetic_test=cfg.synthetic_test)
+        n_train = int(data.train_y.shape[0])
+        train_data, test_data = (data.train_x, data.train_y), (data.test_x, data.test_y)
     spec = data.spec
     net = build_model(cfg, spec.num_classes, spec.image_size).to(device)
     if cfg.channels_last:
@@ -200,7 +223,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     from .runtime.head_select import configure_head_kernels
 
     head_kernels = configure_head_kernels(
-        net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, int(data.train_y.shape[0])), device=device, channels_last=cfg.channels_last,
+        net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, n_train), device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
@@ -213,7 +236,14 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
               "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
               "compile": cfg.compile_mode if cfg.compile else None,
-              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn}
+              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
+              "data_pipeline": pipeline}
+    if pipeline == "stream":
+        header.update({"loader_workers": cfg.workers, "image_size": spec.image_size,
+                       "skipped_images": data.meta["skipped_images"], "skipped_files": data.meta["skipped_files"]})
+        if data.meta["skipped_images"]:
+            warnings.append(f"warning: --skip-bad-images left out {data.meta['skipped_images']} image(s) that failed "
+                            f"to decode (first: {data.meta['skipped_files'][0]})")
     runner = None
     if pipe_ctx is not None:
         from .distributed.pipeline import build_stage, measured_module_times
@@ -221,7 +251,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         # every rank built the same model from the same seed; each trains its own stage of it
         balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance
         if balance == "auto":
-            balance = measured_module_times(cfg.arch, net.J, batch=min(cfg.batch_size, int(data.train_y.shape[0])),
+            balance = measured_module_times(cfg.arch, net.J, batch=min(cfg.batch_size, n_train),
                                             aux=cfg.aux, split=cfg.split, image_size=spec.image_size)
         runner = build_stage(learner, cfg.pipeline, balance=balance, depth=cfg.pipeline_depth,
                              micro_batches=cfg.pipeline_micro_batches,
@@ -236,7 +266,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
                 describe(cfg, net, spec.image_size), mem_plan.text()]
 
     trainer = Trainer(
-        learner, (data.train_x, data.train_y), (data.test_x, data.test_y), spec=spec, epochs=cfg.epochs,
+        learner, train_data, test_data, spec=spec, epochs=cfg.epochs,
         output_dir=cfg.output_dir, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
         drop_last=cfg.drop_last, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
         resume=cfg.resume, overwrite=cfg.overwrite, allow_schedule_change=cfg.allow_schedule_change,

@@ -12,7 +12,8 @@ on ``output_dir`` for the run's lifetime, and a checkpoint-then-exit on SIGINT/S
 Data: a pair ``(x, y)`` of tensors -- uint8 images ``[N, 3, H, W]`` are normalised (and augmented
 unless ``augment=False``) by ``spec`` (default: the CIFAR-10 recipe sized to the images), float
 tensors are used as they are -- or any iterable of ``(x, y)`` batches such as a torch
-``DataLoader`` (checkpoints then at epoch ends only: the loader's order is its own).
+``DataLoader`` (checkpoints then at epoch ends only: the loader's order is its own) -- or a
+:class:`~pgl_fast.data_stream.StreamData` (files decoded by loader workers, mid-epoch resume exact).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import data_stream
 from . import rundir
 from .core.learner import LocalLearner
 from .errors import UserError
@@ -539,6 +541,12 @@ class Trainer:
             self.warnings += self.data.notes
             if learner.method.needs_image and not (self.data.uint8 and self.data.train_x.shape[1] == 3):
                 raise UserError("InfoPro's loss reconstructs the input image: give uint8 images [N, 3, H, W]")
+        elif isinstance(train_data, data_stream.StreamData):
+            # files decoded by loader workers, batch by batch (test_data: unused, the stream has its test split)
+            self.data = data_stream.BoundStream(train_data, device, learner.channels_last, self.test_batch_size,
+                                                p.dtype if p is not None else torch.float32, seed)
+            if learner.method.needs_image and self.data.channels != 3:
+                raise UserError("InfoPro's loss reconstructs the input image: it needs 3-channel images")
         elif isinstance(train_data, Iterable):
             if save_every:
                 raise UserError("Trainer: save_every needs tensor data (x, y); a loader's order is its own, so "
@@ -560,7 +568,9 @@ class Trainer:
 
         self.ctx = getattr(learner, "ctx", None) or DistContext()
         if self.ctx.distributed:
-            self.data = ShardedData(self.data, self.ctx, learner)
+            # a stream decodes only this rank's shard of each global batch itself
+            self.data = self.data.shard(self.ctx, learner) if isinstance(self.data, data_stream.BoundStream) \
+                else ShardedData(self.data, self.ctx, learner)
         if resume_state is None:
             with self._api_words():
                 check_output_dir(self.output_dir)
@@ -828,6 +838,8 @@ class Trainer:
                 first_step, epoch_seconds = start_step, mid_epoch["seconds"]
             else:
                 batches = data.epoch_batches(self.batch_size, gen, self.drop_last)
+            if isinstance(data, data_stream.BoundStream):
+                data.begin_epoch(epoch, batches, first_step)  # the workers start reading this epoch's files
             # saved by mid-epoch checkpoints (tensor data only: a loader's order is its own)
             perm_all = torch.cat(batches) if data.resumable_mid_epoch and len(batches) else None
             bar = _progress(self.progress if pipe is None else "off", len(batches), f"epoch {epoch + 1} {phase}")

@@ -104,7 +104,9 @@ def test_imagefolder_spec_takes_recipe():
     assert (s.pad, s.pad_mode, s.flip) == (2, "zeros", False)
     assert dataset_spec("synthetic", image_size=4).pad == 3  # capped below the image size
     with pytest.raises(UserError, match="recipe"):
-        dataset_spec("imagefolder", recipe="imagenet")
+        dataset_spec("imagefolder", recipe="places365")
+    s = dataset_spec("imagefolder", recipe="imagenet", num_classes=5)
+    assert (s.image_size, s.mean, s.std, s.pad, s.flip) == (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,31 @@ INFOPRO_BALANCED_CUTS: dict[str, dict[str, dict[int, list[list[int]]]]] = {
     }
 }
 
+# torchvision's ImageNet ResNets, K=2 (the only K InfoPro publishes for ImageNet): the first module
+# ends after block k of layer2, the 28x28 stage for 224-pixel inputs (k = 0 for ResNet-101, 5 for
+# ResNet-152, as InfoPro's ImageNet code sets it). ResNet-50 has no entry in InfoPro's table; it
+# gets ResNet-101's cut, since the two share the stem, layer1 and layer2 -- an assumption, not a
+# published split (its second module is shorter, so the memory balance differs).
+INFOPRO_IMAGENET_CUTS: dict[str, dict[int, list[str]]] = {
+    "resnet101": {2: ["layer2.0"]},
+    "resnet152": {2: ["layer2.5"]},
+    "resnet50": {2: ["layer2.0"]},
+}
+
+
+def imagenet_infopro_cuts(name: str, J: int) -> list[str]:
+    """The ``--cuts`` of ``torchvision:<name>`` split as InfoPro splits it on ImageNet."""
+    table = INFOPRO_IMAGENET_CUTS.get(name)
+    if table is None:
+        raise UserError(f"--split infopro for torchvision models has ImageNet splits for "
+                        f"{', '.join('torchvision:' + n for n in INFOPRO_IMAGENET_CUTS)} only, not torchvision:{name}; "
+                        "name the cuts with --cuts")
+    if J not in table:
+        raise UserError(f"-J {J} has no InfoPro ImageNet split for torchvision:{name}; supported J: "
+                        f"{', '.join(map(str, sorted(table)))} (or name the cuts with --cuts)")
+    return list(table[J])
+
+
 SPLIT_KINDS = ("auto", "infopro", "balanced", "layerwise", "even")
 
 
