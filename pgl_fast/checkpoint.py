@@ -26,9 +26,12 @@ STRUCTURAL_FIELDS = ("method", "arch", "model", "cuts", "cifar_stem", "modules",
                      # a pipeline's checkpoint is one file per stage: resume with the same stages
                      "pipeline", "pipeline_balance", "pipeline_micro_batches")
 # what a checkpoint from before a structural field existed meant by it (no pipeline: one process)
-_ABSENT = {"pipeline": 1, "pipeline_balance": "even", "pipeline_micro_batches": 1}
-# Fields that define the data order: a resumed run must see the same images in the same order.
-DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed")
+_ABSENT = {"pipeline": 1, "pipeline_balance": "even", "pipeline_micro_batches": 1,
+           "image_size": None, "skip_bad_images": False, "data_pipeline": "auto"}
+# Fields that define the data order and what each sample becomes: a resumed run must see the same
+# images in the same order, cropped and normalised the same way (the number of stream workers is
+# not one of them: a streamed sample's augmentation is a function of its index, not of the worker).
+DATA_FIELDS = ("data_dir", "train_subset", "synthetic_train", "seed", "image_size", "skip_bad_images", "data_pipeline")
 # ... and, inside an epoch, the same batches.
 MID_EPOCH_FIELDS = ("batch_size", "drop_last")
 # Fields that define the learning-rate schedule and the PGL phase of every epoch: a resume that

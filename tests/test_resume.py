@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from pgl_fast.checkpoint import check_compatible
+from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,3 +286,17 @@ def test_rewind_keeps_the_checkpoint_just_written(tmp_path, monkeypatch, one_thr
     assert [name for name, _, _ in saved] == ["ckpt-e0001-s000002.pt", "ckpt-e0001-s000004.pt", "ckpt-e0002-s000000.pt"]
     for name, exists, left in saved:
         assert exists and left == [name], (name, left)
+
+
+@pytest.mark.parametrize("field, saved, now", [
+    ("recipe", "cifar10", "imagenet"), ("image_size", None, 160), ("skip_bad_images", False, True),
+    ("data_pipeline", "resident", "stream")])
+def test_a_resume_that_changes_what_each_sample_becomes_is_refused(field, saved, now):
+    """The recipe, crop size, bad-file policy and pipeline decide every training sample: a resume
+    that changes one would continue another run. A checkpoint written before the field existed
+    counts as the old default."""
+    with pytest.raises(UserError, match=rf"made by a different run \({field}: checkpoint {saved!r} vs now {now!r}\)"):
+        check_compatible({"config": {field: saved}}, {field: now}, "ckpt.pt")
+    check_compatible({"config": {}}, {"image_size": None, "skip_bad_images": False, "data_pipeline": "auto"},
+                     "old.pt")
+    check_compatible({"config": {field: now}}, {field: now, "workers": 7}, "ckpt.pt")  # workers may change
