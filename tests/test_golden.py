@@ -1,16 +1,23 @@
 """Golden metrics: a fixed-seed short run of a paper configuration (resnet32, J=16, PGL with
 AUX-ADAPT heads, one local and one global epoch, on a small subset of the offline CIFAR-10 copy,
-``--deterministic``) must reproduce, bit for bit, every loss and accuracy recorded in
-``tests/golden/`` before the engine's code was reorganised. Timing and memory fields are
-excluded (they depend on the machine, not on the arithmetic).
+``--deterministic``) must reproduce every loss and accuracy recorded in ``tests/golden/``. Timing
+and memory fields are excluded (they depend on the machine, not on the arithmetic).
+
+Bit for bit on the kind of machine that recorded them (same torch, same CPU kernels: the recorded
+``machine``), so that a reorganisation that changes no arithmetic is proven to change nothing. The
+CPU model changes between this project's machines, and oneDNN's and torch's kernels block their
+sums by the instruction set, so elsewhere floats agree to 1e-5 relative (the CPU-to-CPU drift of
+these two epochs is ~1e-7) and everything else (epochs, phases, accuracies) exactly.
 
 To record new values after an *intended* change of the arithmetic, run this file with
 ``PGL_FAST_WRITE_GOLDEN=1`` and say why in the commit.
 """
 import json
 import os
+import platform
 
 import pytest
+import torch
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "pgl_r32_j16_adapt.json")
 VOLATILE = {"images_per_s", "epoch_seconds", "peak_mem_mib", "peak_reserved_mib", "mem_kind", "elapsed_s",
@@ -24,10 +31,34 @@ def _stable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in VOLATILE}
 
 
+def machine() -> dict:
+    """What decides the CPU kernels' summation order: torch, the SIMD level torch dispatches to,
+    and the CPU model with its vector flags."""
+    model, flags = platform.processor(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = sorted(x for x in line.split(":", 1)[1].split() if x.startswith(("avx", "amx", "fma")))
+                    break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": model, "cpu_flags": flags}
+
+
+def _close(got, want) -> bool:
+    if isinstance(want, float) and isinstance(got, (int, float)):
+        return got == pytest.approx(want, rel=1e-5)
+    if isinstance(want, list) and isinstance(got, list):
+        return len(got) == len(want) and all(_close(g, w) for g, w in zip(got, want))
+    return got == want
+
+
 @pytest.mark.slow
 def test_paper_configuration_matches_golden_metrics(offline_cifar, tmp_path):
-    import torch
-
     from pgl_fast import train
 
     threads = torch.get_num_threads()
@@ -42,13 +73,16 @@ def test_paper_configuration_matches_golden_metrics(offline_cifar, tmp_path):
         got = [_stable(json.loads(line)) for line in f if line.strip()]
     if os.environ.get("PGL_FAST_WRITE_GOLDEN") == "1":
         with open(GOLDEN, "w") as f:
-            json.dump({"args": ARGS, "epochs": got}, f, indent=1, sort_keys=True)
+            json.dump({"args": ARGS, "machine": machine(), "epochs": got}, f, indent=1, sort_keys=True)
         pytest.skip(f"wrote {GOLDEN}")
     with open(GOLDEN) as f:
         want = json.load(f)
     assert want["args"] == ARGS
     assert len(got) == len(want["epochs"])
+    bitwise = want.get("machine") == machine()
     for g, w in zip(got, want["epochs"]):
         # every field recorded then must still be there with the same value (new fields may appear)
         for k, v in w.items():
-            assert g.get(k) == v, f"epoch {w['epoch']} field {k}: {g.get(k)!r} != golden {v!r}"
+            same = g.get(k) == v if bitwise else _close(g.get(k), v)
+            assert same, (f"epoch {w['epoch']} field {k}: {g.get(k)!r} != golden {v!r} "
+                          f"({'bit for bit: same machine' if bitwise else 'rel 1e-5: another machine'})")
