@@ -3,11 +3,13 @@ AUX-ADAPT heads, one local and one global epoch, on a small subset of the offlin
 ``--deterministic``) must reproduce every loss and accuracy recorded in ``tests/golden/``. Timing
 and memory fields are excluded (they depend on the machine, not on the arithmetic).
 
-Bit for bit on the kind of machine that recorded them (same torch, same CPU kernels: the recorded
-``machine``), so that a reorganisation that changes no arithmetic is proven to change nothing. The
-CPU model changes between this project's machines, and oneDNN's and torch's kernels block their
-sums by the instruction set, so elsewhere floats agree to 1e-5 relative (the CPU-to-CPU drift of
-these two epochs is ~1e-7) and everything else (epochs, phases, accuracies) exactly.
+Bit for bit against the values recorded on the same kind of machine (same torch, same CPU
+kernels: each file's ``machine``), so that a reorganisation that changes no arithmetic is proven
+to change nothing. The CPU model changes between this project's machines, and oneDNN's and torch's
+kernels block their sums by the instruction set: the local epoch then drifts ~1e-6 relative, and
+the global epoch from that near-random start amplifies it (test loss 50% apart between two CPUs,
+with code that is bit-identical on each). So on a machine without its own file, the local epoch is
+compared to 1e-4 relative (accuracies exactly) and the global epoch only by its schedule fields.
 
 To record new values after an *intended* change of the arithmetic, run this file with
 ``PGL_FAST_WRITE_GOLDEN=1`` and say why in the commit.
@@ -19,7 +21,8 @@ import platform
 import pytest
 import torch
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "pgl_r32_j16_adapt.json")
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+GOLDEN_PREFIX = "pgl_r32_j16_adapt"  # one file per machine kind that recorded values
 VOLATILE = {"images_per_s", "epoch_seconds", "peak_mem_mib", "peak_reserved_mib", "mem_kind", "elapsed_s",
             "eta_s", "wall_seconds"}
 ARGS = ["--dataset", "imagefolder", "--arch", "resnet32", "--method", "pgl", "-J", "16", "--aux", "adapt",
@@ -49,9 +52,12 @@ def machine() -> dict:
             "cpu": model, "cpu_flags": flags}
 
 
+SCHEDULE = ("epoch", "event", "phase", "lr")
+
+
 def _close(got, want) -> bool:
     if isinstance(want, float) and isinstance(got, (int, float)):
-        return got == pytest.approx(want, rel=1e-5)
+        return got == pytest.approx(want, rel=1e-4)
     if isinstance(want, list) and isinstance(got, list):
         return len(got) == len(want) and all(_close(g, w) for g, w in zip(got, want))
     return got == want
@@ -71,18 +77,26 @@ def test_paper_configuration_matches_golden_metrics(offline_cifar, tmp_path):
     assert rc == 0
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         got = [_stable(json.loads(line)) for line in f if line.strip()]
+    here = machine()
+    files = sorted(f for f in os.listdir(GOLDEN_DIR) if f.startswith(GOLDEN_PREFIX) and f.endswith(".json"))
+    recorded = [(f, json.load(open(os.path.join(GOLDEN_DIR, f)))) for f in files]
+    mine = [(f, w) for f, w in recorded if w.get("machine") == here]
     if os.environ.get("PGL_FAST_WRITE_GOLDEN") == "1":
-        with open(GOLDEN, "w") as f:
-            json.dump({"args": ARGS, "machine": machine(), "epochs": got}, f, indent=1, sort_keys=True)
-        pytest.skip(f"wrote {GOLDEN}")
-    with open(GOLDEN) as f:
-        want = json.load(f)
+        name = mine[0][0] if mine else f"{GOLDEN_PREFIX}.{here['cpu_capability'].lower()}-{len(recorded)}.json"
+        with open(os.path.join(GOLDEN_DIR, name), "w") as f:
+            json.dump({"args": ARGS, "machine": here, "epochs": got}, f, indent=1, sort_keys=True)
+        pytest.skip(f"wrote {name}")
+    bitwise = bool(mine)
+    name, want = mine[0] if mine else recorded[0]
     assert want["args"] == ARGS
     assert len(got) == len(want["epochs"])
-    bitwise = want.get("machine") == machine()
-    for g, w in zip(got, want["epochs"]):
+    for i, (g, w) in enumerate(zip(got, want["epochs"])):
         # every field recorded then must still be there with the same value (new fields may appear)
         for k, v in w.items():
-            same = g.get(k) == v if bitwise else _close(g.get(k), v)
-            assert same, (f"epoch {w['epoch']} field {k}: {g.get(k)!r} != golden {v!r} "
-                          f"({'bit for bit: same machine' if bitwise else 'rel 1e-5: another machine'})")
+            if bitwise:
+                same, how = g.get(k) == v, "bit for bit: same machine"
+            elif i == 0:
+                same, how = _close(g.get(k), v), "rel 1e-4: another machine"
+            else:
+                same, how = (g.get(k) == v) if k in SCHEDULE else True, "schedule only: another machine"
+            assert same, f"{name}: epoch {w['epoch']} field {k}: {g.get(k)!r} != golden {v!r} ({how})"
