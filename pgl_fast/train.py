@@ -208,12 +208,16 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     # steps are never checkpointed (each stage holds its own modules' graphs): auto means none there
     plan_cfg = dataclasses.replace(cfg, global_memory="none") if pipe_ctx is not None else cfg
     mem_plan = group.on_main(planner.plan_run, plan_cfg, net, spec.image_size, spec.num_classes)
+    # summary.json sets it beside the measured peak of every phase (measured before the run's learner exists)
+    predicted_mib = None if pipe_ctx is not None else group.on_main(
+        planner.phase_predictions, cfg, mem_plan, spec.image_size, spec.num_classes)
     learner = build_learner(cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
               "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
               "compile": cfg.compile_mode if cfg.compile else None,
-              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn}
+              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
+              "memory_prediction_mib": predicted_mib}
     runner = None
     if pipe_ctx is not None:
         from .distributed.pipeline import build_stage, measured_module_times
