@@ -86,6 +86,21 @@ ARGS = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test",
         "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2"]
 
 
+@glibc
+def test_huge_pages_asked_only_before_torch():
+    """Imported before torch, pgl_fast asks torch's allocator for huge pages (so the trainer may fix
+    the mmap threshold without paying page faults); imported after it -- as in this test process,
+    whose conftest imports torch first -- it cannot, and says so."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    code = ("import os, pgl_fast, torch; from pgl_fast.host_memory import huge_pages_for_torch; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), huge_pages_for_torch())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         timeout=120).stdout.split()
+    thp_possible = os.path.exists(host_memory.THP_SETTING) and "[never]" not in open(host_memory.THP_SETTING).read()
+    assert out == ["1", str(thp_possible)]
+    assert host_memory.huge_pages_for_torch() is False
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_summary_sets_prediction_beside_measured_peak(tmp_path):
     assert main(ARGS + ["-o", str(tmp_path / "run")]) == 0
@@ -104,3 +119,5 @@ def test_summary_sets_prediction_beside_measured_peak(tmp_path):
         assert got["measured_peak_mib"] == r["peak_mem_mib"]
         assert got["measured_above_setup_mib"] == pytest.approx(r["peak_mem_mib"] - mem["setup_rss_mib"])
     assert 0 < mem["setup_rss_mib"] <= min(r["peak_mem_mib"] for r in records)
+    # this process imported torch before pgl_fast: trimmed, threshold left to glibc
+    assert mem["allocator"] == {"trim_at_phase_switch": True, "mmap_threshold_mib": None}
