@@ -81,7 +81,11 @@ def ask_huge_pages() -> None:
     (a user's own ``THP_MEM_ALLOC_ENABLE`` stays as set), and remember whether torch will see it."""
     if _HUGE_PAGES:
         return
-    if "torch" not in sys.modules:
+    if _libc() is None:
+        # huge pages pay off only with the fixed threshold, which needs glibc; alone they made
+        # the resident set larger (whole pages stay resident)
+        _HUGE_PAGES.append(False)
+    elif "torch" not in sys.modules:
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
         _HUGE_PAGES.append(os.environ["THP_MEM_ALLOC_ENABLE"] == "1")
     else:
