@@ -1,7 +1,7 @@
 """The engine's default CPU steps against plain loops written here: the local (DGL) step against a
 hand-written eager DGL loop, the BP step against a hand-written eager BP loop. Same network
 (copies of the same weights), same data, same batch, fp32; the contenders run in interleaved rounds
-(one step of each per round, after warm-up), and the ratio is median(plain) / median(engine), so
+(one step of each per round, the order reversed every other round, after warm-up), and the ratio is median(plain) / median(engine), so
 > 1 means the engine is faster.
 
 The plain loops use ``torch.optim.SGD`` as a user writes it (Python-float lr, torch's default
@@ -102,8 +102,10 @@ def interleaved(fns: dict, x, y) -> dict:
         for _ in range(WARMUP):
             fn(x, y)
     times = {k: [] for k in fns}
-    for _ in range(ROUNDS):
-        for k, fn in fns.items():
+    order = list(fns)
+    for r in range(ROUNDS):
+        for k in (order if r % 2 == 0 else order[::-1]):  # neither always runs first
+            fn = fns[k]
             t = time.perf_counter()
             fn(x, y)
             times[k].append(time.perf_counter() - t)
