@@ -47,6 +47,10 @@ def _register_checkout_kernels() -> None:
 
 _register_checkout_kernels()
 
+from . import host_memory  # noqa: E402  (ctypes only)
+
+host_memory.ask_huge_pages()  # before anything imports torch: torch reads it once (host_memory.py)
+
 
 _API = {
     "split": ("pgl_fast.models.split", "split"),

@@ -110,7 +110,8 @@ def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs
     else:
         checkpoint_global = bool(cfg.checkpoint_global)
     kw = dict(
-        optimizer=sgd(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay),
+        optimizer=sgd(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                      kernel="fused" if cfg.optimizer_kernel == "auto" else cfg.optimizer_kernel),
         amp=cfg.amp_dtype if cfg.amp else None, compile=cfg.compile_mode if cfg.compile else None,
         cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
         checkpoint_global=checkpoint_global, lr_schedule=lr_schedule(cfg), channels_last=cfg.channels_last)

@@ -125,6 +125,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile (Inductor) each module's forward and local loss, and the global step's segments and losses; evaluation stays eager", group="runtime")
     compile_mode: str = _f("default", "torch.compile mode with --compile (reduce-overhead and max-autotune capture CUDA graphs themselves)", group="runtime", choices=COMPILE_MODES)
     head_kernels: str = _f("auto", "aux head conv path: fused Triton kernels or eager PyTorch (auto = triton on CUDA)", group="runtime", choices=("auto", "triton", "eager"))
+    cpu_tune: str = _f("off", "on the CPU, pick the thread count, channels-last and the optimizer kernel by timing this run's step at start-up (cached per machine and shape; recorded in header.json); a forced --threads/--channels-last/--optimizer-kernel wins", group="runtime", choices=("off", "auto"))
+    optimizer_kernel: str = _f("auto", "torch's SGD kernel: fused or foreach (auto = fused, or measured with --cpu-tune auto)", group="runtime", choices=("auto", "fused", "foreach"))
+    threads: int = _f(0, "intra-op CPU threads (0 = torch's default, or measured with --cpu-tune auto)", group="runtime", metavar="N")
     checkpoint_global: bool = _f(False, "checkpointed autograd at module boundaries in global epochs (bp and PGL's global phase)", flags=("--checkpoint-global",), group="runtime")
     sync_bn: bool = _f(False, "under torchrun (data parallel): batch-norm statistics over the global batch (an all-reduce batch norm on every device, exact for unequal shards) instead of per rank", group="distributed")
     pipeline: int = _f(1, "under torchrun with S ranks: pipeline the J modules over S stages (1: off); local steps as in one process, global steps a synchronous GPipe forward/backward", group="distributed", metavar="S")
@@ -302,6 +305,11 @@ class TrainConfig:
             bad("--compile-mode", f"{self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.compile_mode != "default" and not self.compile:
             bad("--compile-mode", "only applies with --compile; add --compile")
+        if self.threads < 0:
+            bad("--threads", f"must be >= 0 (0: torch's default or measured), got {self.threads}")
+        if self.cuda_graphs and self.optimizer_kernel == "foreach":
+            bad("--optimizer-kernel", "foreach turns the lr tensor into a host number every step; --cuda-graphs "
+                "needs fused (or auto)")
         if self.compile and self.cuda_graphs and self.compile_mode in CUDAGRAPH_MODES:
             bad("--compile-mode", f"{self.compile_mode} captures CUDA graphs itself, as does --cuda-graphs; use "
                 "--compile-mode default or max-autotune-no-cudagraphs with --cuda-graphs, or drop --cuda-graphs")

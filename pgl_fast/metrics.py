@@ -9,6 +9,8 @@ Under CUDA graphs the allocator's counters miss what a replay holds (a replay ne
 activations sit in the graph pool, allocated only while the capture ran), so an epoch that replayed
 graphs reports the larger of the counter and the graphs' capture peaks, and says so in ``kind``
 (``cuda_allocated+graph_capture_peak``); the pool's reserved bytes are reported on their own.
+
+Freed host memory is returned to the system by ``host_memory`` (see there).
 """
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ def _proc_status_kib(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def rss_mib() -> float | None:
+    """The process's resident set now (``VmRSS``), or None where /proc does not say."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib / 1024
 
 
 class PeakMemory:
@@ -67,6 +75,24 @@ class PeakMemory:
         hwm = _proc_status_kib("VmHWM")
         return {"kind": "cpu_rss", "peak_mib": None if hwm is None else hwm / 1024, "peak_reserved_mib": None,
                 "graph_pool_mib": None}
+
+
+def memory_summary(predicted_mib: dict | None, peak_by_phase: dict, setup_rss_mib: float | None, kind: str) -> dict:
+    """The planner's prediction next to what the run measured, per phase (``summary.json``).
+
+    ``predicted_mib``: the planner's peak of tracked tensor bytes (parameters, gradients, optimizer
+    state, activations); ``measured_peak_mib``: the phase's measured peak (``kind``: the resident
+    set on the CPU, allocated bytes on CUDA). On the CPU the resident set also holds the
+    interpreter, the libraries and the data set, which ``setup_rss_mib`` (the resident set once the
+    set-up's freed memory is returned) measures: ``measured_above_setup_mib`` is what compares with
+    the prediction there."""
+    phases = {}
+    for ph in sorted(set(peak_by_phase) | set(predicted_mib or {})):
+        measured = peak_by_phase.get(ph)
+        above = measured - setup_rss_mib if kind == "cpu_rss" and None not in (measured, setup_rss_mib) else None
+        phases[ph] = {"predicted_mib": (predicted_mib or {}).get(ph), "measured_peak_mib": measured,
+                      "measured_above_setup_mib": above}
+    return {"kind": kind, "setup_rss_mib": setup_rss_mib if kind == "cpu_rss" else None, "phases": phases}
 
 
 def run_header(config: dict, device: torch.device) -> dict:

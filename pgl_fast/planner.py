@@ -259,6 +259,34 @@ class MemoryPlan:
                 "text": self.text()}
 
 
+def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int) -> dict[str, float]:
+    """{phase label as metrics record it: predicted peak MiB} for every phase this run has (``local``;
+    ``global`` for PGL's global epochs, ``bp`` for backprop, under the plan's checkpointing), from
+    the plan's own prediction where it has the numbers, else measured here (the same cached
+    measurement: a fraction of a second for small networks, a few seconds for resnet32 J=16)."""
+    from .build import method_of
+    from .core.schedule import GLOBAL, LOCAL
+
+    method = method_of(cfg)
+    phases = set(method.phases(cfg.epochs))
+    need_local = LOCAL in phases
+    need_global = GLOBAL in phases
+    p = plan.prediction
+    if p is None or (need_local and p.get("local") is None) or (need_global and plan.choice not in p["global"]):
+        p = predict(method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
+                    dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
+                    num_classes=num_classes, lean_blocks=cfg.lean_blocks,
+                    candidates=(plan.choice,) if need_global else (), local=need_local,
+                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem)
+    out = {}
+    if need_local:
+        out[LOCAL] = p["local"] / MiB
+    if need_global:
+        out[method.epoch_label(next(e for e in range(cfg.epochs) if method.phase(e) == GLOBAL))] = \
+            p["global"][plan.choice] / MiB
+    return out
+
+
 def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
     """The global-step checkpointing of this run, resolved once: ``--plan`` prints this
     :class:`~pgl_fast.planner.MemoryPlan`, the executor runs exactly its segments (None: no

@@ -150,6 +150,50 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         (pipe_ctx or ctx).shutdown()
 
 
+def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: int) -> tuple[TrainConfig, dict]:
+    """``--threads`` and ``--cpu-tune``: the thread count, memory format and optimizer kernel this
+    run trains with (``runtime.autotune``), and their record for header.json. The returned config
+    carries the choice (config.json keeps the flags as given)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    record = {"mode": cfg.cpu_tune}
+    if cfg.cpu_tune == "auto" and device.type == "cpu" and not group.distributed:
+        from .runtime import autotune
+        from .runtime.optim import sgd
+
+        forced = {}
+        if cfg.threads > 0:
+            forced["threads"] = cfg.threads
+        if cfg.channels_last:
+            forced["channels_last"] = True
+        if cfg.optimizer_kernel != "auto":
+            forced["optimizer_kernel"] = cfg.optimizer_kernel
+
+        def build(net_copy, channels_last):
+            learner = build_learner(dataclasses.replace(cfg, channels_last=channels_last, global_memory="none",
+                                                        checkpoint_global=False), net_copy)
+            learner.start_epoch(0)
+            return learner
+
+        def make_optimizer(params, kernel):
+            return sgd(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                       kernel=kernel)(params)
+
+        shape = {"arch": cfg.model or cfg.arch, "J": cfg.modules, "aux": cfg.aux, "split": cfg.split,
+                 "method": cfg.method, "batch": batch, "image_size": image_size, "amp": cfg.amp,
+                 "lean_blocks": cfg.lean_blocks}
+        result = autotune.tune(net=net, build=build, make_optimizer=make_optimizer, shape=shape, batch=batch,
+                               image_size=image_size, forced=forced)
+        record.update(result)
+        choice = result["choice"]
+        torch.set_num_threads(int(choice["threads"]))
+        cfg = dataclasses.replace(cfg, channels_last=bool(choice["channels_last"]),
+                                  optimizer_kernel=choice["optimizer_kernel"])
+    record["used"] = {"threads": torch.get_num_threads(), "channels_last": cfg.channels_last,
+                      "optimizer_kernel": "fused" if cfg.optimizer_kernel == "auto" else cfg.optimizer_kernel}
+    return cfg, record
+
+
 def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None) -> dict:
     group = pipe_ctx or ctx  # the ranks of this launch (pipeline stages or data-parallel replicas)
     if group.distributed:
@@ -227,17 +271,25 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
+    # the flags stay as given in config.json; the learner trains with what they and the tuner chose
+    run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=min(cfg.batch_size, int(data.train_y.shape[0])),
+                                 image_size=spec.image_size)
+    if run_cfg.channels_last and not cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     # measured on rank 0 only: every rank must checkpoint the same segments. A pipeline's global
     # steps are never checkpointed (each stage holds its own modules' graphs): auto means none there
     plan_cfg = dataclasses.replace(cfg, global_memory="none") if pipe_ctx is not None else cfg
     mem_plan = group.on_main(planner.plan_run, plan_cfg, net, spec.image_size, spec.num_classes)
-    learner = build_learner(cfg, net, mem_plan, ctx=ctx)
+    # summary.json sets it beside the measured peak of every phase (measured before the run's learner exists)
+    predicted_mib = None if pipe_ctx is not None else group.on_main(
+        planner.phase_predictions, cfg, mem_plan, spec.image_size, spec.num_classes)
+    learner = build_learner(run_cfg, net, mem_plan, ctx=ctx)
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
               "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
               "compile": cfg.compile_mode if cfg.compile else None,
               "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
-              "data_pipeline": pipeline}
+              "data_pipeline": pipeline, "memory_prediction_mib": predicted_mib, "cpu_tune": cpu_tune}
     if pipeline == "stream":
         header.update({"loader_workers": cfg.workers, "image_size": spec.image_size,
                        "skipped_images": data.meta["skipped_images"], "skipped_files": data.meta["skipped_files"]})

@@ -36,7 +36,8 @@ from . import rundir
 from .core.learner import LocalLearner
 from .errors import UserError
 from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
-from .metrics import PeakMemory, run_header
+from .host_memory import MMAP_THRESHOLD_BYTES, huge_pages_for_torch, release_freed_memory, retain_less_memory
+from .metrics import PeakMemory, memory_summary, rss_mib, run_header
 from .runtime import head_select
 from .runtime.device import device_context
 from .runtime.rng import seed_rank_streams
@@ -812,9 +813,21 @@ class Trainer:
             return RunInterrupted(f"interrupted ({name}) at {where}; saved {path}\n"
                                   f"resume with: {self.resume_hint}", 128 + interrupts.signum)
 
+        last_phase, setup_rss_mib = None, None
+        allocator = {"trim_at_phase_switch": False, "mmap_threshold_mib": None}
+        if device.type == "cpu" and huge_pages_for_torch() and retain_less_memory():
+            # the steps' activations go back to the system when freed (host_memory.py)
+            allocator["mmap_threshold_mib"] = MMAP_THRESHOLD_BYTES / 2**20
         for epoch in range(start_epoch, self.epochs):
             t_epoch = time.time()
             phase = learner.method.epoch_label(epoch)
+            if phase != last_phase:
+                # after the set-up and at every phase switch: what the allocator kept from before is
+                # handed back, so this phase's peak resident set is its own (metrics.py)
+                allocator["trim_at_phase_switch"] = release_freed_memory()
+                if last_phase is None:
+                    setup_rss_mib = rss_mib()
+                last_phase = phase
             lr = learner.start_epoch(epoch)
             if lr is None:
                 lr = current_lr(learner)
@@ -961,6 +974,9 @@ class Trainer:
             "wall_seconds": time.time() - t_start, "peak_mem_mib_by_phase": peak_by_phase,
             "mem_kind": memory.read()["kind"], "method": learner.method.name, "J": net.J, "seed": self.seed,
         }
+        summary["memory"] = memory_summary(self.header.get("memory_prediction_mib"), peak_by_phase, setup_rss_mib,
+                                           summary["mem_kind"])
+        summary["memory"]["allocator"] = allocator
         summary.update(self.summary_extra)
         if main:
             write_json_atomic(os.path.join(self.output_dir, "summary.json"), summary)

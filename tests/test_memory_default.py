@@ -118,29 +118,39 @@ def test_pgl_default_stays_within_factor_of_local_peak(tmp_path, monkeypatch):
     assert faster and all(peaks[c] > FACTOR * local for c in faster), (choice, peaks, local)
 
 
-def test_bp_default_is_plain_backprop_and_measures_nothing(tmp_path, monkeypatch):
-    def no_predict(**kw):
-        raise AssertionError("bp's default must not run the planner")
+def own_phases_only(monkeypatch, candidates, local):
+    """planner.predict may run only for summary.json's prediction of the run's own phases (no
+    alternatives measured to choose among); returns the list of its calls."""
+    real, seen = planner.predict, []
 
-    monkeypatch.setattr(planner, "predict", no_predict)
+    def predict(**kw):
+        seen.append(kw)
+        assert tuple(kw["candidates"]) == candidates and kw["local"] == local, kw
+        return real(**kw)
+
+    monkeypatch.setattr(planner, "predict", predict)
+    return seen
+
+
+def test_bp_default_is_plain_backprop_and_plans_nothing(tmp_path, monkeypatch):
+    seen = own_phases_only(monkeypatch, ("none",), False)
     run_dir = tmp_path / "bp"
     learner, calls = observed_run(monkeypatch, ARGS + BP + ["-o", str(run_dir)])
     header = json.loads((run_dir / "header.json").read_text())
     assert header["global_segments"] is None and learner.segments is None and calls == 0
     assert header["memory_plan"]["predicted"] is None
+    assert len(seen) == 1 and set(header["memory_prediction_mib"]) == {"bp"}
 
 
 def test_no_global_epoch_plans_nothing(tmp_path, monkeypatch, capsys):
-    def no_predict(**kw):
-        raise AssertionError("a run without global epochs must not run the planner")
-
-    monkeypatch.setattr(planner, "predict", no_predict)
+    seen = own_phases_only(monkeypatch, (), True)
     run_dir = tmp_path / "local-only"
     # -P 2 over 2 epochs: both local
     observed_run(monkeypatch, ARGS + ["--method", "pgl", "-P", "2", "-Q", "1", "--epochs", "2", "-o", str(run_dir)])
     header = json.loads((run_dir / "header.json").read_text())
     assert header["global_segments"] is None and header["memory_plan"]["global_steps"] is False
     assert "reaches no global epoch" in capsys.readouterr().out
+    assert len(seen) == 1 and set(header["memory_prediction_mib"]) == {"local"}
 
 
 @pytest.mark.parametrize("extra, flag", [

@@ -206,7 +206,7 @@ class LocalLearner:
 
     ``optimizer``: a callable taking an iterable of parameters and returning a ``torch.optim``
     optimizer, called once per module (default: SGD with momentum 0.9, Nesterov, weight decay 1e-4,
-    lr 0.1, its lr in a device tensor). ``amp``: None, True/"bf16" or "fp16" (autocast; fp16 with a
+    lr 0.1, torch's fused SGD with its lr in a device tensor). ``amp``: None, True/"bf16" or "fp16" (autocast; fp16 with a
     grad scaler). ``compile``: None, True or a ``torch.compile`` mode for the steps' forward-and-loss
     pieces. ``cuda_graphs``: replay local steps as CUDA graphs (CUDA only). ``checkpoint_global``:
     False, True (one checkpointed segment per module) or a list of ``(start, end)`` unit ranges
@@ -276,9 +276,9 @@ class LocalLearner:
             if self.device_type != "cuda":
                 raise UserError("cuda_graphs needs the model on a CUDA GPU (it is on "
                                 f"{self.device_type}); train eagerly instead")
-            if not all(hasattr(o, "lr_tensor") for o in self.optimizers):
-                raise UserError("cuda_graphs needs optimizers whose lr lives in a device tensor "
-                                "(pgl_fast.runtime.optim.DeviceLRSGD, the default)")
+            if not all(getattr(o, "graph_safe", False) for o in self.optimizers):
+                raise UserError("cuda_graphs needs optimizers whose lr lives in a device tensor read by a fused "
+                                "kernel (pgl_fast.runtime.optim.sgd(kernel='fused'), the default)")
             from ..runtime.graphs import GraphedLocalSteps
 
             self.graphed = GraphedLocalSteps(self, self.stats)

@@ -3,7 +3,9 @@
 The captured function is ``LocalLearner.local_step`` itself -- the same code the eager path runs, for
 every module: forward, local loss, backward, the device-lr SGD update, and the device-side
 statistics. What makes it capturable is in the pieces it calls: the lr lives in a device tensor
-(``optim.DeviceLRSGD``), momentum buffers exist from the start, statistics and the non-finite
+read by torch's fused SGD kernel (``optim.SGD``), momentum buffers exist from the start (torch's
+SGD otherwise decides on the host, at the first step, that the buffers are new, and a graph
+captured around that step would replay the first step's ``buf = d``), statistics and the non-finite
 flags are device tensors updated in place (the learner's ``StepStats``), and nothing in the step reads
 a value back to the host.
 
