@@ -272,7 +272,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
     # the flags stay as given in config.json; the learner trains with what they and the tuner chose
-    run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=min(cfg.batch_size, int(data.train_y.shape[0])),
+    run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=min(cfg.batch_size, n_train),
                                  image_size=spec.image_size)
     if run_cfg.channels_last and not cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
