@@ -371,7 +371,8 @@ def test_interrupt_never_saves_poisoned_weights(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_command_drops_resume_and_overwrite():
-    argv = ["--dataset", "synthetic", "-o", "runs/x", "--overw", "--resume=old.pt", "-J", "4", "--res", "a.pt",
+    # "--resu": an abbreviation argparse accepts ("--res" is ambiguous since --resident-budget)
+    argv = ["--dataset", "synthetic", "-o", "runs/x", "--overw", "--resume=old.pt", "-J", "4", "--resu", "a.pt",
             "--allow-schedule-change", "--epochs", "3"]
     cmd = shlex.split(resume_command(None, argv))
     assert cmd[:3] == [sys.executable, "-m", "pgl_fast.train"]
