@@ -8,7 +8,6 @@ import os
 import torch
 
 import pgl_fast
-from pgl_fast.data import extract_archive_if_needed, load_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OFFLINE_ARCHIVE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data", "cifar10-jpeg.tar.gz")
@@ -35,9 +34,9 @@ def parse_args(description: str, argv=None, *, lr: float = 0.05) -> argparse.Nam
 def load_cifar(args):
     data_dir = args.data
     if data_dir.endswith((".tar.gz", ".tgz")):
-        data_dir = str(extract_archive_if_needed(data_dir, os.path.join(os.path.dirname(HERE), ".cache")))
-    return load_dataset("imagefolder", data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
-                        subset_seed=args.seed, download=False, recipe="cifar10")
+        data_dir = str(pgl_fast.extract_archive_if_needed(data_dir, os.path.join(os.path.dirname(HERE), ".cache")))
+    return pgl_fast.load_dataset("imagefolder", data_dir, train_subset=args.train_subset, test_subset=args.test_subset,
+                                 subset_seed=args.seed, download=False, recipe="cifar10")
 
 
 def method_of(args):

@@ -14,11 +14,10 @@ import torchvision
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pgl_fast  # noqa: E402
 from common import parse_args, train  # noqa: E402
-from pgl_fast.models.presets import cifar_stem  # noqa: E402
 
 
 def build_network(num_classes: int = 10) -> torch.nn.Module:
-    return cifar_stem(torchvision.models.resnet18(num_classes=num_classes))
+    return pgl_fast.cifar_stem(torchvision.models.resnet18(num_classes=num_classes))
 
 
 def build_model(num_classes: int = 10, aux: str = "1c2f") -> pgl_fast.LocalModel:

@@ -8,7 +8,11 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
 - ``pgl_fast.LocalModel(blocks, classifier, heads)``: the pieces, assembled by hand;
 - ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``PGL(period, duration, local=...)``;
 - ``pgl_fast.LocalLearner(local_model, method, ...)``: local and global steps, evaluation, state;
-- ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, ...)``: the training loop.
+- ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, ...)``: the training loop;
+- presets and pieces the examples use: ``cifar_resnet``, ``cifar_stem``, the optimizer factory
+  ``sgd`` (and ``SGD``), the methods ``BP``/``DGL``/``InfoPro``/``PGL``, and for torchrun
+  ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
+  sets: ``load_dataset``, ``extract_archive_if_needed``.
 """
 import importlib.abc
 import importlib.util
@@ -58,6 +62,20 @@ _API = {
     "LocalLearner": ("pgl_fast.core.learner", "LocalLearner"),
     "Trainer": ("pgl_fast.trainer", "Trainer"),
     "methods": ("pgl_fast.core.methods", None),
+    "BP": ("pgl_fast.core.methods", "BP"),
+    "DGL": ("pgl_fast.core.methods", "DGL"),
+    "InfoPro": ("pgl_fast.core.methods", "InfoPro"),
+    "PGL": ("pgl_fast.core.methods", "PGL"),
+    "cifar_resnet": ("pgl_fast.models.presets", "cifar_resnet"),
+    "cifar_stem": ("pgl_fast.models.presets", "cifar_stem"),
+    "sgd": ("pgl_fast.runtime.optim", "sgd"),
+    "SGD": ("pgl_fast.runtime.optim", "SGD"),
+    "DistContext": ("pgl_fast.distributed", "DistContext"),
+    "DataParallelLearner": ("pgl_fast.distributed", "DataParallelLearner"),
+    "init_pipeline_group": ("pgl_fast.distributed.pipeline", "init_pipeline_group"),
+    "build_stage": ("pgl_fast.distributed.pipeline", "build_stage"),
+    "load_dataset": ("pgl_fast.data", "load_dataset"),
+    "extract_archive_if_needed": ("pgl_fast.data", "extract_archive_if_needed"),
     "UserError": ("pgl_fast.errors", "UserError"),
 }
 __all__ = ["__version__", *_API]

@@ -22,3 +22,22 @@ def test_readme_python_example_runs(i, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_blocks()[i], f"README.md python block {i}", "exec"), {"__name__": "__readme__"})
     assert capsys.readouterr().out.strip()
+
+
+def test_examples_import_only_the_top_level_package():
+    """Users need only ``pgl_fast``: no README or docs example (Python or shell ``python -c``) and no
+    script in examples/ imports one of its internal modules, and every name they take from it exists."""
+    import pgl_fast
+
+    texts = ["\n".join(python_blocks())]
+    docs = os.path.join(REPO, "docs")
+    texts += ["\n".join(re.findall(r"```python\n(.*?)```", open(os.path.join(docs, f)).read(), flags=re.S))
+              for f in os.listdir(docs) if f.endswith(".md")]
+    ex = os.path.join(REPO, "examples")
+    texts += [open(os.path.join(ex, f)).read() for f in os.listdir(ex) if f.endswith(".py")]
+    code = "\n".join(texts)
+    internal = re.findall(r"(?:from|import)\s+(pgl_fast\.[\w.]+)", code)
+    assert internal == [], internal
+    for group in re.findall(r"from pgl_fast import \(?([\w\s,]+)\)?", code):
+        for name in (n.strip() for n in group.split(",") if n.strip()):
+            assert getattr(pgl_fast, name) is not None, name
