@@ -74,10 +74,23 @@ OFFLINE_COPY_NAME = "cifar10-jpeg"
 
 @dataclass(frozen=True)
 class Variant:
+    """A row of a table: the method, its aux head and, for PGL, the local objective it runs its
+    local epochs with (``None``: DGL's, the CLI's default ``--pgl-local``)."""
+
     key: str
     label: str
     method: str
     aux: str | None
+    local: str | None = None
+
+    def train_flags(self) -> list[str]:
+        """The flags that make a run this row (beyond -J, -P, -Q and the protocol's)."""
+        a = ["--method", self.method]
+        if self.aux is not None:
+            a += ["--aux", self.aux]
+        if self.local is not None:
+            a += ["--pgl-local", self.local]
+        return a
 
 
 VARIANTS = {v.key: v for v in (
@@ -87,8 +100,20 @@ VARIANTS = {v.key: v for v in (
     Variant("pgl-adapt", "PGL (Aux-Adapt)", "pgl", "adapt"),
     Variant("pgl-2c2f", "PGL (2Conv-2FC)", "pgl", "2c2f"),
     Variant("bp", "BP", "bp", None),
+    # The local objectives that passed PGL's accuracy since, alone and as PGL's local epochs. Every
+    # one of them uses the 1Conv-2FC head, so that "PGL over X" against "X" isolates what the global
+    # epochs add to objective X (the head is the same on both sides of the pair).
+    Variant("dgl-man", "DGL+MAN", "man", "1c2f"),
+    Variant("dgl-hpff", "DGL+HPFF", "hpff", "1c2f"),
+    Variant("pgl-man", "PGL over MAN", "pgl", "1c2f", local="man"),
+    Variant("pgl-hpff", "PGL over HPFF", "pgl", "1c2f", local="hpff"),
 )}
 LOCAL_VARIANTS = ("dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f")
+# The accuracy-frontier grid's rows, in the order its report lists them, and its pairs: (PGL over X, X)
+# shows what the global epochs add on top of objective X, (X, DGL) what the objective adds over DGL.
+FRONTIER_VARIANTS = ("dgl", "dgl-man", "dgl-hpff", "pgl-adapt", "pgl-man", "pgl-hpff")
+FRONTIER_PAIRS = (("pgl-adapt", "dgl"), ("pgl-man", "dgl-man"), ("pgl-hpff", "dgl-hpff"),
+                  ("dgl-man", "dgl"), ("dgl-hpff", "dgl"))
 
 
 @dataclass(frozen=True)
@@ -174,10 +199,19 @@ def _table3(p: Protocol) -> list[Entry]:
     return entries
 
 
+def _frontier(p: Protocol) -> list[Entry]:
+    """Three seeds of every frontier row at the main J, whatever the protocol's default seeds: the
+    report pairs the rows seed by seed, which needs the same seeds on both sides."""
+    seeds = tuple(sorted(set(p.seeds) | {0, 1, 2}))[:3] if p.name != "tiny" else p.seeds
+    return [Entry(v, p.main_J, *((p.P, p.Q) if VARIANTS[v].method == "pgl" else (None, None)), seeds)
+            for v in FRONTIER_VARIANTS]
+
+
 GRIDS = {
     "table1": ("Table 1: accuracy of every method at every J", _table1),
     "table2": ("Table 2: Table 1's runs with parameters and peak memory per phase", _table1),
     "table3": ("Table 3: PGL (Aux-Adapt) at the main J for every period P and duration Q, with DGL", _table3),
+    "frontier": ("The accuracy frontier: DGL, MAN and HPFF alone and under PGL at the main J", _frontier),
 }
 
 
@@ -198,6 +232,10 @@ class Run:
     @property
     def aux(self) -> str | None:
         return VARIANTS[self.variant].aux
+
+    @property
+    def local(self) -> str | None:
+        return VARIANTS[self.variant].local
 
     @property
     def name(self) -> str:

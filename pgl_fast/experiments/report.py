@@ -31,9 +31,9 @@ import sys
 from ..argparsing import OneLineParser
 from ..errors import UserError
 from ..jsonio import read_json, read_jsonl, write_json_atomic, write_text_atomic
-from .grids import GRIDS, OFFLINE_COPY_NAME, VARIANTS
+from .grids import FRONTIER_PAIRS, GRIDS, OFFLINE_COPY_NAME, VARIANTS
 
-ORDER = ["dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f", "bp"]
+ORDER = ["dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f", "dgl-man", "dgl-hpff", "pgl-man", "pgl-hpff", "bp"]
 
 # The paper's Table 1 (test accuracy %, mean of 3 trials), CIFAR-10; J = 16, 8, 4, 2; BP separately.
 PAPER_TABLE1 = {
@@ -70,7 +70,11 @@ PAPER_TABLE3 = {
 }
 PAPER_TABLE3_DGL = 83.63
 
-LAYOUTS = ("table1", "table2", "table3")
+# Published test accuracy (%) at ResNet-32 K=16 on CIFAR-10 (400 epochs; their K merges the stem into
+# the first module), for the frontier report's reference column; PGL's rows are its Table 1 (160 epochs).
+PUBLISHED_FRONTIER = {"dgl": 83.63, "pgl-adapt": 88.85, "dgl-man": 90.89, "dgl-hpff": 91.06}
+
+LAYOUTS = ("table1", "table2", "table3", "frontier")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,13 +82,19 @@ LAYOUTS = ("table1", "table2", "table3")
 # ----------------------------------------------------------------------------------------------
 
 
-def variant_of(method: str, aux: str | None) -> str:
+def variant_of(method: str, aux: str | None, local: str | None = None) -> str:
+    """The table row of a run: its method, aux head and (PGL) local objective, ``local`` None or
+    ``dgl`` being PGL's default."""
     if method == "bp":
         return "bp"
     if method == "pgl":
-        return f"pgl-{aux}"
+        if local in (None, "dgl"):
+            return f"pgl-{aux}"
+        return f"pgl-{local}" if aux == "1c2f" else f"pgl-{local}-{aux}"
     if method in ("dgl", "infopro") and aux == "1c2f":
         return method
+    if method in ("man", "hpff"):
+        return f"dgl-{method}" if aux == "1c2f" else f"dgl-{method}-{aux}"
     return f"{method}-{aux}"
 
 
@@ -112,8 +122,9 @@ def collect_runs(grid_dir: str) -> list[dict]:
         aux = summary.get("aux", cfg.get("aux")) if method != "bp" else None
         pgl = method == "pgl"
         peaks = summary.get("peak_mem_mib_by_phase") or {}
+        variant = variant_of(method, aux, cfg.get("pgl_local") if pgl else None)
         runs.append({
-            "name": name, "variant": variant_of(method, aux), "label": label_of(variant_of(method, aux)),
+            "name": name, "variant": variant, "label": label_of(variant),
             "method": method, "arch": summary.get("arch", cfg.get("arch")), "J": summary.get("J", cfg.get("modules")),
             "aux": aux, "P": cfg.get("period") if pgl else None, "Q": cfg.get("duration") if pgl else None,
             "seed": summary.get("seed", cfg.get("seed")),
@@ -293,27 +304,33 @@ def _gap_lines(runs, arch: str, Js: list[int]) -> list[str]:
     return lines
 
 
-def _paired_gaps(runs, J: int) -> str:
-    """PGL (Aux-Adapt) − DGL seed by seed (same seed = same data order and init), when seeds pair up.
+def _seed_gaps(runs, J: int, a: str, b: str, key: str = "best_test_acc") -> dict[int, float]:
+    """Row a − row b in accuracy points, seed by seed, over the seeds both rows have."""
+    by_seed = {v: {r["seed"]: r for r in _select(runs, v, J) if r[key] is not None} for v in (a, b)}
+    return {s: 100 * (by_seed[a][s][key] - by_seed[b][s][key]) for s in sorted(set(by_seed[a]) & set(by_seed[b]))}
+
+
+def _noise_words(runs, J: int, b: str) -> str:
+    """The binomial standard error of one test accuracy on the run's test set, and of a difference of two."""
+    rs = [r for r in _select(runs, b, J) if r.get("test_images") and r["best_test_acc"] is not None]
+    if not rs:
+        return ""
+    acc, n_test = rs[0]["best_test_acc"], rs[0]["test_images"]
+    se = 100 * (acc * (1 - acc) / n_test) ** 0.5
+    return f"; test-set sampling error of one accuracy ≈ ±{se:.2f}, of a difference ≈ ±{se * 2 ** 0.5:.2f}"
+
+
+def _paired_gaps(runs, J: int, a: str = "pgl-adapt", b: str = "dgl") -> str:
+    """Row a − row b seed by seed (same seed = same data order and init), when seeds pair up.
 
     Pairing by seed shows whether the gap holds in every trial, which a difference of means over two
     or three seeds cannot; the test-set sampling error is stated so the gap can be read against it.
     """
-    by_seed = {v: {r["seed"]: r for r in _select(runs, v, J)} for v in ("pgl-adapt", "dgl")}
-    seeds = sorted(set(by_seed["pgl-adapt"]) & set(by_seed["dgl"]))
-    if len(seeds) < 2:
+    gaps = _seed_gaps(runs, J, a, b)
+    if len(gaps) < 2:
         return ""
-    gaps = {s: 100 * (by_seed["pgl-adapt"][s]["best_test_acc"] - by_seed["dgl"][s]["best_test_acc"])
-            for s in seeds}
-    n_test = by_seed["dgl"][seeds[0]].get("test_images")
-    acc = by_seed["dgl"][seeds[0]]["best_test_acc"]
-    noise = ""
-    if n_test:
-        # Binomial standard error of one accuracy on n_test images, and of a difference of two.
-        se = 100 * (acc * (1 - acc) / n_test) ** 0.5
-        noise = f"; test-set sampling error of one accuracy ≈ ±{se:.2f}, of a difference ≈ ±{se * 2 ** 0.5:.2f}"
     per = ", ".join(f"seed {s} {g:+.2f}" for s, g in gaps.items())
-    return f"; per seed (best): {per}{noise}"
+    return f"; per seed (best): {per}{_noise_words(runs, J, b)}"
 
 
 def _ordering_lines(runs, arch: str, Js: list[int]) -> list[str]:
@@ -397,7 +414,7 @@ def section_table2(runs, arch: str) -> list[str]:
                 f"params {_params(bp)}, peak {_phase_peaks(bp)} MiB, wall {_wall(bp)}", ""]
     ph = ["Method"] + [f"J={J} params / mem" for J in (16, 8, 4, 2)]
     prow = [[label_of(v)] + [f"{PAPER_TABLE2[v][J][0]:.2f}M / {PAPER_TABLE2[v][J][1]:.2f} GB" for J in (16, 8, 4, 2)]
-            for v in ORDER if v != "bp"]
+            for v in ORDER if v in PAPER_TABLE2 and v != "bp"]
     prow.append(["BP (J=16 column)", f"{PAPER_TABLE2['bp'][0]:.2f}M / {PAPER_TABLE2['bp'][1]:.2f} GB", "", "", ""])
     other = "" if arch == "resnet32" else f"; this grid's network is {arch}"
     out += [f"### The paper's Table 2 (resnet32; memory: average GPU memory on an RTX 2080 Ti{other})", "",
@@ -442,6 +459,38 @@ def section_table3(runs, arch: str) -> list[str]:
     other = "" if arch == "resnet32" else f"; this grid's network is {arch}"
     out += [f"### The paper's Table 3 (resnet32, J=16, PGL (Aux-Adapt), 160 epochs{other})", "",
             md_table(["PGL (Aux-Adapt)"] + [f"P={P}" for P in pP], rows), ""]
+    return out
+
+
+def section_frontier(runs, arch: str) -> list[str]:
+    """Every frontier row at the grid's J, then each pair of rows seed by seed: what PGL's global
+    epochs add on top of a local objective, and what the objective adds over DGL."""
+    Js = _Js(runs)
+    J = Js[0] if Js else None
+    rows = []
+    for v in _variants_in(runs):
+        rs = _select(runs, v, None if v == "bp" else J)
+        pub = PUBLISHED_FRONTIER.get(v)
+        rows.append([label_of(v), acc_cell([r["best_test_acc"] for r in rs]), acc_cell([r["final_test_acc"] for r in rs]),
+                     "–" if pub is None else f"{pub:.2f}", _params(rs), _phase_peaks(rs) + " MiB", _wall(rs)])
+    out = [f"### J={J}: test accuracy (%), mean ± std over seeds (n); parameters with aux heads; peak memory "
+           "per phase; wall time", "",
+           md_table(["Row", "best", "final", "published (their budget)", "params", "peak by phase", "wall"], rows), "",
+           "Published: DGL and PGL (Aux-Adapt) from PGL's Table 1 (160 epochs); DGL+MAN and DGL+HPFF from their "
+           "papers (400 epochs, the stem merged into the first module). Only the gaps within this table compare.", ""]
+    lines = []
+    for a, b in FRONTIER_PAIRS:
+        for key, what in (("best_test_acc", "best"), ("final_test_acc", "final")):
+            gaps = _seed_gaps(runs, J, a, b, key)
+            if not gaps:
+                continue
+            mean = sum(gaps.values()) / len(gaps)
+            wins = sum(g > 0 for g in gaps.values())
+            per = ", ".join(f"seed {s} {g:+.2f}" for s, g in gaps.items())
+            lines.append(f"- {label_of(a)} − {label_of(b)} ({what}): mean {mean:+.2f} over {len(gaps)} paired "
+                         f"seed(s), ahead in {wins} of {len(gaps)} ({per}){_noise_words(runs, J, b)}")
+    if lines:
+        out += ["### Paired gaps, accuracy points (same seed = same initialisation and data order)", ""] + lines + [""]
     return out
 
 
@@ -679,7 +728,8 @@ def write_report(grid_dir: str, layout: str | None = None, out_dir: str | None =
     archs = sorted({r["arch"] for r in runs})
     paths = {"report": os.path.join(out_dir, "report.md"), "results": os.path.join(out_dir, "results.json"), "plots": []}
     lines = header_lines(grid_dir, runs, layout, manifest)
-    section = {"table1": section_table1, "table2": section_table2, "table3": section_table3}[layout]
+    section = {"table1": section_table1, "table2": section_table2, "table3": section_table3,
+               "frontier": section_frontier}[layout]
     for arch in archs:
         ar = [r for r in runs if r["arch"] == arch]
         suffix = f"_{arch}" if len(archs) > 1 else ""

@@ -21,7 +21,8 @@ from ..config import INFOPRO_LAMBDAS, TrainConfig, config_from_args
 from ..errors import UserError
 from ..jsonio import read_json, write_json_atomic
 from . import report
-from .grids import (FILTER_KEYS, GRIDS, OFFLINE_COPY_NAME, PROTOCOLS, Protocol, Run, parse_seeds, plan_runs)
+from .grids import (FILTER_KEYS, GRIDS, OFFLINE_COPY_NAME, PROTOCOLS, VARIANTS, Protocol, Run, parse_seeds,
+                    plan_runs)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
@@ -57,9 +58,7 @@ def train_args(run: Run, st: Settings) -> list[str]:
     a = ["--dataset", st.dataset]
     if st.dataset != "synthetic":
         a += ["--data-dir", st.data_dir]
-    a += ["--arch", run.arch, "--method", run.method, "-J", str(run.J)]
-    if run.aux is not None:
-        a += ["--aux", run.aux]
+    a += ["--arch", run.arch, "-J", str(run.J)] + VARIANTS[run.variant].train_flags()
     if run.method == "pgl":
         a += ["-P", str(run.P), "-Q", str(run.Q)]
     if run.method == "infopro":
@@ -90,7 +89,7 @@ def command(run: Run, st: Settings, resume: bool) -> list[str]:
 # fields of config.json that must agree between the plan and an existing run directory
 _CHECKED = ("dataset", "arch", "modules", "method", "aux", "period", "duration", "epochs", "batch_size", "lr",
             "train_subset", "test_subset", "seed", "sched", "momentum", "weight_decay", "synthetic_train",
-            "synthetic_test", "split", "infopro_loss")
+            "synthetic_test", "split", "infopro_loss", "pgl_local")
 
 
 def _relevant(key: str, method: str, dataset: str) -> bool:
@@ -101,6 +100,8 @@ def _relevant(key: str, method: str, dataset: str) -> bool:
     if key.startswith("synthetic") and dataset != "synthetic":
         return False
     if key == "infopro_loss" and method != "infopro":
+        return False
+    if key == "pgl_local" and method != "pgl":
         return False
     return True
 
@@ -114,8 +115,10 @@ def check_run_dir(run: Run, st: Settings, planned: dict) -> None:
             have = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e}); move the run directory away") from None
+    defaults = TrainConfig().to_dict()
     for k in _CHECKED:
-        if _relevant(k, run.method, st.dataset) and have.get(k) != planned.get(k):
+        # a run made before a field existed trained with that field's default
+        if _relevant(k, run.method, st.dataset) and have.get(k, defaults.get(k)) != planned.get(k):
             raise UserError(f"{st.run_dir(run)} was made with {k}={have.get(k)!r}, this plan has "
                             f"{k}={planned.get(k)!r}: use another --out (protocols never share a directory)")
 
