@@ -8,7 +8,8 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
 - ``pgl_fast.LocalModel(blocks, classifier, heads)``: the pieces, assembled by hand;
 - ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``PGL(period, duration, local=...)``;
 - ``pgl_fast.LocalLearner(local_model, method, ...)``: local and global steps, evaluation, state;
-- ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, ...)``: the training loop;
+- ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, strategy=None, ...)``: the
+  training loop; ``strategy``: ``SingleProcess()``, ``DataParallel()`` or ``Pipeline(runner)``;
 - presets and pieces the examples use: ``cifar_resnet``, ``cifar_stem``, the optimizer factory
   ``sgd`` (and ``SGD``), the methods ``BP``/``DGL``/``InfoPro``/``PGL``, and for torchrun
   ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
@@ -74,6 +75,9 @@ _API = {
     "DataParallelLearner": ("pgl_fast.distributed", "DataParallelLearner"),
     "init_pipeline_group": ("pgl_fast.distributed.pipeline", "init_pipeline_group"),
     "build_stage": ("pgl_fast.distributed.pipeline", "build_stage"),
+    "SingleProcess": ("pgl_fast.distributed.strategies", "SingleProcess"),
+    "DataParallel": ("pgl_fast.distributed.strategies", "DataParallel"),
+    "Pipeline": ("pgl_fast.distributed.strategies", "Pipeline"),
     "load_dataset": ("pgl_fast.data", "load_dataset"),
     "extract_archive_if_needed": ("pgl_fast.data", "extract_archive_if_needed"),
     "UserError": ("pgl_fast.errors", "UserError"),

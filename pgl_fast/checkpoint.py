@@ -17,6 +17,7 @@ import torch
 
 from .errors import UserError
 from .jsonio import atomic_write
+from .runtime.rng import seed_rank_streams
 
 FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.
@@ -178,3 +179,31 @@ def find_resume(resume: str, output_dir: str, config: dict, allow_schedule_chang
         check_compatible(state, config, path, allow_schedule_change)
         return state
     raise UserError(f"--resume auto: every checkpoint in {checkpoint_dir(output_dir)} is corrupt")
+
+
+def find_resume_state(resume: str | None, output_dir: str, config: dict, allow_schedule_change: bool = False):
+    """The checkpoint state of an explicit ``resume`` file (None for None or "auto", which is
+    resolved under the output dir's lock), checked against ``config``."""
+    if resume is None or resume == "auto":
+        return None
+    return find_resume(resume, output_dir, config, allow_schedule_change)
+
+
+def restore_rank_rng(state: dict, rank: int, world: int, seed: int) -> str | None:
+    """Put back this rank's random streams from the checkpoint ``state``: its own, saved by every
+    rank (``rng_ranks``), or in a single process the one saved. A checkpoint without one state per
+    rank of this run (written by another number of ranks, or before they were saved) restores the
+    saved state and then gives each rank's default generators a stream of its own derived from
+    (seed, rank, epoch, step); the returned line says so (None otherwise)."""
+    per_rank = state.get("rng_ranks")
+    if world == 1:
+        set_rng_state(state["rng"])
+        return None
+    if per_rank is not None and len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+        return None
+    set_rng_state(state["rng"])
+    seed_rank_streams(seed, rank, state["epoch"], state["step"])
+    saved = f"{len(per_rank)} rank(s)" if per_rank is not None else "one process (rank 0)"
+    return (f"the checkpoint holds the random streams of {saved}, this run has {world} ranks: each rank's "
+            "dropout stream continues from one derived from (seed, rank, epoch, step), not the saved one")

@@ -177,3 +177,51 @@ def describe_holder(lock_path: str) -> str:
     if not isinstance(rec, dict) or "pid" not in rec:
         return "another process (it has not recorded itself yet)"
     return f"pid {rec['pid']} on {rec.get('host', '?')} ({rec.get('command', '?')}) since {rec.get('since', '?')}"
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an --output-dir that can never work, before anything is created."""
+    check_output_path(path)
+
+
+def prepare_output_dir(path: str, command: str) -> "DirLock":
+    """Create the output dir and lock it for this run's lifetime. Nothing in it is touched before
+    the lock is held, so what it holds is inspected under the lock."""
+    check_output_dir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        return DirLock.acquire(path, command)
+    except OSError as e:
+        raise UserError(f"--output-dir {path}: not writable ({e.strerror or e})") from None
+
+
+def claim_output_dir(out: str, resume: str | None, overwrite: bool, config: dict,
+                     allow_schedule_change: bool = False) -> tuple[dict | None, str | None]:
+    """Decide, under the lock, what to do with what ``--output-dir`` already holds: continue it
+    (``--resume``), clear it (``--overwrite``, or ``--resume auto`` over a start that never reached
+    a checkpoint), or refuse. Returns (checkpoint state for ``--resume auto`` or None, a line to
+    print or None)."""
+    info = inspect(out)
+    if resume == "auto":
+        state = ckpt.find_resume("auto", out, config, allow_schedule_change)
+        if state is not None:
+            return state, None
+        note = f"--resume auto: no checkpoint in {ckpt.checkpoint_dir(out)}; starting a new run"
+        if info is not None:
+            # an earlier start that died before its first checkpoint: its files hold nothing a
+            # restart could continue from, and would otherwise sit beside the new run's
+            note += f" (removed the files of an earlier start that has none: {summarize_removed(clear_run(out))})"
+        return None, note
+    if resume is not None:
+        inside = os.path.dirname(os.path.abspath(resume)) == os.path.abspath(ckpt.checkpoint_dir(out))
+        if info is not None and not inside:
+            raise UserError(f"--resume {resume}: {out} holds another run ({info.describe()}); resume into "
+                            "an empty --output-dir, or use --resume auto to continue the run that is there")
+        return None, None
+    if info is None:
+        return None, None
+    if not overwrite:
+        raise UserError(f"{out} holds a run: {info.describe()}; use --resume auto, another --output-dir, "
+                        "or --overwrite")
+    return None, f"--overwrite: removed the earlier run in {out} ({info.describe()}): " \
+                 f"{summarize_removed(clear_run(out))}"

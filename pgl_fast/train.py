@@ -19,15 +19,18 @@ import sys
 
 import torch
 
+from . import checkpoint as ckpt
 from . import data as data_mod
 from . import data_stream
 from . import planner
+from . import rundir
 from .build import build_learner, build_model, resolve_device, resolve_head_kernels
 from .config import TrainConfig, config_from_args, explicit_fields
+from .distributed.strategies import Pipeline
 from .errors import UserError
 from .models.local_model import LocalModel
-from .trainer import (NonFiniteError, RunInterrupted, Trainer, check_output_dir, find_resume_state,
-                      seed_everything)
+from .runtime.rng import seed_everything
+from .trainer import NonFiniteError, RunInterrupted, Trainer
 
 
 def format_table(rows: list[dict], cols: list[str]) -> str:
@@ -236,8 +239,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         return {}
 
     # everything is validated before the output dir is created or touched
-    check_output_dir(cfg.output_dir)
-    resume_state = find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
+    rundir.check_output_dir(cfg.output_dir)
+    resume_state = ckpt.find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
     pipeline = data_stream.choose_pipeline(cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir,
                                            cfg.resident_budget)
     if pipeline == "stream":
@@ -325,7 +328,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         progress=cfg.progress, heartbeat=cfg.heartbeat, eval_heads=not cfg.no_head_eval, config=cfg.to_dict(),
         header=header, summary_extra={"arch": cfg.model or cfg.arch, "aux": cfg.aux if net.heads else None},
         warnings=warnings, banner=banner, command=command_line(cfg, argv), resume_hint=resume_command(cfg, argv),
-        config_writer=cfg.save, resume_state=resume_state, pipeline=runner, cli_flags=True)
+        config_writer=cfg.save, resume_state=resume_state, strategy=Pipeline(runner) if runner is not None else None,
+        cli_flags=True)
     return trainer.fit()
 
 

@@ -20,7 +20,9 @@ random op a user's network adds). Two rules keep those draws exact in every comb
 from __future__ import annotations
 
 import contextlib
+import random
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -65,3 +67,9 @@ def preserved_rng(device: torch.device):
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -169,11 +169,11 @@ def main(out_dir: str) -> None:
             res["eval"] = learner.evaluate(test_batches(ctx))
     # the same DGL run through the Trainer's own data object wrapped in ShardedData
     from pgl_fast.distributed import ShardedData
-    from pgl_fast.trainer import _TensorData
+    from pgl_fast.batches import TensorData
 
     x_tr, y_tr, x_te, y_te = data()
     learner = build("dgl", ctx, sync_bn=True)
-    tdata = ShardedData(_TensorData((x_tr, y_tr), (x_te, y_te), SPEC, True, torch.device("cpu"), False, 4), ctx, learner)
+    tdata = ShardedData(TensorData((x_tr, y_tr), (x_te, y_te), SPEC, True, torch.device("cpu"), False, 4), ctx, learner)
     gen = make_generator(7)
     learner.start_epoch(0)
     for b in tdata.epoch_batches(BATCH, gen, False):

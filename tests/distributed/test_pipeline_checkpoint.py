@@ -18,7 +18,7 @@ class Sneaky:
 
 
 def _trainer_worker(rank, world, out_dir):
-    from pgl_fast import Trainer
+    from pgl_fast import Pipeline, Trainer
     from pgl_fast.errors import UserError
 
     net, learner = make_learner(0)  # PGL(1, 1): a local epoch, then a global one
@@ -27,7 +27,7 @@ def _trainer_worker(rank, world, out_dir):
     x = torch.randint(0, 256, (24, 3, IMG, IMG), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (24,), generator=g)
     Trainer(learner, (x[:16], y[:16]), (x[16:], y[16:]), epochs=2, batch_size=8, progress="off",
-            output_dir=out_dir, overwrite=True, pipeline=runner).fit()
+            output_dir=out_dir, overwrite=True, strategy=Pipeline(runner)).fit()
     # a stage file with an object that is not weights: loading it must be refused, not run
     ckdir = os.path.join(out_dir, "checkpoints")
     tag = sorted(n for n in os.listdir(ckdir) if n.startswith("ckpt-"))[-1][:-3]

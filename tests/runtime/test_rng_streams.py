@@ -15,7 +15,7 @@ from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.graphs import warm_up
 from pgl_fast.runtime.optim import sgd
 from pgl_fast.runtime.rng import preserved_rng, rank_seed
-from pgl_fast.trainer import restore_rank_rng
+from pgl_fast.checkpoint import restore_rank_rng
 from pgl_fast import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
