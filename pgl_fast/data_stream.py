@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from .distributed.data_parallel import check_epoch_split, eval_shard, shard_batch
 from .errors import UserError
 
 __all__ = ["StreamData", "load_stream", "sample_seed", "random_resized_crop_params", "TrainTransform",
@@ -92,7 +93,7 @@ class TrainTransform:
         self.pad_crop = None if recipe == "imagenet" else data_mod.BatchAugmenter(spec, "cpu")
 
     def __call__(self, img: torch.Tensor, g: torch.Generator, path: str) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
+        from torchvision.transforms.v2 import functional as F  # torchvision is heavy to import: only where images are decoded
 
         if self.pad_crop is None:
             top, left, h, w = random_resized_crop_params(int(img.shape[1]), int(img.shape[2]), g)
@@ -112,7 +113,7 @@ class EvalTransform:
         self.recipe, self.size = recipe, int(spec.image_size)
 
     def __call__(self, img: torch.Tensor, g, path: str) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as F
+        from torchvision.transforms.v2 import functional as F  # torchvision is heavy to import: only where images are decoded
 
         if self.recipe != "imagenet":
             _check_size(img, self.size, path)
@@ -277,16 +278,12 @@ class BoundStream:
 
     def epoch_batches(self, batch_size: int, gen, drop_last: bool):
         if self.world > 1:
-            from .distributed.data_parallel import check_epoch_split
-
             check_epoch_split(self.num_train, batch_size, self.world, drop_last)
         return data_mod.epoch_batches(self.num_train, batch_size, generator=gen, drop_last=drop_last,
                                       device=self.device)
 
     def begin_epoch(self, epoch: int, batches, first_step: int) -> None:
         """Queue the epoch's batches from ``first_step`` on: the workers start decoding now."""
-        from .distributed.data_parallel import shard_batch
-
         self._expect = []
         keys = []
         for b in list(batches)[first_step:]:
@@ -315,8 +312,6 @@ class BoundStream:
     def test_batches(self):
         lo, hi = 0, self.num_test
         if self.world > 1:
-            from .distributed.data_parallel import eval_shard
-
             lo, hi = eval_shard(self.num_test, self.rank, self.world)
         plan = _Plan()
         plan.keys = [[(i, None) for i in range(a, min(a + self.test_batch_size, hi))]
@@ -414,7 +409,7 @@ def load_stream(data_dir, *, recipe: str, image_size: int | None, workers: int =
 
 def _first_image_size(data_dir) -> tuple[int, int, int]:
     """(files in train/ and test/, height, width of the first train image), from headers only."""
-    from PIL import Image
+    from PIL import Image  # a header read only where a streamed data set is opened
 
     root = data_mod._find_imagefolder_root(Path(data_dir).expanduser().absolute())
     n, first = 0, None

@@ -69,6 +69,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .. import data as data_mod
 from ..core.learner import LocalLearner, StepStats
 from ..errors import UserError
 from .context import DistContext
@@ -483,8 +484,6 @@ class ShardedData:
             x, y, image01 = self.data.train_batch(batch, gen, needs_image)
             self.learner.set_global_batch(int(y.shape[0]))
             return (x.tensor_split(w)[r], y.tensor_split(w)[r], None if image01 is None else image01.tensor_split(w)[r])
-        from .. import data as data_mod
-
         d = self.data
         n = int(batch.numel())
         idx = shard_batch(batch, r, w)
@@ -503,8 +502,6 @@ class ShardedData:
             for x, y in self.data.test_batches():
                 yield x.tensor_split(w)[r], y.tensor_split(w)[r]
             return
-        from .. import data as data_mod
-
         d = self.data
         lo, hi = eval_shard(self.num_test, r, w)
         for i in range(lo, hi, d.test_batch_size):

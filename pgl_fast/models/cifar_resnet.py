@@ -12,6 +12,8 @@ import re
 import torch
 from torch import nn
 
+from . import lean
+
 STAGE_WIDTHS = (16, 32, 64)
 
 
@@ -37,9 +39,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lean and self.training and torch.is_grad_enabled():
-            from .lean import lean_block_forward
-
-            return lean_block_forward(self, x)
+            return lean.lean_block_forward(self, x)
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.dropout(out)
