@@ -20,6 +20,7 @@ from torch import nn
 import pgl_fast
 from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import DGL, HPFF, PGL, InfoPro, interpolated_lambdas
+from pgl_fast.distributed.pipeline import build_stage
 from pgl_fast.errors import UserError
 from pgl_fast.models.heads import AuxClassifier, PatchDecoder
 from pgl_fast.models.local_model import LocalModel
@@ -162,11 +163,12 @@ def test_module_steps_once_no_later_loss_reaches_it():
     assert order == [(0, 1), (1, 2), (2, 2), (3, 2)]  # modules 2 and 3 after the final loss
 
 
-def test_pgl_global_step_over_hpff():
+@pytest.mark.parametrize("ckpt", [False, True], ids=["eager", "checkpointed"])
+def test_pgl_global_step_over_hpff(ckpt):
     model = tiny()
     x, y, img = batch()
     method = PGL(1, 1, local=HPFF(wx=WX, wy=WY, base=InfoPro(lambdas=LAMBDAS)))
-    learner = LocalLearner(model, method, optimizer=sgd())
+    learner = LocalLearner(model, method, optimizer=sgd(), checkpoint_global=ckpt)
     learner.start_epoch(1)
     assert learner.phase == "global"
     ref = copy.deepcopy(model)
@@ -214,6 +216,8 @@ def test_refusals():
         LocalLearner(tiny(J=3), HPFF(), optimizer=sgd(), compile=True)
     with pytest.raises(UserError, match="cuda_graphs"):
         LocalLearner(tiny(J=3), HPFF(), optimizer=sgd(), cuda_graphs=True)
+    with pytest.raises(UserError, match=r"^--pipeline: HPFF\(.*\)'s loss reaches 2 modules"):
+        build_stage(LocalLearner(tiny(J=3), HPFF(), optimizer=sgd()), 2)
     with pytest.raises(UserError, match="base"):
         HPFF(base=PGL())
     with pytest.raises(UserError, match="wx"):
