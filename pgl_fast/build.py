@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 from .core.learner import LocalLearner
-from .core.methods import BP, DGL, PGL, InfoPro, Method
+from .core.methods import BP, DGL, HPFF, PGL, InfoPro, Method
 from .core.schedule import lr_at_epoch
 from .errors import UserError
 from .models.local_model import LocalModel
@@ -65,7 +65,16 @@ def method_of(cfg: TrainConfig) -> Method:
     if cfg.method == "infopro":
         return InfoPro(contrast=cfg.infopro_loss == "contrast",
                        lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
+    if cfg.method == "hpff":
+        return hpff_of(cfg)
     return PGL(cfg.period, cfg.duration, local=DGL())
+
+
+def hpff_of(cfg: TrainConfig) -> HPFF:
+    """HPFF with the run's --hpff-* flags (and, for the InfoPro base, its --ixx-*/--ixy-* lambdas)."""
+    base = DGL() if cfg.hpff_base == "dgl" else InfoPro(
+        contrast=False, lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
+    return HPFF(wx=cfg.hpff_wx, wy=cfg.hpff_wy, base=base, patches=cfg.hpff_patches)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalModel:
@@ -79,15 +88,25 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalMod
             net = torchvision_model(cfg.arch.split(":", 1)[1], num_classes, cifar_stem_=cfg.cifar_stem)
         cuts = [int(c) if isinstance(net, torch.nn.Sequential) and c.lstrip("-").isdigit() else c
                 for c in cfg.cut_list]
-        return split(net, cuts, aux=aux, input_shape=(3, image_size, image_size), num_classes=num_classes)
+        net = split(net, cuts, aux=aux, input_shape=(3, image_size, image_size), num_classes=num_classes)
+        return _with_method_aux(net, method)
     infopro = isinstance(method, InfoPro)
-    return cifar_resnet(
+    net = cifar_resnet(
         # bp keeps the J-module split too: it only sets the checkpoint segments (--checkpoint-global)
         cfg.arch, cfg.modules, num_classes=num_classes, image_size=image_size, split=cfg.split,
         split_recipe=cfg.split_recipe, aux=aux, aux_widen=cfg.aux_widen, aux_feature_dim=cfg.aux_feature_dim,
         head_out_dim=cfg.aux_feature_dim if infopro and method.contrast else None,
         decoders=infopro, droprate=cfg.droprate,
     )
+    return _with_method_aux(net, method)
+
+
+def _with_method_aux(net: LocalModel, method: Method) -> LocalModel:
+    """A method whose loss reaches several modules (HPFF) adds its further heads and decoders here,
+    so that --describe, the planner and the profiler see the network that trains."""
+    if method.reach > 1:
+        method.prepare(net)
+    return net
 
 
 def lr_schedule(cfg: TrainConfig):

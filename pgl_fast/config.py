@@ -103,6 +103,10 @@ class TrainConfig:
     ixy_1: float | None = _f(None, "InfoPro lambda_2 (task) of the first local module", group="method")
     ixx_2: float | None = _f(None, "InfoPro lambda_1 of module J-1", group="method")
     ixy_2: float | None = _f(None, "InfoPro lambda_2 of module J-1", group="method")
+    hpff_base: str = _f("infopro", "HPFF: the loss of its cascade path: infopro (softmax task term of a second head plus patch-decoded reconstruction, lambdas --ixx-*/--ixy-*, default HPFF's published 5, 0.5 -> 0, 0) or dgl (cross-entropy of the second head)", group="method", choices=("infopro", "dgl"))
+    hpff_wx: float = _f(0.001, "HPFF: weight of the independent path's loss (each module on its detached input)", group="method")
+    hpff_wy: float = _f(0.999, "HPFF: weight of the cascade path's loss (modules j-1 and j together)", group="method")
+    hpff_patches: int = _f(2, "HPFF: the patch decoders cut features and image into N x N tiles", group="method", metavar="N")
 
     # -- optimisation
     epochs: int = _f(160, "training epochs", group="optimisation")
@@ -343,6 +347,8 @@ class TrainConfig:
             bad("--heartbeat", f"must be >= 0 seconds (0: off), got {self.heartbeat}")
         if self.method == "infopro":
             self._resolve_lambdas(bad)
+        if self.uses_hpff:
+            self._check_hpff(bad)
 
     @property
     def custom_model(self) -> bool:
@@ -365,6 +371,30 @@ class TrainConfig:
     @property
     def nesterov(self) -> bool:
         return not self.no_nesterov and self.momentum > 0
+
+    @property
+    def uses_hpff(self) -> bool:
+        """HPFF is the local objective: ``--method hpff``, or PGL over it."""
+        return self.method == "hpff" or getattr(self, "pgl_local", None) == "hpff" and self.method == "pgl"
+
+    def _check_hpff(self, bad) -> None:
+        if not (self.hpff_wx >= 0 and self.hpff_wy >= 0 and self.hpff_wx + self.hpff_wy > 0):
+            bad("--hpff-wx/--hpff-wy", f"must be >= 0 and not both 0, got {self.hpff_wx} and {self.hpff_wy}")
+        if self.hpff_patches < 1:
+            bad("--hpff-patches", f"must be >= 1, got {self.hpff_patches}")
+        # HPFF's loss at a cut reaches two modules: one-module pieces cannot hold it
+        for on, flag, why in ((self.pipeline > 1, "--pipeline", "its stages would have to pass gradients back "
+                               "upstream mid-step; data parallel is exact"),
+                              (self.compile, "--compile", "the compiled pieces run one module at a time"),
+                              (self.cuda_graphs, "--cuda-graphs", "its two-module local step is not captured")):
+            if on:
+                bad(flag, f"is not supported with HPFF: {why}; drop {flag}")
+        if self.hpff_base == "infopro":
+            from .core.methods import HPFF_LAMBDAS
+
+            for name, v in zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), HPFF_LAMBDAS):
+                if getattr(self, name) is None:
+                    setattr(self, name, float(v))
 
     def _resolve_lambdas(self, bad) -> None:
         given = [self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2]
@@ -446,8 +476,15 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
      if c.method == "bp" and not c.checkpoint_global and c.memory_budget is None and c.modules != 1 else None),
     (("period", "duration"),
      lambda c: f"with --method {c.method} (only pgl alternates local and global epochs)" if c.method != "pgl" else None),
-    (("infopro_loss", "ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+    (("infopro_loss",),
      lambda c: f"with --method {c.method} (InfoPro's loss only)" if c.method != "infopro" else None),
+    (("ixx_1", "ixy_1", "ixx_2", "ixy_2"),
+     lambda c: None if c.method == "infopro" or c.uses_hpff and c.hpff_base == "infopro" else
+     f"with --method {c.method}{' --hpff-base dgl' if c.uses_hpff else ''} (InfoPro's loss only)"),
+    (("hpff_base", "hpff_wx", "hpff_wy", "hpff_patches"),
+     lambda c: None if c.uses_hpff else f"with --method {c.method} (HPFF's loss only)"),
+    (("hpff_patches",),
+     lambda c: "with --hpff-base dgl (no reconstruction term)" if c.uses_hpff and c.hpff_base == "dgl" else None),
     (("checkpoint_global", "global_segments", "global_memory", "global_memory_factor"), _no_global_epochs),
     (("global_memory_factor",),
      lambda c: f"with --global-memory {c.global_memory} (the factor only guides auto)"

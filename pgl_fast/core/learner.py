@@ -267,6 +267,12 @@ class LocalLearner:
         self.autocast_cache = True
         self.compiled = None
         mode = _compile_mode(compile)
+        if mode is not None and method.reach > 1:
+            raise UserError(f"compile: the compiled pieces run one module at a time; {method!r}'s loss reaches "
+                            f"{method.reach} modules, train it eagerly (without compile)")
+        if cuda_graphs and method.reach > 1:
+            raise UserError(f"cuda_graphs: {method!r}'s loss reaches {method.reach} modules and its local step "
+                            "is not captured; train it without cuda_graphs")
         if mode is not None:
             from ..runtime.compile import CompiledPieces
 
@@ -310,8 +316,8 @@ class LocalLearner:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.amp_dtype, cache_enabled=self.autocast_cache)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
     def step_module(self, j: int) -> None:
         """Module j's update: the gradient finiteness check, its optimizer's step, gradients freed."""
@@ -365,29 +371,65 @@ class LocalLearner:
 
     @_on_device
     def run_local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
-        """The eager local step (what a CUDA graph captures)."""
+        """The eager local step (what a CUDA graph captures).
+
+        A method whose loss at cut j reaches ``reach`` > 1 modules (its ``back`` part, see
+        ``Method.local_parts``) keeps the last ``reach - 1`` modules' graphs alive: ``back``'s
+        gradient at module j's input is carried on through them, and module j - reach + 1 is
+        stepped as soon as that loss is done (no later loss reaches it)."""
         net, n, stats = self.model, x.shape[0], self.stats
+        reach = self.method.reach
+        window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input leaf, output) of the live modules
         h = x
         if self.compiled is not None:
             self.compiled.begin_step()
         for j in range(self.J):
+            inp = h.detach()
+            if reach > 1 and j > 0:
+                inp.requires_grad_()  # the cascade's gradient at this module's input flows on back
             with self.autocast():
                 if self.compiled is not None:
                     # module j's forward and local loss as one compiled graph; its output comes back
                     # detached (the last module's: the logits)
                     h, loss = self.compiled.local[j](h, y, image01)
                     logits = h
+                    own, back = loss, None
                 elif j < self.J - 1:
-                    h = net.blocks[j](h.detach())
-                    loss = self.local_loss(j, h, y, image01)
+                    h = net.blocks[j](inp)
+                    own, back = self.method.local_parts(net, j, h, y, image01)
+                    loss = own if back is None else back if own is None else own + back
                 else:
-                    logits = net.classifier(net.blocks[j](h.detach()))
+                    logits = net.classifier(net.blocks[j](inp))
                     loss = self.final_loss(logits, y)
-            self.backward(loss)
-            self.step_module(j)
-            stats.add(j, loss, n)
-            self.last_losses[j].copy_(loss.detach())
-            del loss
+                    own, back = self.method.final_parts(loss)
+            if back is not None:
+                # module j's graph serves ``own`` next and the cascade of the loss at cut j + 1
+                self.backward(back, retain_graph=own is not None or j < self.J - 1)
+                g = inp.grad if j > 0 else None
+                for m_inp, m_out in reversed(window[len(window) - (reach - 1):] if reach > 1 else []):
+                    if g is None:
+                        break
+                    m_inp.grad = None
+                    # the scaled gradient goes on as it is: backward() scales losses only
+                    m_out.backward(g, retain_graph=True)
+                    g = m_inp.grad
+                del g
+            if own is not None:
+                self.backward(own, retain_graph=reach > 1 and j < self.J - 1)
+            if reach > 1:
+                window.append((inp, h))
+                if j - reach + 1 >= 0:
+                    self.step_module(j - reach + 1)
+                    window = window[-(reach - 1):]
+            else:
+                self.step_module(j)
+            if loss is not None:
+                stats.add(j, loss, n)
+                self.last_losses[j].copy_(loss.detach())
+            del loss, own, back
+        for m in range(max(self.J - reach + 1, 0), self.J) if reach > 1 else ():
+            self.step_module(m)
+        del window
         self.end_step()
         stats.add_correct(logits, y)
         stats.end_step(n)
@@ -427,6 +469,8 @@ class LocalLearner:
                         aux_loss = self.compiled.aux[j](feat, y, image01)
                     else:
                         aux_loss = self.local_loss(j, feat.detach(), y, image01)
+                if aux_loss is None:  # a cut without a loss of its own (HPFF's first)
+                    continue
                 self.backward(aux_loss)
                 stats.add(j, aux_loss, n)
                 self.last_losses[j].copy_(aux_loss.detach())

@@ -8,6 +8,12 @@ a method's name.
 - ``InfoPro(contrast, lambdas)``: every epoch local; module j's loss is
   ``lambda_rec * reconstruction(decoder_j(h)) + lambda_task * task(head_j(h))``, the task term
   cross-entropy or (``contrast``) supervised contrastive.
+- ``HPFF(wx, wy, base, patches)``: every epoch local; hierarchical local learning with patch
+  feature fusion (ECCV 2024). Module j's loss at its cut is ``wx * IL_j + wy * CL_j``: IL_j is the
+  task loss of the model's aux head on module j's own output (its input detached), CL_j the base
+  method's loss, through a second set of heads and patch decoders, on the output of modules j-1
+  and j run in cascade from the detached input of module j-1, so its gradient reaches both. The
+  last module: ``wx * CE + wy * CE`` of the two paths. See :class:`HPFF`.
 - ``PGL(period, duration, local=DGL())``: P local epochs, then Q global ones, repeating (cycle
   length P + Q, starting local); global epochs train the backbone on the final loss only and each
   head on its own local loss of detached features. ``local`` is the local loss: ``PGL(P, Q,
@@ -17,13 +23,14 @@ a method's name.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..models.heads import Decoder, reconstruction_loss, supcon_loss, upcast
+from ..models.heads import Decoder, PatchDecoder, reconstruction_loss, supcon_loss, upcast
 from .schedule import GLOBAL, LOCAL
 
 
@@ -34,6 +41,10 @@ class Method:
     has_heads = True     # aux heads exist (and are trained)
     needs_image = False  # the local loss needs the de-normalised input image in [0, 1]
     heads_output_logits = True  # aux heads output class logits (their accuracy can be measured)
+    # how many consecutive modules, ending at module j, the loss at cut j reaches (1: module j
+    # only). The local step keeps the activations of that many modules alive and steps a module
+    # once no later loss can reach it.
+    reach = 1
 
     def phase(self, epoch: int) -> str:
         raise NotImplementedError
@@ -58,6 +69,16 @@ class Method:
                    image01: torch.Tensor | None = None) -> torch.Tensor:
         """The local loss of module j < J-1 on its output ``h``."""
         return F.cross_entropy(upcast(model.heads[j](h)), y)
+
+    def local_parts(self, model, j: int, h: torch.Tensor, y: torch.Tensor,
+                    image01: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Module j's loss at its cut in a local step as ``(own, back)``: ``own`` reaches module j
+        only, ``back`` also the ``reach - 1`` modules before it (None: no such term)."""
+        return self.local_loss(model, j, h, y, image01), None
+
+    def final_parts(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last module's final loss in a local step as ``(own, back)``, as ``local_parts``."""
+        return loss, None
 
     @property
     def local_loss_is_ce(self) -> bool:
@@ -170,10 +191,12 @@ class PGL(Method):
             raise UserError(f"PGL(period={period}, duration={duration}): period must be >= 1 and duration >= 0")
         local = DGL() if local is None else local
         if isinstance(local, (PGL, BP)):
-            raise UserError(f"PGL(local=...): the local loss comes from DGL or InfoPro, not {type(local).__name__}")
+            raise UserError(f"PGL(local=...): the local loss comes from a local method (DGL, InfoPro, HPFF), "
+                            f"not {type(local).__name__}")
         self.period, self.duration, self.local = int(period), int(duration), local
         self.needs_image = local.needs_image
         self.heads_output_logits = local.heads_output_logits
+        self.reach = local.reach
 
     def phase(self, epoch: int) -> str:
         return LOCAL if epoch % (self.period + self.duration) < self.period else GLOBAL
@@ -184,6 +207,12 @@ class PGL(Method):
     def local_loss(self, model, j, h, y, image01=None):
         return self.local.local_loss(model, j, h, y, image01)
 
+    def local_parts(self, model, j, h, y, image01=None):
+        return self.local.local_parts(model, j, h, y, image01)
+
+    def final_parts(self, loss):
+        return self.local.final_parts(loss)
+
     @property
     def local_loss_is_ce(self) -> bool:
         return self.local.local_loss_is_ce
@@ -192,7 +221,158 @@ class PGL(Method):
         return {"method": self.name, "period": self.period, "duration": self.duration, "local": self.local.record()}
 
 
-METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro, "pgl": PGL}
+# HPFF's published runs (ResNet-32/110 on CIFAR-10): InfoPro's loss with the softmax task term and
+# lambdas (ixx_1, ixy_1, ixx_2, ixy_2) = (5, 0.5, 0, 0), linear over the modules as InfoPro's are
+HPFF_LAMBDAS = (5.0, 0.5, 0.0, 0.0)
+
+
+def interpolated_lambdas(J: int, ends: Sequence[float]) -> list[tuple[float, float]]:
+    """InfoPro's per-module lambdas of modules 0..J-2: linear from (ixx_1, ixy_1) at module 0 to
+    (ixx_2, ixy_2) at module J-2."""
+    ixx_1, ixy_1, ixx_2, ixy_2 = (float(v) for v in ends)
+    out = []
+    for j in range(J - 1):
+        r = j / (J - 2) if J > 2 else 0.0
+        out.append((ixx_1 * (1 - r) + ixx_2 * r, ixy_1 * (1 - r) + ixy_2 * r))
+    return out
+
+
+class HPFF(Method):
+    """HPFF: hierarchical locally supervised learning with patch feature fusion (ECCV 2024).
+
+    Two paths per batch. The independent path runs every module on the detached output of the
+    module before it; at cut j the model's aux head gives ``IL_j``, the base method's task term
+    (cross-entropy, or SupCon for a contrastive InfoPro base). The cascade path runs modules j-1
+    and j together on the detached output of module j-2 (groups of two overlapping modules); at
+    cut j a second set of aux heads and, for an InfoPro base, patch decoders give ``CL_j``, the
+    base method's loss with the reconstruction term taken over patches (:class:`PatchDecoder`:
+    the feature map and image cut into ``patches`` x ``patches`` tiles, each decoded by its own
+    decoder, losses summed). Module j's loss is ``wx * IL_j + wy * CL_j``; its gradient reaches
+    module j from both terms and module j-1 from ``CL_j``. Both paths compute the same values (the
+    parameters change only after the step), so the engine runs the forward once and lets
+    ``CL_j``'s gradient flow on into module j-1.
+
+    Module 0 has no loss of its own (as in the published code, whose stem and first module learn
+    only from the cascade loss at cut 1), so its aux head is unused and its loss is recorded as NaN.
+    The last module's loss is ``wx * CE + wy * CE`` of the two paths through the classifier, the
+    second reaching module J-2.
+
+    ``base``: ``DGL()`` (``CL_j`` is the cross-entropy of the second head) or ``InfoPro(...)``;
+    None is the published runs: InfoPro with the softmax task term and lambdas interpolated from
+    (5, 0.5) at module 0 to (0, 0) at module J-2 (``HPFF_LAMBDAS``). ``wx``, ``wy``: the weights of
+    the two paths (published 0.001 and 0.999).
+
+    In PGL's global epochs (``PGL(P, Q, local=HPFF())``) the backbone learns from the final loss
+    only; at every cut j >= 1 both head sets (and the patch decoders) learn ``wx * IL_j + wy *
+    CL_j`` on the detached features of the cut.
+    """
+
+    name = "hpff"
+    reach = 2
+
+    def __init__(self, wx: float = 0.001, wy: float = 0.999, base: Method | None = None, patches: int = 2):
+        if base is not None and type(base) not in (DGL, InfoPro):
+            raise UserError(f"HPFF(base=...): the base loss is DGL() or InfoPro(...), not {type(base).__name__}")
+        if not (wx >= 0 and wy >= 0 and wx + wy > 0):
+            raise UserError(f"HPFF(wx={wx}, wy={wy}): the path weights must be >= 0 and not both 0")
+        if int(patches) != patches or patches < 1:
+            raise UserError(f"HPFF(patches={patches}): the tiles per side must be an integer >= 1")
+        self.wx, self.wy, self.patches = float(wx), float(wy), int(patches)
+        self.base_given = base
+        self.base = base
+        if base is not None:
+            self.needs_image = isinstance(base, InfoPro)
+            self.heads_output_logits = base.heads_output_logits
+        else:
+            self.needs_image = True
+
+    def phase(self, epoch: int) -> str:
+        return LOCAL
+
+    @property
+    def local_loss_is_ce(self) -> bool:
+        return False
+
+    def _resolve_base(self, J: int) -> Method:
+        if self.base is None:
+            self.base = InfoPro(contrast=False, lambdas=interpolated_lambdas(J, HPFF_LAMBDAS))
+        return self.base
+
+    def prepare(self, model) -> None:
+        super().prepare(model)
+        base = self._resolve_base(model.J)
+        if "hpff_heads" in getattr(model, "aux_sets", ()):
+            return
+        cuts = list(range(1, model.J - 1))
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        to = (lambda m: m.to(device=p.device, dtype=p.dtype)) if p is not None else (lambda m: m)
+        from ..models.cifar_resnet import init_infopro_
+
+        heads = {}
+        for j in cuts:
+            # the second head has the first one's architecture and its own initial weights
+            head = copy.deepcopy(model.heads[j])
+            for m in head.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            init_infopro_(head)
+            heads[j] = to(head)
+        model.register_aux("hpff_heads", heads)
+        if isinstance(base, InfoPro):
+            decoders = {}
+            for j in cuts:
+                shape = model.out_shape(j)
+                if len(shape) != 3 or model.input_shape is None or len(model.input_shape) != 3:
+                    raise UserError(f"HPFF: patch decoders need (C, H, W) feature maps; module {j} outputs {shape} "
+                                    "(use HPFF(base=DGL()) for other features)")
+                side = self.patches
+                if shape[1] % side or shape[2] % side or model.input_shape[1] % side or model.input_shape[2] % side:
+                    raise UserError(f"HPFF(patches={side}): module {j}'s features {shape[1]}x{shape[2]} and the "
+                                    f"image {model.input_shape[1]}x{model.input_shape[2]} must both divide into "
+                                    f"{side}x{side} equal tiles")
+                dec = PatchDecoder(shape[0], model.input_shape[-1], side)
+                init_infopro_(dec)
+                decoders[j] = to(dec)
+            model.register_aux("hpff_decoders", decoders)
+
+    def _task(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, InfoPro) and self.base.contrast:
+            return supcon_loss(out, y)
+        return F.cross_entropy(upcast(out), y)
+
+    def _il(self, model, j, h, y):
+        return self._task(model.heads[j](h), y)
+
+    def _cl(self, model, j, h, y, image01):
+        task = self._task(model.hpff_heads[str(j)](h), y)
+        if not isinstance(self.base, InfoPro):
+            return task
+        if image01 is None:
+            raise UserError("HPFF's local loss needs the input image (image01); pass it to the step")
+        lam_rec, lam_task = self.base.lambdas(j)
+        return lam_rec * model.hpff_decoders[str(j)].loss(h, image01) + lam_task * task
+
+    def local_parts(self, model, j, h, y, image01=None):
+        if j == 0:
+            return None, None
+        return self.wx * self._il(model, j, h, y), self.wy * self._cl(model, j, h, y, image01)
+
+    def local_loss(self, model, j, h, y, image01=None):
+        """``wx * IL_j + wy * CL_j`` at cut j on ``h`` (None at cut 0, which has no loss)."""
+        if j == 0:
+            return None
+        return self.wx * self._il(model, j, h, y) + self.wy * self._cl(model, j, h, y, image01)
+
+    def final_parts(self, loss):
+        return self.wx * loss, self.wy * loss
+
+    def record(self) -> dict:
+        base = self.base_given
+        return {"method": self.name, "wx": self.wx, "wy": self.wy, "patches": self.patches,
+                "base": base.record() if base is not None else "published (InfoPro softmax, lambdas 5, 0.5 -> 0, 0)"}
+
+
+METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro, "pgl": PGL, "hpff": HPFF}
 
 
 def from_name(name: str, **kwargs) -> Method:

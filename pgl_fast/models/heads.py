@@ -297,3 +297,31 @@ def _supcon(features: torch.Tensor, labels: torch.Tensor, temperature: float, ba
     log_prob = sim - log_denominator
     mean_pos = (positives * log_prob).sum(dim=1) / positives.sum(dim=1).clamp_min(1.0)
     return -(temperature / base_temperature) * mean_pos.mean()
+
+
+class PatchDecoder(nn.Module):
+    """HPFF's patch feature fusion in the reconstruction term: the feature map and the image are
+    each cut into ``patches`` x ``patches`` equal tiles, tile (r, c) of the features is decoded by
+    its own :class:`Decoder` to the matching tile of the image (size ``image_size / patches``), and
+    the loss is the sum of the tiles' reconstruction losses. Each decoder works at a fraction of the
+    full resolution, which is where the aux network's memory saving comes from."""
+
+    def __init__(self, in_channels: int, image_size: int, patches: int = 2, widen: float = 1.0):
+        super().__init__()
+        self.patches = int(patches)
+        self.tile = image_size // self.patches
+        self.decoders = nn.ModuleList([Decoder(in_channels, self.tile, widen)
+                                       for _ in range(self.patches * self.patches)])
+
+    def loss(self, features: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+        p = self.patches
+        fh, fw = features.shape[-2] // p, features.shape[-1] // p
+        ih, iw = image01.shape[-2] // p, image01.shape[-1] // p
+        total = None
+        for r in range(p):
+            for c in range(p):
+                feat = features[:, :, r * fh:(r + 1) * fh, c * fw:(c + 1) * fw]
+                img = image01[:, :, r * ih:(r + 1) * ih, c * iw:(c + 1) * iw]
+                term = reconstruction_loss(self.decoders[r * p + c].logits(feat), img)
+                total = term if total is None else total + term
+        return total

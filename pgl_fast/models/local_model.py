@@ -79,6 +79,9 @@ class LocalModel(nn.Module):
         self.classifier = classifier
         self.heads = nn.ModuleList(heads)
         self.decoders = nn.ModuleList(decoders)
+        # names of further per-cut aux sets a method registers (``register_aux``), each an
+        # nn.ModuleDict keyed by the module index
+        self.aux_sets: list[str] = []
         self.input_shape: tuple[int, ...] | None = None
         self.unit_out_shapes: list[tuple[int, ...]] | None = None
         self.num_classes: int | None = None
@@ -167,7 +170,19 @@ class LocalModel(nn.Module):
             params += list(self.heads[j].parameters())
         if j < len(self.decoders):
             params += list(self.decoders[j].parameters())
+        for name in self.aux_sets:
+            group = getattr(self, name)
+            if str(j) in group:
+                params += list(group[str(j)].parameters())
         return params
+
+    def register_aux(self, name: str, per_module: dict[int, nn.Module]) -> None:
+        """Register a method's further aux networks (``per_module[j]`` learns with module j): they
+        become the submodule ``name`` (in the state dict) and part of ``aux_parameters(j)``."""
+        if hasattr(self, name):
+            raise UserError(f"LocalModel: it already has an attribute {name!r}")
+        setattr(self, name, nn.ModuleDict({str(j): m for j, m in per_module.items()}))
+        self.aux_sets.append(name)
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for j in range(self.J) for p in self.module_parameters(j)]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pgl_fast.core.learner import LocalLearner
-from pgl_fast.core.methods import BP, DGL, PGL, InfoPro
+from pgl_fast.core.methods import BP, DGL, HPFF, PGL, InfoPro
 from pgl_fast.data import BatchAugmenter, DatasetSpec, epoch_batches, make_generator, normalize
 from pgl_fast.distributed import DataParallelLearner, DistContext, augment_shard, eval_shard, shard_batch
 from pgl_fast.errors import UserError
@@ -30,11 +30,13 @@ from pgl_fast.runtime.optim import sgd
 
 N_TRAIN, N_TEST, BATCH, IMAGE, J = 21, 11, 8, 16, 3  # 21 = 8 + 8 + 5: the last batch splits 3 + 2
 SPEC = DatasetSpec("synthetic", 10, IMAGE, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), pad=2, pad_mode="reflect", flip=True)
-EPOCHS = {"dgl": 1, "pgl": 2, "bp": 1, "infopro": 1}  # pgl: one local epoch, then one global epoch
+EPOCHS = {"dgl": 1, "pgl": 2, "bp": 1, "infopro": 1, "pgl_hpff": 2}  # pgl: one local epoch, then one global epoch
 
 
 def method_of(name: str):
-    return {"dgl": DGL(), "pgl": PGL(1, 1), "bp": BP(), "infopro": InfoPro(lambdas=[(1.0, 1.0), (0.5, 1.0)])}[name]
+    return {"dgl": DGL(), "pgl": PGL(1, 1), "bp": BP(), "infopro": InfoPro(lambdas=[(1.0, 1.0), (0.5, 1.0)]),
+            # HPFF's cascade crosses module boundaries in local steps; PGL adds a global epoch
+            "pgl_hpff": PGL(1, 1, local=HPFF(wx=0.3, wy=0.7, base=InfoPro(lambdas=[(1.0, 1.0), (0.5, 1.0)])))}[name]
 
 
 def data():
@@ -161,7 +163,7 @@ def main(out_dir: str) -> None:
     ctx = DistContext.from_env(device="cpu", timeout_s=120)
     res = {"rank": ctx.rank, "world": ctx.world_size}
     # --sync-bn: every method, against one process x B (the test's reference)
-    for method in ("dgl", "pgl", "bp", "infopro"):
+    for method in ("dgl", "pgl", "bp", "infopro", "pgl_hpff"):
         learner = build(method, ctx, sync_bn=True)
         _, st, events = train(method, learner, ctx=ctx, record_events=True)
         res[f"sync/{method}"] = {"model": learner.model.state_dict(), "stats": st, "events": events}

@@ -69,7 +69,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 # -- --sync-bn: 2 ranks x B/2 == 1 process x B -----------------------------------------------------
-@pytest.mark.parametrize("method", ["dgl", "pgl", "infopro", "bp"])
+@pytest.mark.parametrize("method", ["dgl", "pgl", "infopro", "bp", "pgl_hpff"])
 def test_sync_bn_equals_single_process(ranks, method):
     net, _, stats = single(method)
     r0, r1 = (r[f"sync/{method}"] for r in ranks)
