@@ -10,6 +10,10 @@
   through the whole backbone (the backbone learns from the final loss only). PGL's global epochs
   and BP. With checkpointing the units are recomputed segment by segment in the backward.
 
+In both, right after the backward of module j's local loss the learner calls the method's
+``after_local_backward(model, j)`` (MAN's EMA update; nothing for the other methods), before any
+optimizer step of module j+1 in that step.
+
 There is one optimizer per module (module j's backbone parameters, its aux head and decoder).
 Stepping module j right after its own backward equals a single step of every module after all
 backwards, because SGD (momentum, Nesterov, weight decay) is elementwise per parameter and every
@@ -384,6 +388,8 @@ class LocalLearner:
                     logits = net.classifier(net.blocks[j](h.detach()))
                     loss = self.final_loss(logits, y)
             self.backward(loss)
+            if j < self.J - 1:
+                self.method.after_local_backward(net, j)
             self.step_module(j)
             stats.add(j, loss, n)
             self.last_losses[j].copy_(loss.detach())
@@ -428,6 +434,7 @@ class LocalLearner:
                     else:
                         aux_loss = self.local_loss(j, feat.detach(), y, image01)
                 self.backward(aux_loss)
+                self.method.after_local_backward(net, j)
                 stats.add(j, aux_loss, n)
                 self.last_losses[j].copy_(aux_loss.detach())
                 del aux_loss
@@ -470,7 +477,7 @@ class LocalLearner:
                 for j in range(self.J):
                     h = net.blocks[j](h)
                     if j < n_heads:
-                        head_correct[j] += (net.heads[j](h).argmax(1) == y).sum()
+                        head_correct[j] += (net.heads[j](self.method.aux_input(net, j, h)).argmax(1) == y).sum()
                 logits = net.classifier(h)
             loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
