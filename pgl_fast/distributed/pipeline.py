@@ -928,6 +928,10 @@ def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None
                      (learner.graphed is not None, "cuda_graphs"), (learner.scaler is not None, "fp16 amp")):
         if on:
             raise UserError(f"build_stage: a pipeline stage runs eager steps; build the LocalLearner without {what}")
+    if len(model.ema_blocks):
+        # module j's aux path reads module j+1's parameters every step, which live on the next stage
+        raise UserError("build_stage: MAN's EMA copy of module j+1 would live on another stage's rank than module "
+                        "j's aux network; train MAN in one process or data parallel")
     if not 1 <= S <= J:
         raise UserError(f"--pipeline {S}: needs 1 <= S <= J (J={J} modules)")
     if balance is None:
