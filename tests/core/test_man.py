@@ -111,10 +111,13 @@ def test_prepare_builds_copies_at_the_next_units_shape():
     assert net.lb_blocks[0] is lb
 
 
-def test_local_step_gradients_and_ema():
+@pytest.mark.parametrize("compile", [None, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compile"])
+def test_local_step_gradients_and_ema(compile):
+    """A local step (compiled: each module's forward and MAN loss as one Inductor graph, the EMA
+    update eager between the pieces)."""
     net = toy()
     man = MAN(M)
-    exe = Recording(net, man, optimizer=sgd(0.1))
+    exe = Recording(net, man, optimizer=sgd(0.1), compile=compile)
     ref = copy.deepcopy(net)  # the model before the step (the EMA copies initialised by prepare)
     x, y = batch()
     exe.start_epoch(0)
@@ -150,11 +153,15 @@ def test_local_step_gradients_and_ema():
                 assert not torch.allclose(e1, M * e0 + (1 - M) * t1, rtol=0, atol=1e-12)
 
 
-def test_global_step_gradients_and_ema():
+@pytest.mark.parametrize("checkpoint_global", [False, True, "coarse"], ids=["eager", "modules", "coarse"])
+def test_global_step_gradients_and_ema(checkpoint_global):
     """PGL over MAN, a global epoch: the backbone from the final loss only, heads and LB from their
-    local loss on detached features, the EMA copy still following module j+1."""
+    local loss on detached features, the EMA copy still following module j+1. Checkpointed global
+    steps (one segment per module, or segments with a head inside) give the same."""
     net = toy()
-    exe = Recording(net, PGL(1, 1, local=MAN(M)), optimizer=sgd(0.1))
+    if checkpoint_global == "coarse":  # one segment over modules 0 and 1: head 0 taps inside it
+        checkpoint_global = [(0, net.ranges[1][1]), (net.ranges[1][1], len(net.units))]
+    exe = Recording(net, PGL(1, 1, local=MAN(M)), optimizer=sgd(0.1), checkpoint_global=checkpoint_global)
     ref = copy.deepcopy(net)
     x, y = batch()
     exe.start_epoch(1)
@@ -271,3 +278,28 @@ def test_state_dict_holds_the_copies():
     keys = net.state_dict().keys()
     assert any(k.startswith("ema_blocks.0.") for k in keys) and any(k.startswith("lb_blocks.1.") for k in keys)
     assert not any(k.startswith(("ema_blocks", "lb_blocks")) for k in toy().state_dict())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
+def test_cuda_graphs_capture_the_ema_update():
+    """The local step replayed from a CUDA graph (EMA update inside it, device-side) equals eager."""
+    torch.set_default_dtype(torch.float32)
+
+    def build(graphs):
+        net = toy().cuda()
+        return net, pgl_fast.LocalLearner(net, MAN(M), cuda_graphs=graphs)
+
+    net, exe = build(True)
+    ref_net, ref = build(False)
+    ema0 = net.ema_blocks[0].conv1.weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x, y = torch.randn(6, 3, 8, 8, generator=g).cuda(), torch.randint(0, 5, (6,), generator=g).cuda()
+        exe.local_step(x, y)
+        ref.local_step(x, y)
+    torch.cuda.synchronize()
+    assert exe.graphed.captures == 1
+    for (n, p), (_, q) in zip(net.named_parameters(), ref_net.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=n)
+    assert not torch.allclose(net.ema_blocks[0].conv1.weight, ema0)  # the replays moved the EMA
