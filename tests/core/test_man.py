@@ -19,6 +19,7 @@ from torch.func import functional_call
 import pgl_fast
 from pgl_fast.core.methods import MAN, PGL, DGL, InfoPro, local_objectives
 from pgl_fast.core.schedule import GLOBAL
+from pgl_fast.distributed.pipeline import build_stage
 from pgl_fast.errors import UserError
 from pgl_fast.models.cifar_resnet import BasicBlock, Classifier, Stem
 from pgl_fast.models.presets import cifar_resnet
@@ -266,6 +267,9 @@ def test_refusals_and_registry():
         shape[0] * shape[1] * shape[2], k)), input_shape=(3, 8, 8))
     with pytest.raises(UserError, match="does not take features of shape"):
         pgl_fast.LocalLearner(net, MAN())
+    # a pipeline stage would hold module j's aux path without module j+1
+    with pytest.raises(UserError, match="build_stage: MAN's EMA copy of module j\\+1 would live on another stage"):
+        build_stage(pgl_fast.LocalLearner(toy(), MAN()), 2)
 
 
 def toy_seq():
