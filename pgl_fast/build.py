@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 from .core.learner import LocalLearner
-from .core.methods import BP, DGL, HPFF, PGL, InfoPro, Method
+from .core.methods import BP, DGL, HPFF, MAN, PGL, InfoPro, Method, from_name
 from .core.schedule import lr_at_epoch
 from .errors import UserError
 from .models.local_model import LocalModel
@@ -38,7 +38,15 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the fused head kernels may run at all. With ``--head-kernels auto`` on CUDA the
     choice per head is then measured (``head_select.configure_head_kernels``); on the CPU ``auto``
     is eager, since Triton runs there only under its interpreter."""
-    if cfg.head_kernels == "eager" or not method_of(cfg).has_heads or cfg.compile:  # --compile: Inductor fuses the heads
+    method = method_of(cfg)
+    if cfg.head_kernels == "eager" or not method.has_heads or cfg.compile:  # --compile: Inductor fuses the heads
+        return False
+    if not method.plain_heads:
+        # MAN's heads sit on its aux path, not on the module outputs that the per-head choice of
+        # fused against eager kernels is measured and cached for
+        if cfg.head_kernels == "triton":
+            raise UserError(f"--head-kernels triton: the fused kernels are for heads on the module outputs; "
+                            f"MAN's heads sit on its aux path (--method {cfg.method}); use --head-kernels auto or eager")
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
         return False
@@ -56,18 +64,27 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
     return True
 
 
+def _local_method(cfg: TrainConfig, name: str) -> Method:
+    """The all-local method ``name`` (``--method``, ``--pgl-local`` or ``--man-base``) with its flags."""
+    if name == "dgl":
+        return DGL()
+    if name == "infopro":
+        return InfoPro(contrast=cfg.infopro_loss == "contrast",
+                       lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
+    if name == "man":
+        return MAN(cfg.man_momentum, base=_local_method(cfg, cfg.man_base))
+    if name == "hpff":
+        return hpff_of(cfg)
+    return from_name(name)  # a registered all-local method without flags of its own
+
+
 def method_of(cfg: TrainConfig) -> Method:
     """The method object ``--method`` and its flags name."""
     if cfg.method == "bp":
         return BP()
-    if cfg.method == "dgl":
-        return DGL()
-    if cfg.method == "infopro":
-        return InfoPro(contrast=cfg.infopro_loss == "contrast",
-                       lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
-    if cfg.method == "hpff":
-        return hpff_of(cfg)
-    return PGL(cfg.period, cfg.duration, local=DGL())
+    if cfg.method == "pgl":
+        return PGL(cfg.period, cfg.duration, local=_local_method(cfg, cfg.pgl_local))
+    return _local_method(cfg, cfg.method)
 
 
 def hpff_of(cfg: TrainConfig) -> HPFF:
@@ -88,25 +105,29 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalMod
             net = torchvision_model(cfg.arch.split(":", 1)[1], num_classes, cifar_stem_=cfg.cifar_stem)
         cuts = [int(c) if isinstance(net, torch.nn.Sequential) and c.lstrip("-").isdigit() else c
                 for c in cfg.cut_list]
-        net = split(net, cuts, aux=aux, input_shape=(3, image_size, image_size), num_classes=num_classes)
-        return _with_method_aux(net, method)
-    infopro = isinstance(method, InfoPro)
-    net = cifar_resnet(
+        return _with_aux_path(method, split(net, cuts, aux=aux, input_shape=(3, image_size, image_size),
+                                            num_classes=num_classes))
+    objective = method.local if isinstance(method, PGL) else method
+    objective = objective.base if isinstance(objective, MAN) else objective
+    infopro = isinstance(objective, InfoPro)
+    model = cifar_resnet(
         # bp keeps the J-module split too: it only sets the checkpoint segments (--checkpoint-global)
         cfg.arch, cfg.modules, num_classes=num_classes, image_size=image_size, split=cfg.split,
         split_recipe=cfg.split_recipe, aux=aux, aux_widen=cfg.aux_widen, aux_feature_dim=cfg.aux_feature_dim,
-        head_out_dim=cfg.aux_feature_dim if infopro and method.contrast else None,
+        head_out_dim=cfg.aux_feature_dim if infopro and objective.contrast else None,
         decoders=infopro, droprate=cfg.droprate,
     )
-    return _with_method_aux(net, method)
+    return _with_aux_path(method, model)
 
 
-def _with_method_aux(net: LocalModel, method: Method) -> LocalModel:
-    """A method whose loss reaches several modules (HPFF) adds its further heads and decoders here,
-    so that --describe, the planner and the profiler see the network that trains."""
-    if method.reach > 1:
-        method.prepare(net)
-    return net
+def _with_aux_path(method: Method, model: LocalModel) -> LocalModel:
+    """The networks a method adds beyond the plain heads exist from here on -- MAN's aux path (its
+    copies, and heads at the copied unit's shape), HPFF's second head set and patch decoders -- so
+    the module table, the planner and the profiler see what the run trains. The other methods are
+    prepared by the learner, as before (their random streams are unchanged)."""
+    if not method.plain_heads or method.reach > 1:
+        method.prepare(model)
+    return model
 
 
 def lr_schedule(cfg: TrainConfig):

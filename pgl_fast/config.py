@@ -14,13 +14,16 @@ from dataclasses import dataclass, field, fields
 from .runtime.compile import COMPILE_MODES, CUDAGRAPH_MODES
 from .models.heads import AUX_CONFIGS
 from .models.cifar_resnet import blocks_per_stage
-from .core.methods import METHODS as METHOD_CLASSES
+from .core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES, local_objectives
 from .errors import UserError
 from .jsonio import write_json_atomic
 from .argparsing import OneLineParser, add_fields, flag_of
 from .models.splits import SPLIT_KINDS, imagenet_infopro_cuts, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
+# --pgl-local: every registered method whose epochs are all local
+PGL_LOCALS = tuple(local_objectives())
+MAN_BASES = ("dgl", "infopro")
 # --global-memory-factor's default. Predicted for resnet32 with 1c2f heads: at J=4 coarse comes to
 # 0.97x the local peak, at J=8 modules to 1.13x (coarse 1.42x), at J=16 the smallest is modules at
 # 1.62x. 1.25 takes the segmentation that gets near the local peak wherever one does, and refuses a
@@ -98,6 +101,9 @@ class TrainConfig:
     aux_feature_dim: int = _f(128, "aux head hidden/feature dim (InfoPro: --aux_net_feature_dim)", group="method")
     period: int = _f(10, "PGL: P local epochs per cycle", flags=("-P", "--period"), group="method", metavar="P")
     duration: int = _f(2, "PGL: Q global epochs after every P local ones", flags=("-Q", "--duration"), group="method", metavar="Q")
+    pgl_local: str = _f("dgl", "PGL: the local objective of its local epochs (and of the heads in its global ones)", group="method", choices=PGL_LOCALS)
+    man_momentum: float = _f(0.995, "MAN: momentum of the EMA copy of module j+1's first block on module j's aux path (MAN's published runs: 0.995)", group="method")
+    man_base: str = _f("dgl", "MAN: the loss on its aux path: dgl = cross-entropy head (DGL+MAN), infopro = InfoPro's (InfoPro+MAN; InfoPro's flags apply)", group="method", choices=MAN_BASES)
     infopro_loss: str = _f("contrast", "InfoPro's task term (InfoPro: --local_loss_mode): contrast = SupCon, softmax = CE. InfoPro published lambda defaults only for contrast; softmax reuses that table unless --ixx-*/--ixy-* are given (the lambdas used are recorded in header.json)", group="method", choices=("contrast", "softmax"))
     ixx_1: float | None = _f(None, "InfoPro lambda_1 (reconstruction) of the first local module (default: InfoPro's per-run value, published for the contrast loss only)", group="method")
     ixy_1: float | None = _f(None, "InfoPro lambda_2 (task) of the first local module", group="method")
@@ -199,6 +205,9 @@ class TrainConfig:
             bad("--pipeline", "--sync-bn is for data parallel, which --pipeline does not combine with; drop it")
         if self.lean_blocks:
             bad("--pipeline", "runs the standard blocks; drop --lean-blocks")
+        if self.uses_man:
+            bad("--pipeline", "MAN's EMA copy of module j+1 would live on another stage's rank than module j's "
+                "aux network; train MAN in one process or data parallel (torchrun without --pipeline)")
         if self.pipeline_balance == "auto" and self.custom_model:
             bad("--pipeline-balance", "auto measures the CIFAR ResNet presets; give counts a,b,... for this model")
 
@@ -247,10 +256,16 @@ class TrainConfig:
             if self.modules < 1:
                 bad("-J/--modules", f"must be >= 1, got {self.modules}")
             resolve_split(self.arch, self.modules, self.split, self.split_recipe)
-        if self.method in ("dgl", "infopro", "pgl") and self.modules < 2:
+        if self.pgl_local not in PGL_LOCALS:
+            bad("--pgl-local", f"{self.pgl_local!r} is not one of {', '.join(PGL_LOCALS)}")
+        if self.man_base not in MAN_BASES:
+            bad("--man-base", f"{self.man_base!r} is not one of {', '.join(MAN_BASES)}")
+        if not 0.0 <= self.man_momentum <= 1.0:
+            bad("--man-momentum", f"must be in [0, 1], got {self.man_momentum}")
+        if self.method != "bp" and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
         self._check_pipeline(bad)
-        if self.method == "infopro" and self.aux in ("mlpsr", "adapt"):
+        if self.uses_infopro and self.aux in ("mlpsr", "adapt"):
             bad("--aux", "InfoPro uses InfoPro's AuxClassifier heads: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f or 2c2f")
         if self.period < 1:
             bad("-P/--period", f"must be >= 1, got {self.period}")
@@ -345,10 +360,27 @@ class TrainConfig:
             bad("--resume", "needs a checkpoint file or 'auto'")
         if not self.heartbeat >= 0:
             bad("--heartbeat", f"must be >= 0 seconds (0: off), got {self.heartbeat}")
-        if self.method == "infopro":
+        if self.uses_infopro:
             self._resolve_lambdas(bad)
         if self.uses_hpff:
             self._check_hpff(bad)
+
+    @property
+    def local_objectives(self) -> tuple[str, ...]:
+        """The local objectives this run trains with: ``--method``'s own, PGL's ``--pgl-local``, and
+        under MAN its ``--man-base`` (empty for bp)."""
+        name = self.pgl_local if self.method == "pgl" else self.method
+        if name == "bp":
+            return ()
+        return (name, self.man_base) if name == "man" else (name,)
+
+    @property
+    def uses_infopro(self) -> bool:
+        return "infopro" in self.local_objectives
+
+    @property
+    def uses_man(self) -> bool:
+        return "man" in self.local_objectives
 
     @property
     def custom_model(self) -> bool:
@@ -375,7 +407,7 @@ class TrainConfig:
     @property
     def uses_hpff(self) -> bool:
         """HPFF is the local objective: ``--method hpff``, or PGL over it."""
-        return self.method == "hpff" or getattr(self, "pgl_local", None) == "hpff" and self.method == "pgl"
+        return "hpff" in self.local_objectives
 
     def _check_hpff(self, bad) -> None:
         if not (self.hpff_wx >= 0 and self.hpff_wy >= 0 and self.hpff_wx + self.hpff_wy > 0):
@@ -390,8 +422,6 @@ class TrainConfig:
             if on:
                 bad(flag, f"is not supported with HPFF: {why}; drop {flag}")
         if self.hpff_base == "infopro":
-            from .core.methods import HPFF_LAMBDAS
-
             for name, v in zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), HPFF_LAMBDAS):
                 if getattr(self, name) is None:
                     setattr(self, name, float(v))
@@ -456,7 +486,7 @@ class TrainConfig:
 
 
 def _no_global_epochs(c: TrainConfig) -> str | None:
-    if c.method in ("dgl", "infopro"):
+    if c.method not in ("bp", "pgl"):
         return f"with --method {c.method} (it has no global epochs)"
     if c.method == "pgl" and c.duration == 0:
         return "with -Q 0 (no global epochs)"
@@ -477,14 +507,18 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("period", "duration"),
      lambda c: f"with --method {c.method} (only pgl alternates local and global epochs)" if c.method != "pgl" else None),
     (("infopro_loss",),
-     lambda c: f"with --method {c.method} (InfoPro's loss only)" if c.method != "infopro" else None),
+     lambda c: f"with --method {c.method} (InfoPro's loss only)" if not c.uses_infopro else None),
     (("ixx_1", "ixy_1", "ixx_2", "ixy_2"),
-     lambda c: None if c.method == "infopro" or c.uses_hpff and c.hpff_base == "infopro" else
+     lambda c: None if c.uses_infopro or c.uses_hpff and c.hpff_base == "infopro" else
      f"with --method {c.method}{' --hpff-base dgl' if c.uses_hpff else ''} (InfoPro's loss only)"),
     (("hpff_base", "hpff_wx", "hpff_wy", "hpff_patches"),
      lambda c: None if c.uses_hpff else f"with --method {c.method} (HPFF's loss only)"),
     (("hpff_patches",),
      lambda c: "with --hpff-base dgl (no reconstruction term)" if c.uses_hpff and c.hpff_base == "dgl" else None),
+    (("pgl_local",), lambda c: f"with --method {c.method} (only pgl takes a local objective)" if c.method != "pgl" else None),
+    (("man_momentum", "man_base"),
+     lambda c: f"with --method {c.method}{' --pgl-local ' + c.pgl_local if c.method == 'pgl' else ''} (MAN's only)"
+     if not c.uses_man else None),
     (("checkpoint_global", "global_segments", "global_memory", "global_memory_factor"), _no_global_epochs),
     (("global_memory_factor",),
      lambda c: f"with --global-memory {c.global_memory} (the factor only guides auto)"
@@ -519,7 +553,7 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
 
 
 GROUP_TITLES = {
-    "data": "data", "model": "model and split", "method": "method (BP / DGL / InfoPro / PGL)",
+    "data": "data", "model": "model and split", "method": "method (BP / DGL / InfoPro / MAN / PGL)",
     "optimisation": "optimisation", "runtime": "runtime and performance",
     "distributed": "distributed (under torchrun: data parallel, or --pipeline)", "output": "output",
 }

@@ -115,14 +115,16 @@ _CACHE: dict[tuple, dict] = {}
 def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str = "fp32", image_size: int = 32,
             split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8,
             lean_blocks: bool = False, local: bool = True, model: str | None = None, cuts: str | None = None,
-            cifar_stem: bool = False) -> dict:
+            cifar_stem: bool = False, pgl_local: str = "dgl") -> dict:
     """Predicted peak bytes per phase at ``batch``: ``local`` (for local methods, unless
-    ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``."""
+    ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``. The steps
+    measured are PGL's over ``pgl_local``'s aux path: ``man`` measures MAN's copies on it (see
+    :func:`aux_path`); the others measure the plain heads."""
     import torch
 
     candidates = tuple(candidates)
     key = (method, arch, J, aux, batch, dtype, image_size, split, num_classes, candidates, measure_batch,
-           lean_blocks, local, model, cuts, cifar_stem)
+           lean_blocks, local, model, cuts, cifar_stem, pgl_local)
     if key in _CACHE:
         return copy.deepcopy(_CACHE[key])
     threads = torch.get_num_threads()
@@ -130,7 +132,7 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     try:
         kw = dict(arch=arch, J=J, aux=None if method == "bp" else aux, dtype=dtype, image_size=image_size,
                   split=split, num_classes=num_classes, lean_blocks=lean_blocks, model=model, cuts=cuts,
-                  cifar_stem=cifar_stem)
+                  cifar_stem=cifar_stem, pgl_local=pgl_local)
         gkind = "bp" if method == "bp" else "global"
         out = {"batch": batch, "global": {}, "local": None}
         if candidates:
@@ -144,6 +146,12 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     return out
 
 
+
+
+def aux_path(cfg) -> str:
+    """The aux path the planner measures for ``cfg``: MAN's (its copies of the next module's first
+    unit add memory to every local step) or the plain heads' ("dgl")."""
+    return "man" if cfg.uses_man else "dgl"
 
 
 def by_cost(names) -> list[str]:
@@ -277,7 +285,7 @@ def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int
                     dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
                     num_classes=num_classes, lean_blocks=cfg.lean_blocks,
                     candidates=(plan.choice,) if need_global else (), local=need_local,
-                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem)
+                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg))
     out = {}
     if need_local:
         out[LOCAL] = p["local"] / MiB
@@ -333,7 +341,7 @@ def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
             # fp16 and bf16 tensors have the same size; the CPU planner measures fp16 as bf16
             dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
             num_classes=num_classes, lean_blocks=cfg.lean_blocks, candidates=tuple(planner.by_cost(measured)),
-            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem)
+            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg))
 
     if not has_global:
         why = (f"--method {cfg.method} trains locally only" if cfg.method != "pgl" else

@@ -362,9 +362,11 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
                dtype: str = "fp32", device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0,
                split: str = "auto", head_kernels: str = "auto", channels_last: bool = False,
                num_classes: int = 10, lean_blocks: bool = False, model: str | None = None,
-               cuts: str | None = None, cifar_stem: bool = False) -> StepSetup:
+               cuts: str | None = None, cifar_stem: bool = False, pgl_local: str = "dgl") -> StepSetup:
     """A fresh network + learner for one step kind, built as a training run builds them
-    (``--arch``, ``--model``/``--cuts`` and ``--cifar-stem`` as in ``pgl_fast.train``)."""
+    (``--arch``, ``--model``/``--cuts`` and ``--cifar-stem`` as in ``pgl_fast.train``). The
+    local-learning kinds are PGL's over ``pgl_local`` (``--pgl-local``: ``man`` adds MAN's copies to
+    the aux path)."""
     from .build import build_learner, build_model, resolve_head_kernels
     from .config import TrainConfig
     from .errors import UserError
@@ -383,7 +385,7 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     if method == "pgl" and aux is None:
         raise UserError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
     try:
-        cfg = TrainConfig(method=method, arch=arch, modules=16 if (model or cuts) else J, split=split,
+        cfg = TrainConfig(method=method, pgl_local=pgl_local if method == "pgl" else "dgl", arch=arch, modules=16 if (model or cuts) else J, split=split,
                           aux=aux or "1c2f", batch_size=batch, model=model, cuts=cuts, cifar_stem=cifar_stem,
                           lr=0.05, device=str(dev), amp=dtype != "fp32",
                           amp_dtype="fp16" if dtype == "fp16" else "bf16", checkpoint_global=ckpt,
@@ -539,8 +541,10 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
                   split: str = "auto", measure: str = "auto", warmup_batch: int | None = None,
                   head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
                   progress: Callable[[str], None] | None = None, lean_blocks: bool = False,
-                  model: str | None = None, cuts: str | None = None, cifar_stem: bool = False) -> dict:
-    """Peak memory per step kind (see the module docstring for the dict layout).
+                  model: str | None = None, cuts: str | None = None, cifar_stem: bool = False,
+                  pgl_local: str = "dgl") -> dict:
+    """Peak memory per step kind (see the module docstring for the dict layout). ``pgl_local``: the
+    local objective of the local and global kinds (``man``: with MAN's aux path).
 
     ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
     optimizer state; the measured steps run at ``batch``). ``None``: the full batch.
@@ -567,7 +571,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
                            image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
                            channels_last=channels_last, lean_blocks=lean_blocks, model=model, cuts=cuts,
-                           cifar_stem=cifar_stem)
+                           cifar_stem=cifar_stem, pgl_local=pgl_local)
         with _cudnn_benchmark(dev):
             setup.warm_up(warmup_batch)
         results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
@@ -586,7 +590,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         "config": {"arch": model or arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
                    "steps": steps, "kinds": list(results), "image_size": image_size, "seed": seed,
                    "split": split, "measure": measure, "warmup_batch": warmup_batch,
-                   "head_kernels": head_kernels, "channels_last": channels_last},
+                   "head_kernels": head_kernels, "channels_last": channels_last, "pgl_local": pgl_local},
         "device": str(dev),
         "device_name": device_name(dev),
         "cpu_threads": torch.get_num_threads(),
@@ -636,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, TrainConfig, "cifar_stem")
     add_field(p, TrainConfig, "modules", dest="J")
     add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
+    add_field(p, TrainConfig, "pgl_local", note="the local objective of the local and global kinds")
     add_field(p, TrainConfig, "batch_size", dest="batch", default=256)
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
@@ -664,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                                seed=args.seed, split=args.split, measure=args.measure,
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
                                channels_last=args.channels_last, lean_blocks=args.lean_blocks,
-                               model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem)
+                               model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem,
+                               pgl_local=args.pgl_local)
     except UserError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,8 @@ def describe(cfg: TrainConfig, net: LocalModel, image_size: int) -> str:
     name = cfg.model or cfg.arch
     head = (f"{name} split into J={net.J} modules ({how}), method {cfg.method}, "
             f"aux {cfg.aux if net.heads else 'none'}, input {image_size}x{image_size}")
-    total = (f"parameters: backbone {counts['backbone']:,}  aux {counts['aux']:,}  "
+    ema = f"ema {counts['ema']:,}  " if "ema" in counts else ""
+    total = (f"parameters: backbone {counts['backbone']:,}  aux {counts['aux']:,}  {ema}"
              f"total {counts['total']:,} ({counts['total'] / 1e6:.3f}M)")
     return "\n".join([head, format_table(rows, list(rows[0].keys())), total])
 

@@ -10,6 +10,10 @@
   through the whole backbone (the backbone learns from the final loss only). PGL's global epochs
   and BP. With checkpointing the units are recomputed segment by segment in the backward.
 
+In both, right after the backward of module j's local loss the learner calls the method's
+``after_local_backward(model, j)`` (MAN's EMA update; nothing for the other methods), before any
+optimizer step of module j+1 in that step.
+
 There is one optimizer per module (module j's backbone parameters, its aux head and decoder).
 Stepping module j right after its own backward equals a single step of every module after all
 backwards, because SGD (momentum, Nesterov, weight decay) is elementwise per parameter and every
@@ -416,6 +420,8 @@ class LocalLearner:
                 del g
             if own is not None:
                 self.backward(own, retain_graph=reach > 1 and j < self.J - 1)
+            if j < self.J - 1:
+                self.method.after_local_backward(net, j)
             if reach > 1:
                 window.append((inp, h))
                 if j - reach + 1 >= 0:
@@ -472,6 +478,7 @@ class LocalLearner:
                 if aux_loss is None:  # a cut without a loss of its own (HPFF's first)
                     continue
                 self.backward(aux_loss)
+                self.method.after_local_backward(net, j)
                 stats.add(j, aux_loss, n)
                 self.last_losses[j].copy_(aux_loss.detach())
                 del aux_loss
@@ -514,7 +521,7 @@ class LocalLearner:
                 for j in range(self.J):
                     h = net.blocks[j](h)
                     if j < n_heads:
-                        head_correct[j] += (net.heads[j](h).argmax(1) == y).sum()
+                        head_correct[j] += (net.heads[j](self.method.aux_input(net, j, h)).argmax(1) == y).sum()
                 logits = net.classifier(h)
             loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()

@@ -14,12 +14,16 @@ a method's name.
   method's loss, through a second set of heads and patch decoders, on the output of modules j-1
   and j run in cascade from the detached input of module j-1, so its gradient reaches both. The
   last module: ``wx * CE + wy * CE`` of the two paths. See :class:`HPFF`.
+- ``MAN(momentum, base=DGL())``: every epoch local; module j's aux network sees
+  ``LB_j(h) + EMA_j(h)``, a learnable copy and a momentum (EMA) copy of the first unit of module
+  j+1, and ``base``'s loss (DGL's or InfoPro's) acts on that (Momentum Auxiliary Network).
 - ``PGL(period, duration, local=DGL())``: P local epochs, then Q global ones, repeating (cycle
   length P + Q, starting local); global epochs train the backbone on the final loss only and each
   head on its own local loss of detached features. ``local`` is the local loss: ``PGL(P, Q,
-  local=InfoPro(...))`` is periodic global guidance over InfoPro's loss.
+  local=InfoPro(...))`` is periodic global guidance over InfoPro's loss, ``local=MAN()`` over MAN's.
 
-``METHODS`` maps the CLI's names to the classes.
+``METHODS`` maps the CLI's names to the classes; :func:`local_objectives` names those whose epochs
+are all local (what ``PGL(local=...)`` and ``--pgl-local`` take).
 """
 from __future__ import annotations
 
@@ -28,9 +32,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import UserError
-from ..models.heads import Decoder, PatchDecoder, reconstruction_loss, supcon_loss, upcast
+from ..models.heads import Decoder, PatchDecoder, build_head, reconstruction_loss, supcon_loss, upcast
+from ..models.local_model import block_units
 from .schedule import GLOBAL, LOCAL
 
 
@@ -79,6 +85,22 @@ class Method:
     def final_parts(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The last module's final loss in a local step as ``(own, back)``, as ``local_parts``."""
         return loss, None
+
+    def aux_input(self, model, j: int, h: torch.Tensor) -> torch.Tensor:
+        """What module j's aux head sees when module j outputs ``h`` (the output itself; MAN: its
+        aux path). Evaluation scores the heads on this."""
+        return h
+
+    def after_local_backward(self, model, j: int) -> None:
+        """Called by the learner right after the backward of module j's local loss, in local and
+        global steps alike (MAN's EMA update); nothing for the other methods."""
+        return None
+
+    @property
+    def plain_heads(self) -> bool:
+        """The aux heads sit directly on the module outputs (what the fused head kernels and their
+        per-head selection are measured for)."""
+        return True
 
     @property
     def local_loss_is_ce(self) -> bool:
@@ -180,6 +202,172 @@ class InfoPro(Method):
         return {"method": self.name, "contrast": self.contrast,
                 "lambdas": list(self._one) if self._one is not None else [list(p) for p in self._pairs]}
 
+def _fresh_copy(unit: nn.Module, what: str) -> nn.Module:
+    """A copy of ``unit`` with parameters and statistics of its own, initialised afresh: every
+    submodule's ``reset_parameters`` (which also resets batch-norm statistics), then the engine's
+    conv / batch-norm initialisation, the same that every other part of the network gets."""
+    from ..models.cifar_resnet import init_infopro_
+
+    try:
+        c = copy.deepcopy(unit)
+    except Exception as e:  # a user's block that deepcopy cannot handle (open handles, locks, ...)
+        raise UserError(f"MAN cannot copy {what} ({type(unit).__name__}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    with torch.no_grad():
+        for m in c.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        init_infopro_(c)
+    for m in c.modules():
+        if hasattr(m, "lean"):
+            m.lean = False  # the memory-lean backward is the backbone's option (--lean-blocks)
+    return c
+
+
+class MAN(Method):
+    """Momentum Auxiliary Network: module j's aux network (head, and ``base``'s decoder) sees
+    ``LB_j(h) + EMA_j(h)`` instead of module j's output ``h``.
+
+    What is copied: the first unit of module j+1 (``model.units[model.ranges[j+1][0]]``; for the
+    CIFAR ResNets the first residual block after the cut), twice, each with freshly initialised
+    parameters and statistics (neither starts equal to that unit):
+
+    - ``model.lb_blocks[j]`` (the learnable bias): trained by module j's local loss, stepped by
+      module j's optimizer (it is part of ``model.aux_parameters(j)``);
+    - ``model.ema_blocks[j]``: parameters with ``requires_grad`` off (no optimizer steps them, yet
+      the gradient of the local loss flows *through* it to module j). Only its parameters follow
+      the unit; its batch-norm statistics are its own, updated by its forwards.
+
+    The EMA rule, the same in local and in global steps: once per training step and module, right
+    after the backward of module j's local loss, ``ema = momentum * ema + (1 - momentum) * theta``
+    for every parameter, where ``theta`` is that parameter of module j+1's first unit as it is
+    before this step's update of module j+1 (every module's optimizer steps after its own
+    backward, and module j+1's backward comes after module j's). In PGL's global epochs the heads
+    (and LB) still learn from their local loss on detached features and the EMA copy keeps
+    following module j+1.
+
+    The heads and decoders act at the copied unit's output shape, so ``prepare`` rebuilds a head
+    built by ``build_head`` (the presets, ``split(aux="...")``) at that shape with the same
+    configuration; a head of the user's own (``split(aux=callable)``) must take that shape. A unit
+    without parameters (a pooling or activation layer) cannot be copied meaningfully: refused.
+
+    ``momentum``: the published runs use 0.995. ``base``: the loss on the aux path, ``DGL()``
+    (a cross-entropy head: "DGL+MAN") or ``InfoPro(...)`` ("InfoPro+MAN")."""
+
+    name = "man"
+
+    def __init__(self, momentum: float = 0.995, base: Method | None = None):
+        base = DGL() if base is None else base
+        if type(base) not in (DGL, InfoPro):
+            raise UserError(f"MAN(base=...): the loss on MAN's aux path is DGL's or InfoPro's, not {type(base).__name__}")
+        momentum = float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise UserError(f"MAN(momentum={momentum}): the EMA momentum must be in [0, 1]")
+        self.momentum, self.base = momentum, base
+        self.needs_image = base.needs_image
+        self.heads_output_logits = base.heads_output_logits
+
+    def phase(self, epoch: int) -> str:
+        return LOCAL
+
+    @property
+    def local_loss_is_ce(self) -> bool:
+        return False
+
+    @property
+    def plain_heads(self) -> bool:
+        return False
+
+    def prepare(self, model) -> None:
+        self.base.prepare(model)
+        cuts = model.J - 1
+        if len(model.lb_blocks) == cuts and len(model.ema_blocks) == cuts:
+            return  # prepared by an earlier learner of this model
+        if len(model.lb_blocks) or len(model.ema_blocks):
+            raise UserError(f"MAN: the model has {len(model.lb_blocks)} learnable and {len(model.ema_blocks)} EMA "
+                            f"copies for {cuts} cuts")
+        if model.unit_out_shapes is None:
+            raise UserError("MAN sizes the aux networks from the model's shapes: call model.probe(input_shape) first")
+        p = next((q for q in model.parameters() if q.is_floating_point()), None)
+        units = model.units
+        lbs, emas = [], []
+        for j in range(cuts):
+            a = model.ranges[j + 1][0]
+            unit, what = units[a], f"the first unit of module {j + 1}"
+            if not any(True for _ in unit.parameters()):
+                raise UserError(f"MAN copies {what} ({type(unit).__name__}) into module {j}'s aux network, but it "
+                                "has no parameters; cut so that every module after the first starts with a block "
+                                "that has parameters")
+            lb, ema = _fresh_copy(unit, what), _fresh_copy(unit, what)
+            ema.requires_grad_(False)
+            lbs.append(lb)
+            emas.append(ema)
+            shape = tuple(model.unit_out_shapes[a])
+            self._fit_head(model, j, shape, p)
+            if j < len(model.decoders) and getattr(model.decoders[j], "in_channels", shape[0]) != shape[0]:
+                dec = model.decoders[j]
+                if len(shape) != 3:
+                    raise UserError(f"MAN with InfoPro reconstructs the image from (C, H, W) feature maps; {what} "
+                                    f"outputs features of shape {shape}")
+                self._replace(model.decoders, j, Decoder(shape[0], dec.image_size, dec.widen), p)
+        model.lb_blocks = nn.ModuleList(lbs)
+        model.ema_blocks = nn.ModuleList(emas)
+
+    @staticmethod
+    def _replace(modules: nn.ModuleList, j: int, new: nn.Module, p) -> None:
+        from ..models.cifar_resnet import init_infopro_
+
+        init_infopro_(new)  # as the heads and decoders the presets and split() build
+        modules[j] = new.to(device=p.device, dtype=p.dtype) if p is not None else new
+
+    def _fit_head(self, model, j: int, shape: tuple[int, ...], p) -> None:
+        """Head j takes the copied unit's output ``shape``: rebuilt at it when ``build_head`` made
+        it for another shape, checked by one forward when it is the user's own."""
+        head = model.heads[j]
+        spec = getattr(head, "spec", None)
+        if spec is not None:
+            if tuple(spec["in_shape"]) != shape:
+                try:
+                    new = build_head(spec["config"], shape, spec["out_dim"], spec["widen"], spec["feature_dim"])
+                except ValueError as e:
+                    raise UserError(f"MAN: aux head of module {j}: {e}") from None
+                new.use_kernels = False
+                self._replace(model.heads, j, new, p)
+            return
+        x = torch.zeros((2, *shape), device=p.device if p is not None else None,
+                        dtype=p.dtype if p is not None else None)
+        was = head.training
+        head.eval()
+        try:
+            with torch.no_grad():
+                head(x)
+        except Exception:
+            raise UserError(f"MAN: the aux head of module {j} ({type(head).__name__}) does not take features of "
+                            f"shape {shape}, the output of the first unit of module {j + 1} that MAN's aux path "
+                            "feeds it; build the heads for those shapes") from None
+        finally:
+            head.train(was)
+
+    def aux_input(self, model, j, h):
+        return model.lb_blocks[j](h) + model.ema_blocks[j](h)
+
+    def local_loss(self, model, j, h, y, image01=None):
+        return self.base.local_loss(model, j, self.aux_input(model, j, h), y, image01)
+
+    @torch.no_grad()
+    def after_local_backward(self, model, j):
+        if j >= len(model.ema_blocks):
+            return
+        ema = list(model.ema_blocks[j].parameters())
+        theta = list(block_units(model.blocks[j + 1])[0].parameters())
+        # device-side and in place (two multi-tensor launches): a CUDA graph of the local step
+        # captures it, and nothing waits for the host
+        torch._foreach_mul_(ema, self.momentum)
+        torch._foreach_add_(ema, theta, alpha=1.0 - self.momentum)
+
+    def record(self) -> dict:
+        return {"method": self.name, "momentum": self.momentum, "base": self.base.record()}
+
 
 class PGL(Method):
     """Periodic Global Guidance: ``period`` local epochs, then ``duration`` global ones."""
@@ -190,9 +378,9 @@ class PGL(Method):
         if period < 1 or duration < 0:
             raise UserError(f"PGL(period={period}, duration={duration}): period must be >= 1 and duration >= 0")
         local = DGL() if local is None else local
-        if isinstance(local, (PGL, BP)):
-            raise UserError(f"PGL(local=...): the local loss comes from a local method (DGL, InfoPro, HPFF), "
-                            f"not {type(local).__name__}")
+        if not isinstance(local, Method) or not all_local(local):
+            raise UserError(f"PGL(local=...): the local loss comes from a method whose epochs are all local "
+                            f"({', '.join(local_objectives())}), not {type(local).__name__}")
         self.period, self.duration, self.local = int(period), int(duration), local
         self.needs_image = local.needs_image
         self.heads_output_logits = local.heads_output_logits
@@ -213,9 +401,19 @@ class PGL(Method):
     def final_parts(self, loss):
         return self.local.final_parts(loss)
 
+    def aux_input(self, model, j, h):
+        return self.local.aux_input(model, j, h)
+
+    def after_local_backward(self, model, j):
+        self.local.after_local_backward(model, j)
+
     @property
     def local_loss_is_ce(self) -> bool:
         return self.local.local_loss_is_ce
+
+    @property
+    def plain_heads(self) -> bool:
+        return self.local.plain_heads
 
     def record(self) -> dict:
         return {"method": self.name, "period": self.period, "duration": self.duration, "local": self.local.record()}
@@ -372,7 +570,29 @@ class HPFF(Method):
                 "base": base.record() if base is not None else "published (InfoPro softmax, lambdas 5, 0.5 -> 0, 0)"}
 
 
-METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro, "pgl": PGL, "hpff": HPFF}
+METHODS: dict[str, type[Method]] = {"bp": BP, "dgl": DGL, "infopro": InfoPro, "man": MAN, "pgl": PGL, "hpff": HPFF}
+
+# how many epochs all_local looks at: beyond any schedule's first cycle in practice
+_LOCAL_PROBE_EPOCHS = 1024
+
+
+def all_local(method: Method) -> bool:
+    """Every epoch of ``method`` is local (it can be PGL's local objective)."""
+    return all(method.phase(e) == LOCAL for e in range(_LOCAL_PROBE_EPOCHS))
+
+
+def local_objectives() -> list[str]:
+    """The registered methods whose epochs are all local (built with their defaults): the
+    choices of PGL's local objective (``--pgl-local``)."""
+    out = []
+    for name, cls in METHODS.items():
+        try:
+            m = cls()
+        except TypeError:  # needs arguments: not choosable by name alone
+            continue
+        if all_local(m):
+            out.append(name)
+    return out
 
 
 def from_name(name: str, **kwargs) -> Method:

@@ -166,13 +166,25 @@ def build_head(config: str, in_shape: tuple[int, ...], out_dim: int, widen: floa
     if len(in_shape) in (1, 2):
         if config == "mlpsr":
             raise ValueError(f"aux head mlpsr needs (C, H, W) feature maps, got features of shape {in_shape}")
-        return TokenHead(in_shape, out_dim, 2 if config == "adapt" else int(config[2]), widen, feature_dim)
+        return _with_spec(TokenHead(in_shape, out_dim, 2 if config == "adapt" else int(config[2]), widen, feature_dim),
+                          config, in_shape, out_dim, widen, feature_dim)
     if len(in_shape) != 3:
         raise ValueError(f"aux head {config}: features of shape {in_shape} are neither (C, H, W), (tokens, dim) nor (dim,)")
     c, h, _ = in_shape
     if config == "mlpsr":
-        return MLPSRHead(c, h, out_dim)
-    return AuxClassifier(config, c, out_dim, widen, feature_dim, in_size=h)
+        head = MLPSRHead(c, h, out_dim)
+    else:
+        head = AuxClassifier(config, c, out_dim, widen, feature_dim, in_size=h)
+    return _with_spec(head, config, in_shape, out_dim, widen, feature_dim)
+
+
+def _with_spec(head: nn.Module, config: str, in_shape: tuple[int, ...], out_dim: int, widen: float,
+               feature_dim: int) -> nn.Module:
+    """The arguments ``head`` was built from, so that a method which moves the head onto other
+    features (MAN) can build the same head at their shape."""
+    head.spec = {"config": config, "in_shape": tuple(in_shape), "out_dim": out_dim, "widen": widen,
+                 "feature_dim": feature_dim}
+    return head
 
 
 class Decoder(nn.Module):
@@ -186,6 +198,7 @@ class Decoder(nn.Module):
     def __init__(self, in_channels: int, image_size: int, widen: float = 1.0):
         super().__init__()
         self.image_size = image_size
+        self.in_channels, self.widen = in_channels, widen
         mid = int(12 * widen)
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, mid, 3, 1, 1, bias=True),

@@ -1,6 +1,8 @@
 """A network cut into J local modules: ``blocks[j]`` is module j, ``heads[j]`` the aux head on its
 output (j < J-1), ``classifier`` the network's own output head after the last module, and, for
-InfoPro, ``decoders[j]`` beside ``heads[j]``.
+InfoPro, ``decoders[j]`` beside ``heads[j]``. MAN adds ``lb_blocks[j]`` (learnable, part of module
+j's aux parameters) and ``ema_blocks[j]`` (moving averages, stepped by no optimizer) on module j's
+aux path.
 
 ``LocalModel.forward`` is plain end-to-end inference; the learner (``pgl_fast.core.learner``)
 drives the pieces one at a time. A *unit* is the smallest piece a global step may checkpoint
@@ -82,6 +84,9 @@ class LocalModel(nn.Module):
         # names of further per-cut aux sets a method registers (``register_aux``), each an
         # nn.ModuleDict keyed by the module index
         self.aux_sets: list[str] = []
+        # MAN's copies of module j+1's first unit (empty for the other methods: no state_dict keys)
+        self.lb_blocks = nn.ModuleList()
+        self.ema_blocks = nn.ModuleList()
         self.input_shape: tuple[int, ...] | None = None
         self.unit_out_shapes: list[tuple[int, ...]] | None = None
         self.num_classes: int | None = None
@@ -170,6 +175,8 @@ class LocalModel(nn.Module):
             params += list(self.heads[j].parameters())
         if j < len(self.decoders):
             params += list(self.decoders[j].parameters())
+        if j < len(self.lb_blocks):
+            params += list(self.lb_blocks[j].parameters())
         for name in self.aux_sets:
             group = getattr(self, name)
             if str(j) in group:
@@ -183,6 +190,10 @@ class LocalModel(nn.Module):
             raise UserError(f"LocalModel: it already has an attribute {name!r}")
         setattr(self, name, nn.ModuleDict({str(j): m for j, m in per_module.items()}))
         self.aux_sets.append(name)
+
+    def ema_parameters(self, j: int) -> list[nn.Parameter]:
+        """MAN's moving-average copy on module j's aux path (empty for the other methods)."""
+        return list(self.ema_blocks[j].parameters()) if j < len(self.ema_blocks) else []
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for j in range(self.J) for p in self.module_parameters(j)]
@@ -216,9 +227,16 @@ class LocalModel(nn.Module):
                 "module_params": sum(p.numel() for p in self.module_parameters(j)),
                 "aux_params": sum(p.numel() for p in self.aux_parameters(j)),
             })
+            if len(self.ema_blocks):  # MAN: the moving-average copy on the aux path, stepped by no optimizer
+                rows[-1]["ema_params"] = sum(p.numel() for p in self.ema_parameters(j))
         return rows
 
     def count_parameters(self) -> dict[str, int]:
+        """Trainable backbone and aux parameters; with MAN also ``ema``, its moving-average copies
+        (in ``total`` too: they are parameters of the model that no optimizer steps)."""
         backbone = sum(p.numel() for p in self.backbone_parameters())
         aux = sum(p.numel() for j in range(self.J) for p in self.aux_parameters(j))
-        return {"backbone": backbone, "aux": aux, "total": backbone + aux}
+        if not len(self.ema_blocks):
+            return {"backbone": backbone, "aux": aux, "total": backbone + aux}
+        ema = sum(p.numel() for j in range(self.J) for p in self.ema_parameters(j))
+        return {"backbone": backbone, "aux": aux, "ema": ema, "total": backbone + aux + ema}

@@ -19,7 +19,7 @@ def test_phase_tables_by_hand():
     assert PGL(1, 0).phases(3) == ["local"] * 3  # Q = 0 is DGL
     assert DGL().phases(2) == InfoPro().phases(2) == ["local"] * 2
     assert BP().phases(2) == ["global"] * 2 and BP().epoch_label(0) == "bp"
-    assert set(METHODS) == {"bp", "dgl", "infopro", "pgl", "hpff"} and isinstance(from_name("pgl", period=2, duration=1), PGL)
+    assert set(METHODS) == {"bp", "dgl", "infopro", "pgl", "hpff", "man"} and isinstance(from_name("pgl", period=2, duration=1), PGL)
     with pytest.raises(UserError, match="--method 'sgd'"):
         from_name("sgd")
     with pytest.raises(UserError, match="period must be >= 1"):
