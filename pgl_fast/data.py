@@ -933,9 +933,10 @@ def _archive_stamp(archive_path: Path) -> dict:
 
 def _files_present(dest: Path, files: dict) -> bool:
     """Whether every file of ``files`` ({path relative to ``dest``: size}) is there at its size."""
+    base = str(dest) + os.sep  # string joins: a Path per file would double the time of this check
     for rel, size in files.items():
         try:
-            if os.stat(dest / rel).st_size != size:
+            if os.stat(base + rel).st_size != size:
                 return False
         except OSError:
             return False
