@@ -52,6 +52,14 @@ def test_help_states_each_default_once(help_text):
     assert entries["--momentum"].endswith("(default: 0.9)"), entries["--momentum"]
 
 
+def test_profile_help_states_its_own_batch_default_once():
+    from pgl_fast import profile  # the memory profiler's command shares the training flags' help texts
+
+    entries = _entries(profile.build_parser().format_help())
+    assert entries["-b"].endswith("batch size (default: 256)"), entries["-b"]
+    assert entries["--warmup-batch"].endswith("it only creates optimizer state"), entries["--warmup-batch"]
+
+
 def test_every_flag_of_help_is_in_docs_cli_md(help_text):
     page = open(CLI_PAGE).read()
     flags = set()
