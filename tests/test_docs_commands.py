@@ -183,3 +183,14 @@ def test_docs_python_block_runs(page_id, mode, body, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     exec(compile(body, page_id, "exec"), {"__name__": "__docs__"})
     assert capsys.readouterr().out.strip()
+
+
+def test_every_relative_link_resolves():
+    """Every ``[text](path)`` link of the pages that is not a web address names a file or folder."""
+    broken = []
+    for page in pages():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"\w+://", path) and not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
