@@ -47,6 +47,24 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default stated once.
+
+    argparse's ``ArgumentDefaultsHelpFormatter`` appends ``(default: ...)`` to every help text,
+    which repeats a default the text already explains (``batch size (default 1024; 128 for
+    stl10) (default: None)``) and shows ``None`` where the real default is resolved later. This
+    one appends it only where it adds something: not when the help already says ``(default``,
+    not for a ``None`` default (the help must say what happens then), and not for an on/off
+    switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or "(default" in text
+                or action.nargs == 0):
+            return text
+        return super()._get_help_string(action)
+
+
 def _field(cls, name: str) -> dataclasses.Field:
     for f in dataclasses.fields(cls):
         if f.name == name:

@@ -17,7 +17,7 @@ from .models.cifar_resnet import blocks_per_stage
 from .core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES, local_objectives
 from .errors import UserError
 from .jsonio import write_json_atomic
-from .argparsing import OneLineParser, add_fields, flag_of
+from .argparsing import DefaultsHelpFormatter, OneLineParser, add_fields, flag_of
 from .models.splits import SPLIT_KINDS, imagenet_infopro_cuts, resolve_split
 
 METHODS = tuple(METHOD_CLASSES)
@@ -70,7 +70,7 @@ def _f(default, help: str, *, flags: tuple[str, ...] = (), group: str = "trainin
 class TrainConfig:
     # -- data
     dataset: str = _f("cifar10", "data set", group="data", choices=DATASETS)
-    data_dir: str = _f("./data", "data folder (torchvision download target, or an ImageFolder tree with train/ and test/)", group="data")
+    data_dir: str = _f("./data", "data folder (torchvision download target, or an ImageFolder tree with train/ and test/, or a .tar.gz/.tgz/.tar archive of one, unpacked once into ~/.cache/pgl_fast/archives)", group="data")
     recipe: str = _f("cifar10", "augmentation/normalisation recipe for --dataset imagefolder (and the split table key for --split balanced)", group="data", choices=RECIPES)
     train_subset: int | None = _f(None, "train on a seeded random subset of N images", group="data", metavar="N")
     test_subset: int | None = _f(None, "evaluate on a seeded random subset of N test images", group="data", metavar="N")
@@ -568,7 +568,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         description="Train a network with BP, DGL, InfoPro or PGL (local learning with periodic global guidance).",
         epilog="example: python -m pgl_fast.train --dataset imagefolder --data-dir .cache/cifar10-jpeg "
                "--arch resnet32 --method pgl -J 16 --aux adapt -P 10 -Q 2",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     add_fields(p, TrainConfig, groups=GROUP_TITLES, explicit_only=explicit_only)
     return p

@@ -24,10 +24,12 @@ deterministic images for tests and smoke runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
+import json
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -41,6 +43,7 @@ import operator
 import torch
 
 from .errors import UserError
+from .jsonio import write_json_atomic
 
 __all__ = [
     "DATASETS",
@@ -51,6 +54,8 @@ __all__ = [
     "dataset_spec",
     "load_dataset",
     "extract_archive_if_needed",
+    "archive_cache_dir",
+    "is_archive",
     "BatchAugmenter",
     "normalize",
     "epoch_batches",
@@ -71,7 +76,7 @@ _DECODE_CHUNK = 512
 
 _IMAGEFOLDER_LAYOUT = (
     "expected an ImageFolder tree train/<class>/*.jpg and test/<class>/*.jpg "
-    "(e.g. tar -xzf cifar10-jpeg.tar.gz and pass the unpacked folder)"
+    "(or a .tar.gz/.tgz/.tar archive of one, such as cifar10-jpeg.tar.gz)"
 )
 
 
@@ -673,15 +678,14 @@ def _load_torchvision(name, data_dir: Path, download: bool, cache_dir, meta):
 
 
 def _find_imagefolder_root(data_dir: Path) -> Path:
-    """``data_dir`` itself if it holds train/ and test/, else its single subfolder that does."""
+    """``data_dir`` itself if it holds train/ and test/, else its single subfolder that does; for a
+    tar archive, the tree it unpacks to (see :func:`archive_cache_dir`)."""
     if not data_dir.exists():
         raise UserError(f"data dir {data_dir} does not exist: {_IMAGEFOLDER_LAYOUT}")
     if data_dir.is_file():
-        if data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
-            raise UserError(
-                f"data dir {data_dir} is an archive: unpack it first "
-                f"(tar -xzf {data_dir} -C <folder>) and pass the folder"
-            )
+        if is_archive(data_dir):  # unpacked once into the user cache; later calls only check it
+            data_dir = extract_archive_if_needed(data_dir, archive_cache_dir(data_dir))
+            return _find_imagefolder_root(data_dir)
         raise UserError(f"data dir {data_dir} is a file, not a folder: {_IMAGEFOLDER_LAYOUT}")
     if (data_dir / "train").is_dir() or (data_dir / "test").is_dir():
         root = data_dir
@@ -855,7 +859,8 @@ def _load_imagefolder(data_dir: Path, cache_dir, meta):
             f"class folders of {root / 'test'} differ from {root / 'train'} ({'; '.join(parts)}): "
             "both splits need the same <class> folders"
         )
-    cdir = _resolve_cache_dir(cache_dir, data_dir)
+    # an archive's decoded tensors are cached beside its unpacked tree, like a folder's
+    cdir = _resolve_cache_dir(cache_dir, root if is_archive(data_dir) else data_dir)
     splits, reference = {}, None
     for split in ("train", "test"):
         classes, files, entries = scans[split]
@@ -891,12 +896,104 @@ def _load_imagefolder(data_dir: Path, cache_dir, meta):
 # ----------------------------------------------------------------------------------------------
 
 
-def extract_archive_if_needed(archive_path, dest) -> Path:
-    """Unpack a tar archive (e.g. ``cifar10-jpeg.tar.gz``) into ``dest`` unless already there.
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# Format of the record an extraction leaves next to what it unpacked; another value re-checks.
+_EXTRACT_RECORD_VERSION = 1
 
-    Extraction goes into a temporary folder inside ``dest`` which is then renamed into place, so
-    a present target is always complete. Returns the archive's single top-level folder under
-    ``dest`` (``dest/cifar10-jpeg``), or ``dest`` if the archive has several top-level entries.
+
+def is_archive(path) -> bool:
+    """Whether ``path`` names a tar archive file that :func:`extract_archive_if_needed` unpacks."""
+    path = Path(path)
+    return path.name.endswith(ARCHIVE_SUFFIXES) and path.is_file()
+
+
+def archive_cache_dir(archive_path) -> Path:
+    """Where an archive passed as a data folder is unpacked: a folder of its own (named after the
+    archive and its absolute path, so two archives of the same name never share one) under the
+    user cache (``$XDG_CACHE_HOME/pgl_fast/archives``, default ``~/.cache/pgl_fast/archives``).
+    It depends on the archive alone, so every command and every rank of a run finds the same
+    copy."""
+    archive_path = Path(archive_path).expanduser().absolute()
+    stem = archive_path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        stem = stem.removesuffix(suffix)
+    digest = hashlib.sha1(str(archive_path).encode()).hexdigest()[:8]
+    return _user_cache_dir() / "archives" / f"{stem}-{digest}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """tarfile lists every compression it tried on separate lines; an error message is one line."""
+    return " ".join(str(exc).split())
+
+
+def _archive_stamp(archive_path: Path) -> dict:
+    st = archive_path.stat()
+    return {"archive": str(archive_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _files_present(dest: Path, files: dict) -> bool:
+    """Whether every file of ``files`` ({path relative to ``dest``: size}) is there at its size."""
+    base = str(dest) + os.sep  # string joins: a Path per file would double the time of this check
+    for rel, size in files.items():
+        try:
+            if os.stat(base + rel).st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _read_record(record: Path) -> dict | None:
+    try:
+        with open(record) as f:
+            got = json.load(f)
+    except (OSError, ValueError):  # missing, or cut short by a crash: check the files again
+        return None
+    return got if isinstance(got, dict) and got.get("version") == _EXTRACT_RECORD_VERSION else None
+
+
+def _archive_members(archive_path: Path) -> tuple[list[str], dict]:
+    """The archive's top-level entries and {relative path: size} of its regular files."""
+    top, files = [], {}
+    try:
+        with tarfile.open(archive_path) as tar:
+            for m in tar:
+                parts = [p for p in Path(m.name).parts if p not in (".", "/")]
+                if not parts:
+                    continue
+                if m.name.startswith("/") or ".." in parts:
+                    raise UserError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
+                if parts[0] not in top:
+                    top.append(parts[0])
+                if m.isfile():
+                    files[str(Path(*parts))] = m.size
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(f"cannot read archive {archive_path} ({_one_line(exc)}): re-download or replace it") from None
+    if not top:
+        raise UserError(f"archive {archive_path} is empty")
+    return top, files
+
+
+def _extracted_root(dest: Path, top: list[str]) -> Path:
+    return dest / top[0] if len(top) == 1 and (dest / top[0]).is_dir() else dest
+
+
+def extract_archive_if_needed(archive_path, dest) -> Path:
+    """Unpack a tar archive (e.g. ``cifar10-jpeg.tar.gz``) into ``dest`` once.
+
+    A completed extraction leaves a record, ``dest/.<archive name>.extracted.json``: the archive's
+    size and modification time and every file's size. A later call whose record matches the
+    archive and finds every file at its size returns at once (a few stats per thousand files,
+    no decompression), so restarting a command that names the archive costs well under a second.
+    Anything else -- no record (an earlier run stopped mid-way, or a copy unpacked by hand), a
+    record of another archive, a file missing or of another size -- reads the archive's member
+    list, and unpacks it again over what is there unless every file is already present, then
+    writes the record. Files that are not in the archive (the decoded-tensor cache) are left
+    alone. A lock on ``dest/.<archive name>.lock`` makes concurrent callers (the ranks of a
+    torchrun job) unpack it once between them.
+
+    Returns the archive's single top-level folder under ``dest`` (``dest/cifar10-jpeg``), or
+    ``dest`` if the archive has several top-level entries.
     """
     archive_path = Path(archive_path).expanduser().absolute()
     dest = Path(dest).expanduser().absolute()
@@ -904,51 +1001,41 @@ def extract_archive_if_needed(archive_path, dest) -> Path:
         raise UserError(f"archive {archive_path} not found: pass the path of the data set tarball")
     try:
         dest.mkdir(parents=True, exist_ok=True)
+        lock = open(dest / f".{archive_path.name}.lock", "a")
     except OSError as exc:
         raise UserError(f"cannot create extraction folder {dest}: {exc.strerror or exc}") from None
+    record = dest / f".{archive_path.name}.extracted.json"
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its holder dies
+        stamp = _archive_stamp(archive_path)
+        got = _read_record(record)
+        if got is not None and got.get("stamp") == stamp and _files_present(dest, got["files"]):
+            return _extracted_root(dest, got["top"])
+        top, files = _archive_members(archive_path)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()  # what follows changes the folder: no record until it is complete again
+        if not _files_present(dest, files):
+            _extract_into(archive_path, dest)
+            if not _files_present(dest, files):
+                raise UserError(f"extracting {archive_path} into {dest} left files missing: check the free space")
+        write_json_atomic(str(record), {"version": _EXTRACT_RECORD_VERSION, "stamp": stamp, "top": top, "files": files})
+        return _extracted_root(dest, top)
+
+
+def _extract_into(archive_path: Path, dest: Path) -> None:
     try:
         with tarfile.open(archive_path) as tar:
-            first = tar.next()
-    except (tarfile.TarError, OSError) as exc:
-        raise UserError(f"cannot read archive {archive_path} ({exc}): re-download or replace it") from None
-    if first is None:
-        raise UserError(f"archive {archive_path} is empty")
-    parts = [p for p in Path(first.name).parts if p not in (".", "/")]
-    # Fast path: the first member's top-level folder is already in place (renames are atomic,
-    # so it is complete).
-    if parts and ".." not in parts and (len(parts) > 1 or first.isdir()) and (dest / parts[0]).is_dir():
-        return dest / parts[0]
-    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
-    try:
-        try:
-            with tarfile.open(archive_path) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp, filter="data")
-                else:  # Python without extraction filters: refuse escaping paths by hand
-                    for m in tar.getmembers():
-                        parts = Path(m.name).parts
-                        if m.name.startswith("/") or ".." in parts or m.issym() or m.islnk():
-                            raise UserError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
-                    tar.extractall(tmp)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise UserError(
-                f"cannot extract archive {archive_path} into {dest} ({exc}): check the file and free space"
-            ) from None
-        entries = sorted(p.name for p in tmp.iterdir())
-        for entry in entries:
-            target = dest / entry
-            if target.exists():
-                continue  # another process won the race, or it was already there
-            try:
-                os.rename(tmp / entry, target)
-            except OSError:
-                if not target.exists():
-                    raise
-        if len(entries) == 1 and (dest / entries[0]).is_dir():
-            return dest / entries[0]
-        return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python without extraction filters: refuse links by hand (paths were checked)
+                for m in tar.getmembers():
+                    if m.issym() or m.islnk():
+                        raise UserError(f"archive {archive_path} has an unsafe member {m.name!r}; refusing to extract")
+                tar.extractall(dest)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UserError(
+            f"cannot extract archive {archive_path} into {dest} ({_one_line(exc)}): check the file and free space"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -627,12 +627,12 @@ def format_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .argparsing import OneLineParser, add_field
+    from .argparsing import DefaultsHelpFormatter, OneLineParser, add_field
     from .config import TrainConfig
 
     p = OneLineParser(prog="python -m pgl_fast.profile",
                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsHelpFormatter)
     # the flags a training run shares are TrainConfig's own: one help text, one set of choices
     add_field(p, TrainConfig, "arch")
     add_field(p, TrainConfig, "model")
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, TrainConfig, "modules", dest="J")
     add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
     add_field(p, TrainConfig, "pgl_local", note="the local objective of the local and global kinds")
-    add_field(p, TrainConfig, "batch_size", dest="batch", default=256)
+    add_field(p, TrainConfig, "batch_size", dest="batch", default=256, help="batch size")  # not training's default
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS), choices=KINDS, metavar="KIND",

@@ -17,7 +17,16 @@ def test_readme_has_python_examples():
     assert len(python_blocks()) >= 2
 
 
-@pytest.mark.parametrize("i", range(2))
+def test_ci_runs_exactly_the_readme_test_command():
+    """The README's test command (the block under "## Tests") is the command .ci/run ends with."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("\n## Tests\n", 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+    ci = [line.strip() for line in open(os.path.join(REPO, ".ci", "run")) if line.strip() and not line.startswith("#")]
+    assert ci[-1] == command, (ci[-1], command)
+
+
+@pytest.mark.parametrize("i", range(len(python_blocks())))
 def test_readme_python_example_runs(i, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_blocks()[i], f"README.md python block {i}", "exec"), {"__name__": "__readme__"})
@@ -38,6 +47,7 @@ def test_examples_import_only_the_top_level_package():
     code = "\n".join(texts)
     internal = re.findall(r"(?:from|import)\s+(pgl_fast\.[\w.]+)", code)
     assert internal == [], internal
-    for group in re.findall(r"from pgl_fast import \(?([\w\s,]+)\)?", code):
-        for name in (n.strip() for n in group.split(",") if n.strip()):
+    # a parenthesised import may span lines; a plain one ends with its line
+    for paren, plain in re.findall(r"from pgl_fast import (?:\(([\w\s,]+)\)|([\w ,]+))", code):
+        for name in (n.strip() for n in (paren or plain).split(",") if n.strip()):
             assert getattr(pgl_fast, name) is not None, name
