@@ -302,7 +302,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
                             f"to decode (first: {data.meta['skipped_files'][0]})")
     runner = None
     if pipe_ctx is not None:
-        from .distributed.pipeline import build_stage, measured_module_times
+        from .distributed.cost_model import measured_module_times
+        from .distributed.pipeline import build_stage
 
         # every rank built the same model from the same seed; each trains its own stage of it
         balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance

@@ -183,7 +183,7 @@ class Trainer:
         net.eval()  # running statistics: no batch-norm state changes
         try:
             with torch.no_grad():
-                net(self.learner._input(x))
+                net(self.learner.prepare_input(x))
         except Exception as e:  # noqa: BLE001 - a user's model and data: say which and why
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             expects = f"input of shape {tuple(net.input_shape)} per sample" if net.input_shape else "another input"

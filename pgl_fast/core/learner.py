@@ -345,7 +345,8 @@ class LocalLearner:
     def final_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(upcast(logits), y)
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory format the model trains in (channels-last when it does so)."""
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -369,81 +370,132 @@ class LocalLearner:
     @_on_device
     def local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         if self.graphed is not None:
-            self.graphed(self._input(x), y, image01)
+            self.graphed(self.prepare_input(x), y, image01)
         else:
-            self.run_local_step(self._input(x), y, image01)
+            self.run_local_step(self.prepare_input(x), y, image01)
 
     @_on_device
     def run_local_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
-        """The eager local step (what a CUDA graph captures).
-
-        A method whose loss at cut j reaches ``reach`` > 1 modules (its ``back`` part, see
-        ``Method.local_parts``) keeps the last ``reach - 1`` modules' graphs alive: ``back``'s
-        gradient at module j's input is carried on through them, and module j - reach + 1 is
-        stepped as soon as that loss is done (no later loss reaches it)."""
-        net, n, stats = self.model, x.shape[0], self.stats
-        reach = self.method.reach
-        window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input leaf, output) of the live modules
-        h = x
+        """The eager local step (what a CUDA graph captures): :meth:`local_module` for every module,
+        then :meth:`flush_local` for the modules a window still holds."""
+        n = x.shape[0]
         if self.compiled is not None:
             self.compiled.begin_step()
+        window: list[tuple[torch.Tensor, torch.Tensor]] = []
+        h = x
         for j in range(self.J):
-            inp = h.detach()
-            if reach > 1 and j > 0:
-                inp.requires_grad_()  # the cascade's gradient at this module's input flows on back
-            with self.autocast():
-                if self.compiled is not None:
-                    # module j's forward and local loss as one compiled graph; its output comes back
-                    # detached (the last module's: the logits)
-                    h, loss = self.compiled.local[j](h, y, image01)
-                    logits = h
-                    own, back = loss, None
-                elif j < self.J - 1:
-                    h = net.blocks[j](inp)
-                    own, back = self.method.local_parts(net, j, h, y, image01)
-                    loss = own if back is None else back if own is None else own + back
-                else:
-                    logits = net.classifier(net.blocks[j](inp))
-                    loss = self.final_loss(logits, y)
-                    own, back = self.method.final_parts(loss)
-            if back is not None:
-                # module j's graph serves ``own`` next and the cascade of the loss at cut j + 1
-                self.backward(back, retain_graph=own is not None or j < self.J - 1)
-                g = inp.grad if j > 0 else None
-                for m_inp, m_out in reversed(window[len(window) - (reach - 1):] if reach > 1 else []):
-                    if g is None:
-                        break
-                    m_inp.grad = None
-                    # the scaled gradient goes on as it is: backward() scales losses only
-                    m_out.backward(g, retain_graph=True)
-                    g = m_inp.grad
-                del g
-            if own is not None:
-                self.backward(own, retain_graph=reach > 1 and j < self.J - 1)
-            if j < self.J - 1:
-                self.method.after_local_backward(net, j)
-            if reach > 1:
-                window.append((inp, h))
-                if j - reach + 1 >= 0:
-                    self.step_module(j - reach + 1)
-                    window = window[-(reach - 1):]
+            h = self.local_module(j, h, y, image01, n, window)
+        self.flush_local(window)
+        self.end_step()
+        self.stats.add_correct(h, y)
+        self.stats.end_step(n)
+
+    def local_module(self, j: int, h: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None, n: int,
+                     window: list | None = None) -> torch.Tensor:
+        """Module j's share of a local step: its forward on the detached ``h``, its local loss (the
+        final loss for the last module), the backward, its optimizer step and statistics. Returns
+        its output (the last module's: the logits). The one local step: the learner's own, a
+        pipeline stage's and the cost model's timing all run it.
+
+        A method whose loss at cut j reaches ``reach`` > 1 modules (its ``back`` part, see
+        ``Method.local_parts``) keeps the last ``reach - 1`` modules' graphs alive in ``window``:
+        ``back``'s gradient at module j's input is carried on through them, and module
+        j - reach + 1 is stepped as soon as that loss is done (no later loss reaches it)."""
+        net, stats, reach, last = self.model, self.stats, self.method.reach, j == self.J - 1
+        inp = h.detach()
+        if reach > 1 and j > 0:
+            inp.requires_grad_()  # the cascade's gradient at this module's input flows on back
+        with self.autocast():
+            if self.compiled is not None:
+                # module j's forward and local loss as one compiled graph; its output comes back
+                # detached (the last module's: the logits)
+                h, loss = self.compiled.local[j](h, y, image01)
+                own, back = loss, None
+            elif not last:
+                h = net.blocks[j](inp)
+                own, back = self.method.local_parts(net, j, h, y, image01)
+                loss = own if back is None else back if own is None else own + back
             else:
-                self.step_module(j)
-            if loss is not None:
-                stats.add(j, loss, n)
-                self.last_losses[j].copy_(loss.detach())
-            del loss, own, back
+                h = net.classifier(net.blocks[j](inp))
+                loss = self.final_loss(h, y)
+                own, back = self.method.final_parts(loss)
+        if back is not None:
+            # module j's graph serves ``own`` next and the cascade of the loss at cut j + 1
+            self.backward(back, retain_graph=own is not None or not last)
+            g = inp.grad if j > 0 else None
+            for m_inp, m_out in reversed(window[len(window) - (reach - 1):] if reach > 1 else []):
+                if g is None:
+                    break
+                m_inp.grad = None
+                # the scaled gradient goes on as it is: backward() scales losses only
+                m_out.backward(g, retain_graph=True)
+                g = m_inp.grad
+            del g
+        if own is not None:
+            self.backward(own, retain_graph=reach > 1 and not last)
+        if not last:
+            self.method.after_local_backward(net, j)
+        if reach > 1:
+            window.append((inp, h))
+            if j - reach + 1 >= 0:
+                self.step_module(j - reach + 1)
+                window[:] = window[-(reach - 1):]
+        else:
+            self.step_module(j)
+        if loss is not None:
+            stats.add(j, loss, n)
+            self.last_losses[j].copy_(loss.detach())
+        return h
+
+    def flush_local(self, window: list) -> None:
+        """The end of a local step: the modules still in the window (a reach > 1 method's last
+        ``reach - 1``) have had every loss that reaches them: step them."""
+        reach = self.method.reach
         for m in range(max(self.J - reach + 1, 0), self.J) if reach > 1 else ():
             self.step_module(m)
-        del window
+        window.clear()
+
+    def head_loss(self, j: int, feat: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None, n: int,
+                  weight: float | None = None) -> None:
+        """Aux head j's share of a global step: its local loss on the detached features ``feat`` of
+        its cut, backpropagated at once (scaled by ``weight``, a micro-batch's share of the batch),
+        so that its graph is released before the next module runs; the head learns from its local
+        loss only. The learner's global step and a pipeline stage's both run it."""
+        with self.autocast():
+            if self.compiled is not None:
+                aux_loss = self.compiled.aux[j](feat, y, image01)
+            else:
+                aux_loss = self.local_loss(j, feat.detach(), y, image01)
+        if aux_loss is None:  # a cut without a loss of its own (HPFF's first)
+            return
+        self.backward(aux_loss if weight is None else aux_loss * weight)
+        self.method.after_local_backward(self.model, j)
+        self.stats.add(j, aux_loss, n)
+        self.last_losses[j].copy_(aux_loss.detach())
+
+    def final_backward(self, h: torch.Tensor, y: torch.Tensor, weight: float | None = None):
+        """The end of a global step's forward: the classifier on the last features, the final loss,
+        its backward through the whole backbone (the backbone learns from the final loss only).
+        Returns (logits, loss)."""
+        with self.autocast():
+            if self.compiled is not None:
+                logits, loss = self.compiled.final(h, y)
+            else:
+                logits = self.model.classifier(h)
+                loss = self.final_loss(logits, y)
+        self.backward(loss if weight is None else loss * weight)
+        return logits, loss
+
+    def step_modules(self, modules) -> None:
+        """The update that ends a global step: every module's optimizer, then the loss scaler's."""
+        for j in modules:
+            self.step_module(j)
         self.end_step()
-        stats.add_correct(logits, y)
-        stats.end_step(n)
 
     @_on_device
     def global_step(self, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None = None) -> None:
         net, stats = self.model, self.stats
-        x = self._input(x)
+        x = self.prepare_input(x)
         n = x.shape[0]
         units = net.units
         # unit index -> aux head fed by that unit's output (the cut after module j)
@@ -467,38 +519,40 @@ class LocalLearner:
                     h, inner = units[a](h), []
             tapped = inner + ([h] if b - 1 in head_at else [])
             for u, feat in zip(taps, tapped):
-                j = head_at[u]
-                # the head learns from its local loss on detached features only; its graph is
-                # released right here instead of living until the final backward
-                with self.autocast():
-                    if self.compiled is not None:
-                        aux_loss = self.compiled.aux[j](feat, y, image01)
-                    else:
-                        aux_loss = self.local_loss(j, feat.detach(), y, image01)
-                if aux_loss is None:  # a cut without a loss of its own (HPFF's first)
-                    continue
-                self.backward(aux_loss)
-                self.method.after_local_backward(net, j)
-                stats.add(j, aux_loss, n)
-                self.last_losses[j].copy_(aux_loss.detach())
-                del aux_loss
+                self.head_loss(head_at[u], feat, y, image01, n)
             del tapped, inner
-        with self.autocast():
-            if self.compiled is not None:
-                logits, loss = self.compiled.final(h, y)
-            else:
-                logits = net.classifier(h)
-                loss = self.final_loss(logits, y)
-        self.backward(loss)  # the backbone learns from the final loss only
-        for j in range(self.J):
-            self.step_module(j)
-        self.end_step()
+        logits, loss = self.final_backward(h, y)
+        self.step_modules(range(self.J))
         stats.add(self.J - 1, loss, n)
         self.last_losses[self.J - 1].copy_(loss.detach())
         stats.add_correct(logits, y)
         stats.end_step(n)
 
     # -- evaluation ------------------------------------------------------------------------------
+    def scored_heads(self, eval_heads: bool = True) -> int:
+        """How many aux heads evaluation scores: every one that outputs class logits (contrastive
+        InfoPro heads output features: nothing to score)."""
+        if not (eval_heads and self.method.has_heads and self.method.heads_output_logits):
+            return 0
+        return len(self.model.heads)
+
+    def eval_module(self, j: int, h: torch.Tensor, y: torch.Tensor, head_correct: torch.Tensor,
+                    n_heads: int) -> torch.Tensor:
+        """Module j's share of an evaluation (no grad, eval mode, inside autocast): its output, and
+        aux head j's correct predictions added to ``head_correct[j]`` when it is scored. The
+        learner's evaluation and a pipeline stage's both run it."""
+        net = self.model
+        h = net.blocks[j](h)
+        if j < n_heads:
+            head_correct[j] += (net.heads[j](self.method.aux_input(net, j, h)).argmax(1) == y).sum()
+        return h
+
+    @staticmethod
+    def eval_score(logits: torch.Tensor, y: torch.Tensor, correct: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        """The network's correct predictions and summed loss over a test batch, added in place."""
+        loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+
     @_on_device
     @torch.no_grad()
     def evaluate(self, batches: Iterable, eval_heads: bool = True) -> dict:
@@ -508,23 +562,18 @@ class LocalLearner:
         was_training = net.training
         net.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        # contrastive InfoPro heads output features, not class logits: nothing to score
-        head_logits = eval_heads and self.method.has_heads and self.method.heads_output_logits
-        n_heads = len(net.heads) if head_logits else 0
+        n_heads = self.scored_heads(eval_heads)
         head_correct = torch.zeros(max(n_heads, 1), dtype=torch.int64, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         total = 0
         for x, y in batches:
-            x, y = self._input(x.to(self.device)), y.to(self.device)
+            x, y = self.prepare_input(x.to(self.device)), y.to(self.device)
             with self.autocast():
                 h = x
                 for j in range(self.J):
-                    h = net.blocks[j](h)
-                    if j < n_heads:
-                        head_correct[j] += (net.heads[j](self.method.aux_input(net, j, h)).argmax(1) == y).sum()
+                    h = self.eval_module(j, h, y, head_correct, n_heads)
                 logits = net.classifier(h)
-            loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
+            self.eval_score(logits, y, correct, loss_sum)
             total += y.shape[0]
         net.train(was_training)
         self.eval_counts = {"correct": correct, "loss_sum": loss_sum, "head_correct": head_correct[:n_heads],

@@ -43,8 +43,12 @@ import time
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..errors import UserError
+from ..models.cifar_resnet import unit_shapes
+from ..models.splits import resolve_split
+from ..profile import build_step
 from .pipeline import balance_by_time
 
 LABEL_BYTES = 8  # int64 label per sample travels with the activations
@@ -56,9 +60,6 @@ LABEL_BYTES = 8  # int64 label per sample travels with the activations
 def activation_bytes(arch: str, J: int, *, split: str = "auto", image_size: int = 32,
                      dtype_bytes: int = 4) -> list[int]:
     """Bytes per sample of every module's output (the last: the logits, which never travel)."""
-    from ..models.cifar_resnet import unit_shapes
-    from ..models.splits import resolve_split
-
     shapes = unit_shapes(arch, image_size)
     ranges = resolve_split(arch, J, split)
     return [shapes[b - 1][0] * shapes[b - 1][1] ** 2 * dtype_bytes for _, b in ranges]
@@ -78,35 +79,39 @@ def measure_module_times(arch: str = "resnet32", J: int = 16, *, batch: int = 12
     if clock not in ("wall", "cpu"):
         raise UserError(f"clock {clock!r} is not wall or cpu")
     now = time.process_time if clock == "cpu" else time.perf_counter
-    from ..profile import build_step
-    from .pipeline import _Ops
-
     setup = build_step("local", arch=arch, J=J, aux=aux, batch=batch, device=device, image_size=image_size,
                        split=split)
-    ops, model = _Ops(setup.executor), setup.net
-    x, y, stats = setup.x, setup.y, setup.stats
+    learner, x, y = setup.executor, setup.x, setup.y
     cuda = setup.device.type == "cuda"
-    per = [[] for _ in range(model.J)]
+    per = [[] for _ in range(learner.J)]
     for step in range(steps + 1):
         h = x
-        for j in range(model.J):
+        for j in range(learner.J):
             if cuda:
                 torch.cuda.synchronize(setup.device)
             t0 = now()
-            with ops.autocast():
-                if j < model.J - 1:
-                    h = model.blocks[j](h.detach())
-                    loss = ops.local_loss(j, h, y, None)
-                else:
-                    loss = ops.final_loss(model.classifier(model.blocks[j](h.detach())), y)
-            ops.backward(loss)
-            ops.step(j, stats)
+            h = learner.local_module(j, h, y, None, x.shape[0])  # the local step's own piece
             if cuda:
                 torch.cuda.synchronize(setup.device)
             if step > 0:
                 per[j].append(now() - t0)
-        ops.end_step()
+        learner.end_step()
     return [statistics.median(p) for p in per]
+
+
+def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
+                          image_size: int = 32, group=None, src: int = 0) -> list[float]:
+    """``--pipeline-balance auto``: rank ``src`` measures the seconds of every module's local step on
+    its device (a fresh network, as :func:`measure_module_times`)
+    and broadcasts them, so every rank balances by the same numbers."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+    times = torch.zeros(J, dtype=torch.float64, device=device)
+    if dist.get_rank() == src:
+        times.copy_(torch.tensor(measure_module_times(arch, J, batch=batch, aux=aux, split=split,
+                                                      device=str(device), image_size=image_size, steps=2)))
+    dist.broadcast(times, src, group=group)
+    return times.tolist()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,11 +85,9 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..core.learner import StepStats
 from ..errors import UserError
-from ..models.heads import upcast
 
 # one flag per torchrun restart round: a restarted group must not see the last round's failure
 FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -200,33 +198,6 @@ def p2p_order(stage: int, S: int, M: int) -> list[tuple[str, int, str, int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the learner, whichever API it comes from
-# ----------------------------------------------------------------------------------------------
-class _Ops:
-    """The handful of :class:`~pgl_fast.core.learner.LocalLearner` operations a stage needs."""
-
-    def __init__(self, learner):
-        self.learner = learner
-        self.model = learner.model
-        self.optimizers = learner.optimizers
-        method = learner.method
-        self.has_heads = bool(method.has_heads) and len(self.model.heads) > 0
-        self.heads_output_logits = bool(getattr(method, "heads_output_logits", True))
-        self.needs_image = bool(getattr(method, "needs_image", False))
-        self.autocast = learner.autocast
-        self.input = learner._input  # the learner's input layout (channels-last when it trains so)
-        self.backward = learner.backward
-        self.end_step = learner.end_step
-        self.local_loss = learner.local_loss
-        self.final_loss = learner.final_loss
-        self.scaler = learner.scaler
-
-    def step(self, j: int, stats) -> None:
-        # the learner's step_module checks the gradients into learner.stats, which is stats
-        self.learner.step_module(j)
-
-
-# ----------------------------------------------------------------------------------------------
 # the stage runner
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -323,8 +294,11 @@ class StageRunner:
     def __init__(self, learner, ranges: Sequence[tuple[int, int]], *, stage: int | None = None,
                  ranks: Sequence[int] | None = None, group=None, depth: int = 2, micro_batches: int = 1,
                  input_shape: tuple[int, ...] = (3, 32, 32), timeout_s: float = DEFAULT_TIMEOUT_S):
-        self.ops = _Ops(learner)
-        self.model = self.ops.model
+        self.learner = learner  # the stage runs the learner's own step pieces on its modules
+        self.model = learner.model
+        method = learner.method
+        self.has_heads = bool(method.has_heads) and len(self.model.heads) > 0
+        self.needs_image = bool(method.needs_image)
         self.J = self.model.J
         self.ranges = [tuple(r) for r in ranges]
         self.S = len(self.ranges)
@@ -380,7 +354,7 @@ class StageRunner:
         self.model.eval()
         try:
             h = torch.zeros((1, *input_shape), device=self.device, dtype=self._param_dtype)
-            with self.ops.autocast():
+            with self.learner.autocast():
                 for j in range(self.modules[0]):
                     h = self.model.blocks[j](h)
         finally:
@@ -514,21 +488,11 @@ class StageRunner:
 
     # -- local epochs ----------------------------------------------------------------------------
     def _local_modules(self, h, y, image01, n):
-        model, ops, stats = self.model, self.ops, self.stats
-        h = ops.input(h)
+        learner = self.learner
+        h = learner.prepare_input(h)
         for j in self.modules:
-            with ops.autocast():
-                if j < self.J - 1:
-                    h = model.blocks[j](h.detach())
-                    loss = ops.local_loss(j, h, y, image01)
-                else:
-                    h = model.classifier(model.blocks[j](h.detach()))
-                    loss = ops.final_loss(h, y)
-            ops.backward(loss)
-            ops.step(j, stats)
-            stats.add(j, loss, n)
-            del loss
-        ops.end_step()
+            h = learner.local_module(j, h, y, image01, n)
+        learner.end_step()
         return h.detach()
 
     def local_epoch(self, sizes: Sequence[int], batch_fn: Callable[[int], tuple] | None,
@@ -547,7 +511,7 @@ class StageRunner:
         posted = 0
         if not self.first:
             while posted < min(self.depth, len(steps)):
-                recvs.push(*self._post_recv(sizes[steps[posted]], self.ops.needs_image))
+                recvs.push(*self._post_recv(sizes[steps[posted]], self.needs_image))
                 posted += 1
         for k, t in enumerate(steps):
             n = sizes[t]
@@ -557,9 +521,9 @@ class StageRunner:
                 works, tensors = recvs.pop()
                 self._wait(works, f"batch {t} from stage {self.stage - 1}")
                 x, y = tensors[0], tensors[1]
-                image01 = tensors[2] if self.ops.needs_image else None
+                image01 = tensors[2] if self.needs_image else None
                 if posted < len(steps):
-                    recvs.push(*self._post_recv(sizes[steps[posted]], self.ops.needs_image))
+                    recvs.push(*self._post_recv(sizes[steps[posted]], self.needs_image))
                     posted += 1
             out = self._local_modules(x, y, image01, n)
             if self.last:
@@ -568,7 +532,7 @@ class StageRunner:
                 # at most `depth` batches queued towards the next stage: wait for the oldest first
                 while len(sends.items) >= self.depth:
                     self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
-                send = [out, y] + ([image01.to(self._image_dtype)] if self.ops.needs_image else [])
+                send = [out, y] + ([image01.to(self._image_dtype)] if self.needs_image else [])
                 sends.push(*self._post_send(send))
             self.stats.end_step(n)
             del x, out
@@ -584,7 +548,7 @@ class StageRunner:
         image01 = b[2] if len(b) > 2 else None
         if x.shape[0] != n or y.shape[0] != n:
             raise PipelineError(f"pipeline stage 0: batch {t} has {x.shape[0]} samples, the epoch said {n}")
-        if (self.ops.needs_image if need_image is None else need_image) and image01 is None:
+        if (self.needs_image if need_image is None else need_image) and image01 is None:
             raise PipelineError("pipeline stage 0: InfoPro's decoders need image01 with every batch")
         return x, y, image01
 
@@ -607,7 +571,7 @@ class StageRunner:
         """One pipelined global step on a batch of ``n`` (``x``, ``y`` and, for InfoPro's decoders,
         ``image01`` on stage 0 only)."""
         with self.guard():
-            if self.first and self.ops.needs_image and image01 is None:
+            if self.first and self.needs_image and image01 is None:
                 raise UserError("global_step: InfoPro's decoders need image01 on stage 0")
             meter = _Meter()
             self._global_step(n, x, y, image01, 0, meter)
@@ -622,11 +586,11 @@ class StageRunner:
         predecessor was still sending micro-batch m+1 before receiving gradient m, waited forever.
         The last stage still runs each micro-batch's backward at once (its graph is freed at once);
         only the input gradients wait for the backward phase."""
-        model, ops, stats = self.model, self.ops, self.stats
+        model, learner, stats = self.model, self.learner, self.stats
         M = min(self.micro_batches, n)
         # the same cut on every rank: torch.tensor_split's sizes
         parts = [len(c) for c in torch.arange(n).tensor_split(M)]
-        with_image = ops.needs_image  # InfoPro's heads reconstruct the image on every stage
+        with_image = self.needs_image  # InfoPro's heads reconstruct the image on every stage
         sends, recvs = _Inflight(meter), _Inflight(meter)
         saved, logits_all, ys = [], [], []
         final_sum = None
@@ -643,22 +607,15 @@ class StageRunner:
                 h_in, y_m = tensors[0].requires_grad_(True), tensors[1]
                 img_m = tensors[2] if with_image else None
             w = nm / n
-            h = ops.input(h_in)
+            h = learner.prepare_input(h_in)
             for j in self.modules:
-                with ops.autocast():
+                with learner.autocast():
                     h = model.blocks[j](h)
-                if j < self.J - 1 and ops.has_heads:
+                if j < self.J - 1 and self.has_heads:
                     # eq. 4: the head's own loss on detached features, its graph freed right here
-                    with ops.autocast():
-                        aux = ops.local_loss(j, h.detach(), y_m, img_m)
-                    ops.backward(aux * w)
-                    stats.add(j, aux, nm)
-                    del aux
+                    learner.head_loss(j, h, y_m, img_m, nm, weight=w)
             if self.last:
-                with ops.autocast():
-                    logits = model.classifier(h)
-                    loss = ops.final_loss(logits, y_m)
-                ops.backward(loss * w)  # eq. 3: the backbone from the final loss only
+                logits, loss = learner.final_backward(h, y_m, weight=w)  # eq. 3: the backbone from the final loss only
                 final_sum = loss.detach() * w if final_sum is None else final_sum + loss.detach() * w
                 logits_all.append(logits.detach())
                 ys.append(y_m)
@@ -685,9 +642,7 @@ class StageRunner:
         while sends.items:
             self._wait(sends.pop()[0], f"sending gradients of batch {t} to stage {self.stage - 1}")
         del saved
-        for j in self.modules:
-            ops.step(j, stats)
-        ops.end_step()
+        learner.step_modules(self.modules)
         if self.last:
             stats.add(self.J - 1, final_sum, n)
             stats.add_correct(torch.cat(logits_all), torch.cat(ys))
@@ -745,8 +700,8 @@ class StageRunner:
             model, dev = self.model, self.device
             was = model.training
             model.eval()
-            # contrastive InfoPro heads output features, not class logits: nothing to score
-            n_heads = len(model.heads) if eval_heads and self.ops.has_heads and self.ops.heads_output_logits else 0
+            learner = self.learner
+            n_heads = learner.scored_heads(eval_heads)
             head_correct = torch.zeros(max(self.J - 1, 1), dtype=torch.int64, device=dev)
             correct = torch.zeros((), dtype=torch.int64, device=dev)
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -759,17 +714,14 @@ class StageRunner:
                         works, tensors = self._post_recv(n)
                         self._wait(works, f"test batch {t} from stage {self.stage - 1}")
                         x, y = tensors[0], tensors[1]
-                    h = self.ops.input(x)
-                    with self.ops.autocast():
+                    h = learner.prepare_input(x)
+                    with learner.autocast():
                         for j in self.modules:
-                            h = model.blocks[j](h)
-                            if j < n_heads:
-                                head_correct[j] += (model.heads[j](h).argmax(1) == y).sum()
+                            h = learner.eval_module(j, h, y, head_correct, n_heads)
                         if self.last:
                             logits = model.classifier(h)
                     if self.last:
-                        loss_sum += F.cross_entropy(upcast(logits), y, reduction="sum").double()
-                        correct += (logits.argmax(1) == y).sum()
+                        learner.eval_score(logits, y, correct, loss_sum)
                     else:
                         while len(sends.items) >= self.depth:
                             self._wait(sends.pop()[0], f"sending test batch to stage {self.stage + 1}")
@@ -822,11 +774,11 @@ class StageRunner:
                         t.copy_(chunk.view(t.shape))
 
     def state_dict(self) -> dict:
-        scaler = self.ops.scaler
+        scaler = self.learner.scaler
         return {
             "stage": self.stage, "stages": self.S, "ranges": self.ranges, "J": self.J,
             "modules": {k: v.state_dict() for k, v in self._owned().items()},
-            "optimizers": {j: self.ops.optimizers[j].state_dict() for j in self.modules},
+            "optimizers": {j: self.learner.optimizers[j].state_dict() for j in self.modules},
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stats": self.stats.state_dict(),  # this stage's share of a mid-epoch checkpoint's accumulators
         }
@@ -841,9 +793,9 @@ class StageRunner:
         for k, sd in state["modules"].items():
             parts[k].load_state_dict(sd)
         for j, sd in state["optimizers"].items():
-            self.ops.optimizers[int(j)].load_state_dict(sd)
-        if state.get("scaler") is not None and self.ops.scaler is not None:
-            self.ops.scaler.load_state_dict(state["scaler"])
+            self.learner.optimizers[int(j)].load_state_dict(sd)
+        if state.get("scaler") is not None and self.learner.scaler is not None:
+            self.learner.scaler.load_state_dict(state["scaler"])
         self._saved_stats = state.get("stats")
         self.restore_stats()
 
@@ -897,30 +849,13 @@ class StageRunner:
         self.load_state_dict(state)
 
 
-def measured_module_times(arch: str, J: int, *, batch: int, aux: str = "1c2f", split: str = "auto",
-                          image_size: int = 32, group=None, src: int = 0) -> list[float]:
-    """``--pipeline-balance auto``: rank ``src`` measures the seconds of every module's local step on
-    its device (a fresh network, as :func:`~pgl_fast.distributed.cost_model.measure_module_times`)
-    and broadcasts them, so every rank balances by the same numbers."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-    times = torch.zeros(J, dtype=torch.float64, device=device)
-    if dist.get_rank() == src:
-        from .cost_model import measure_module_times
-
-        times.copy_(torch.tensor(measure_module_times(arch, J, batch=batch, aux=aux, split=split,
-                                                      device=str(device), image_size=image_size, steps=2)))
-    dist.broadcast(times, src, group=group)
-    return times.tolist()
-
-
 def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None, depth: int = 2,
                 micro_batches: int = 1, input_shape=(3, 32, 32), timeout_s: float = DEFAULT_TIMEOUT_S,
                 group=None, ranks=None) -> StageRunner:
     """The stage runner of this rank. ``balance``: None = equal module counts (larger stages last,
     like ``--split even``), a string "2,1,1" = module counts per stage, a sequence of J floats =
     measured seconds per module (balanced by :func:`balance_by_time`)."""
-    model = _Ops(learner).model
+    model = learner.model
     J = model.J
     # a stage runs its modules' eager steps itself: what the learner would have done otherwise
     # (compiled pieces, checkpointed or graphed steps, fp16 loss scaling) is refused, never ignored
@@ -962,7 +897,7 @@ def run_epoch(runner: StageRunner, *, phase: str, lr: float | None, sizes: Seque
     only (pass them everywhere or None elsewhere). Returns ``{"train": <StepStats.read() dict with
     peak_inflight_bytes per rank>, "eval": <evaluate dict or None>, "train_seconds": float}``."""
     if lr is not None:
-        runner.ops.learner.set_lr(lr)
+        runner.learner.set_lr(lr)
     runner.model.train()
     if not steps or steps[0] == 0:
         runner.stats.reset()
