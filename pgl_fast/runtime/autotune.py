@@ -4,8 +4,8 @@ picked by timing this run's own step on this machine -- when the run is long eno
 measurement to pay for itself.
 
 When it tunes. The measurement costs a known number of steps (each timed variant: one warm-up and
-``ROUNDS`` timed steps, at min(batch, ``MAX_BATCH``)), so before anything is measured the run's
-step count decides: a run is tuned only when that cost is at most ``FRACTION`` of the run (counted
+``ROUNDS`` timed steps, at min(batch, ``MAX_BATCH``); each optimizer step timed counted as a whole
+training step), so before anything is measured the run's step count decides: a run is tuned only when that cost is at most ``FRACTION`` of the run (counted
 in steps of the run's batch, assuming a step's time grows with its batch). A shorter run -- every
 test's run -- trains with the untuned defaults and pays nothing; the decision does not depend on
 what earlier runs left in the cache, so whether a run is tuned follows from the run alone.
@@ -155,6 +155,13 @@ def timed_step_count(forced: dict, n_thread_candidates: int) -> int:
     return variants * (1 + ROUNDS)
 
 
+def optimizer_step_count(forced: dict) -> int:
+    """Optimizer steps the measurement of the optimizer kernel runs (one warm-up and OPT_ROUNDS per
+    kernel). Counted as whole training steps: a training step holds one optimizer step, so this
+    bounds their cost from above whatever the batch."""
+    return 0 if "optimizer_kernel" in forced else 2 * (1 + OPT_ROUNDS)
+
+
 def _key(shape: dict, forced: dict) -> tuple[str, dict]:
     # what was forced is part of the key: a measurement made around a forced value (say one thread)
     # says nothing about the best choice of a run that leaves that value free
@@ -180,7 +187,8 @@ def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int
     if "threads" in free and n_threads < 2:
         free.remove("threads")
     b = max(2, min(batch, MAX_BATCH))
-    cost_steps = timed_step_count(forced, n_threads) * b / batch  # in steps of the run's batch
+    # in steps of the run's batch, a step's time taken as proportional to its batch
+    cost_steps = timed_step_count(forced, n_threads) * b / batch + optimizer_step_count(forced)
     estimate = {"run_steps": steps, "tuning_steps": round(cost_steps, 2), "fraction": FRACTION}
     out = {"tuned": False, "choice": dict(forced), "timings_s": {}, "forced": sorted(forced), "cached": False,
            "key": key, "estimate": estimate}

@@ -110,21 +110,26 @@ def test_negative_threads_is_a_user_error():
         TrainConfig(threads=-1)
 
 
-# two thread counts and two memory formats, each timed in 1 warm-up + ROUNDS steps, at the run's batch
-# of 8 (under MAX_BATCH): 16 steps; a run is tuned only when they are at most FRACTION of it
-def test_short_runs_are_not_measured(tmp_path, monkeypatch):
+# two thread counts and two memory formats, each timed in 1 warm-up + 3 rounds at the run's batch of 8
+# (under MAX_BATCH): 16 steps; two optimizer kernels, 1 + 20 steps each, counted as 42 training steps;
+# a run is tuned only when what is measured is at most 0.05 of it
+@pytest.mark.parametrize("forced, threshold", [
+    ({}, (16 + 42) * 20),
+    ({"optimizer_kernel": "fused"}, 16 * 20),
+    ({"threads": 1}, (8 + 42) * 20),
+    ({"threads": 1, "channels_last": True}, 42 * 20),  # only the optimizer free: its steps alone count
+])
+def test_short_runs_are_not_measured(tmp_path, monkeypatch, forced, threshold):
     calls = fake_timings(monkeypatch, {"1": 2.0, "2": 1.0, "contiguous": 0.5, "channels_last": 0.7},
                          {"fused": 3e-4, "foreach": 1e-4})
     monkeypatch.setattr(autotune, "ROUNDS", 3)
+    monkeypatch.setattr(autotune, "OPT_ROUNDS", 20)
     monkeypatch.setattr(autotune, "FRACTION", 0.05)
-    short = _tune(tmp_path, monkeypatch, steps=319)  # 16 / 319 > 0.05
-    assert not short["tuned"] and short["choice"] == {} and "run too short: 319 steps" in short["reason"]
-    assert calls == [] and not (tmp_path / "cpu_tune.json").exists()
-    long = _tune(tmp_path, monkeypatch, steps=320)  # 16 / 320 == 0.05
-    assert long["tuned"] and long["choice"]["threads"] == 2 and calls == [["1", "2"], ["channels_last", "contiguous"]]
-    # a forced thread count leaves 8 timed steps: 160 steps are enough
-    assert _tune(tmp_path, monkeypatch, steps=160, forced={"threads": 1})["tuned"]
-    assert not _tune(tmp_path, monkeypatch, steps=159, forced={"threads": 1})["tuned"]
+    short = _tune(tmp_path, monkeypatch, steps=threshold - 1, forced=forced)
+    assert not short["tuned"] and f"run too short: {threshold - 1} steps" in short["reason"]
+    assert short["choice"] == forced and calls == [] and not (tmp_path / "cpu_tune.json").exists()
+    long = _tune(tmp_path, monkeypatch, steps=threshold, forced=forced)
+    assert long["tuned"] and (tmp_path / "cpu_tune.json").exists()
 
 
 @pytest.mark.parametrize("steps, compile_s, measured, chosen", [
