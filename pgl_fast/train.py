@@ -117,8 +117,13 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, explicit: set[str] | No
     """Train ``cfg``. ``argv``, the command line it came from, is what the resume hint after an
     interrupt is built from. ``explicit``: the fields set on the command line
     (``config.explicit_fields``), for the warnings about flags that have no effect; None compares
-    with the defaults instead. The output dir's lock and the signal handlers end with the call."""
-    return _run(cfg, argv, explicit)
+    with the defaults instead. The output dir's lock and the signal handlers end with the call, and
+    the intra-op thread count that ``--threads`` or the CPU tuner set is put back."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, argv, explicit)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) -> dict:

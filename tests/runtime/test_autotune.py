@@ -179,7 +179,7 @@ def test_cli_records_choice_and_trains_with_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PGL_FAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(autotune, "FRACTION", 100.0)  # the 2-step run counts as long enough
     monkeypatch.setattr(autotune, "COMPILE_PRIOR_S", 1e9)  # but not for a compile
-    fake_timings(monkeypatch, {"1": 1.0, "2": 2.0, "contiguous": 0.9, "channels_last": 0.3},
+    fake_timings(monkeypatch, {"1": 2.0, "2": 1.0, "contiguous": 0.9, "channels_last": 0.3},
                  {"fused": 3e-4, "foreach": 1e-4})
     import pgl_fast.train as train_mod
 
@@ -187,9 +187,10 @@ def test_cli_records_choice_and_trains_with_it(tmp_path, monkeypatch):
     real = train_mod.build_learner
     monkeypatch.setattr(train_mod, "build_learner", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     assert main(ARGS + ["-o", str(tmp_path / "run")]) == 0  # the default: --cpu-tune auto
+    assert torch.get_num_threads() == 1  # the run's thread count is not left behind
     header = json.loads((tmp_path / "run" / "header.json").read_text())
     tune = header["cpu_tune"]
-    assert tune["tuned"] and tune["choice"] == {"threads": 1, "channels_last": True, "optimizer_kernel": "foreach",
+    assert tune["tuned"] and tune["choice"] == {"threads": 2, "channels_last": True, "optimizer_kernel": "foreach",
                                                 "compile": False}
     assert tune["timings_s"]["channels_last"] == {"contiguous": 0.9, "channels_last": 0.3}
     assert tune["estimate"]["compile"].startswith("not measured") and tune["used"]["compile"] is False
@@ -198,10 +199,10 @@ def test_cli_records_choice_and_trains_with_it(tmp_path, monkeypatch):
     assert header["config"]["channels_last"] is False and header["config"]["optimizer_kernel"] == "auto"
 
     # the resumed run keeps the recorded choice though the timings now favour the other one
-    fake_timings(monkeypatch, {"1": 2.0, "2": 1.0, "contiguous": 0.3, "channels_last": 0.9},
+    fake_timings(monkeypatch, {"1": 1.0, "2": 2.0, "contiguous": 0.3, "channels_last": 0.9},
                  {"fused": 1e-4, "foreach": 3e-4})
     assert main(ARGS + ["-o", str(tmp_path / "run"), "--resume", "auto"]) == 0
     tune = json.loads((tmp_path / "run" / "header.json").read_text())["cpu_tune"]
     assert tune["reason"].startswith("resumed") and tune["used"]["channels_last"] is True
-    assert tune["used"]["optimizer_kernel"] == "foreach" and tune["used"]["threads"] == 1
+    assert tune["used"]["optimizer_kernel"] == "foreach" and tune["used"]["threads"] == 2
     assert built[-1].channels_last and all(o.kernel == "foreach" for o in built[-1].optimizers)
