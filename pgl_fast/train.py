@@ -231,7 +231,8 @@ def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: in
                  "method": cfg.method, "batch": batch, "image_size": image_size, "amp": cfg.amp,
                  "lean_blocks": cfg.lean_blocks}
         result = autotune.tune(net=net, build=build, make_optimizer=make_optimizer, shape=shape, batch=batch,
-                               image_size=image_size, forced=forced, steps=steps, compile_blocker=compile_blocker)
+                               image_size=image_size, forced=forced, steps=steps, compile_blocker=compile_blocker,
+                               step_kinds=2 if cfg.method == "pgl" else 1)  # PGL compiles a global step too
         record.update(result)
         choice = result["choice"]
     if choice:

@@ -170,7 +170,8 @@ def _key(shape: dict, forced: dict) -> tuple[str, dict]:
 
 
 def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int, forced: dict,
-         steps: int | None = None, compile_blocker: str | None = "not offered", use_cache: bool = True) -> dict:
+         steps: int | None = None, compile_blocker: str | None = "not offered", step_kinds: int = 1,
+         use_cache: bool = True) -> dict:
     """Decide threads, channels-last, the optimizer kernel and ``--compile`` for a CPU run.
 
     ``build(net_copy, channels_last, compile)`` returns a learner started on its first epoch;
@@ -178,7 +179,8 @@ def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int
     step for the cache key; ``forced``: {"threads", "channels_last", "optimizer_kernel", "compile"}
     -> the value a flag forces (absent: measured); ``steps``: the run's training steps at ``batch``
     (None: tune whatever the length); ``compile_blocker``: why ``--compile`` cannot be a choice for
-    this run (None: it can). Returns {"tuned", "reason", "choice", "timings_s", "forced", "cached",
+    this run (None: it can); ``step_kinds``: how many kinds of step the run compiles (PGL: its
+    local and its global step), each counted at the measured step's compile time. Returns {"tuned", "reason", "choice", "timings_s", "forced", "cached",
     "key", "estimate"}; "choice" holds only what was forced or measured."""
     forced = dict(forced)
     key, key_src = _key(shape, forced)
@@ -221,7 +223,7 @@ def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int
         estimate["compile"] = f"not a choice: {compile_blocker}"
     else:
         comp = entry.get("compile")
-        expected = comp["compile_s"] if comp else COMPILE_PRIOR_S
+        expected = (comp["compile_s"] if comp else COMPILE_PRIOR_S) * step_kinds
         run_s = estimate.get("run_s")
         if comp is None and (run_s is None or expected > FRACTION * run_s):
             choice["compile"] = False
@@ -237,9 +239,9 @@ def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int
                 estimate["compile"] = f"not chosen: compiling failed ({comp['error']})"
             else:
                 saved = (comp["eager_s"] - comp["compiled_s"]) * batch / b * (steps if steps is not None else 0)
-                choice["compile"] = steps is not None and saved > comp["compile_s"]
-                estimate["compile"] = (f"saves about {saved:.0f} s over the run against a compile of "
-                                       f"{comp['compile_s']:.0f} s")
+                cost = comp["compile_s"] * step_kinds
+                choice["compile"] = steps is not None and saved > cost
+                estimate["compile"] = f"saves about {saved:.0f} s over the run against compiles of {cost:.0f} s"
     if use_cache:
         _store(path, key, entry)
     return {**out, "tuned": True, "choice": choice, "timings_s": timings, "cached": cached,

@@ -26,7 +26,8 @@ def _tiny():
     return cfg, build_model(cfg, 10, 16)
 
 
-def _tune(tmp_path, monkeypatch, forced=None, shape=SHAPE, built=None, steps=None, compile_blocker="not offered"):
+def _tune(tmp_path, monkeypatch, forced=None, shape=SHAPE, built=None, steps=None, compile_blocker="not offered",
+          step_kinds=1):
     monkeypatch.setenv("PGL_FAST_CACHE_DIR", str(tmp_path))
     cfg, net = built or _tiny()
 
@@ -40,7 +41,7 @@ def _tune(tmp_path, monkeypatch, forced=None, shape=SHAPE, built=None, steps=Non
         return torch.optim.SGD(ps, lr=0.1, fused=kernel == "fused", foreach=kernel == "foreach" or None)
 
     return autotune.tune(net=net, build=build, make_optimizer=make_opt, shape=shape, batch=8, image_size=16,
-                         forced=forced or {}, steps=steps, compile_blocker=compile_blocker)
+                         forced=forced or {}, steps=steps, compile_blocker=compile_blocker, step_kinds=step_kinds)
 
 
 def fake_timings(monkeypatch, steps: dict, opt: dict, compile=None):
@@ -135,6 +136,7 @@ def test_short_runs_are_not_measured(tmp_path, monkeypatch, forced, threshold):
 @pytest.mark.parametrize("steps, compile_s, measured, chosen", [
     (2000, 10.0, False, False),  # 2000 x 0.5 s: a compile expected at 60 s is over 0.05 of the run, not tried
     (2400, 10.0, True, True),    # 1200 s run: tried; saves 0.1 s x 2400 = 240 s > 10 s
+    (2400, 150.0, True, True),   # 150 s < 240 s saved (but see the two kinds of step below)
     (2400, 250.0, True, False),  # measured but its 250 s compile outweighs the 240 s it saves
 ])
 def test_compile_only_where_it_pays(tmp_path, monkeypatch, steps, compile_s, measured, chosen):
@@ -152,6 +154,9 @@ def test_compile_only_where_it_pays(tmp_path, monkeypatch, steps, compile_s, mea
     blocked = _tune(tmp_path / "b", monkeypatch, steps=10**6, compile_blocker="--lean-blocks")
     assert "compile" not in calls and "compile" not in blocked["choice"] and "--lean-blocks" in blocked["estimate"]["compile"]
     assert _tune(tmp_path / "f", monkeypatch, steps=10**6, forced={"compile": True})["choice"]["compile"] is True
+    if measured:  # a run that compiles two kinds of step (PGL) pays two compiles: 2 x 150 s > 240 s saved
+        two = _tune(tmp_path, monkeypatch, steps=steps, compile_blocker=None, step_kinds=2)
+        assert two["choice"]["compile"] is (2 * compile_s < 0.1 * steps) and "compiles of {:.0f} s".format(2 * compile_s) in two["estimate"]["compile"]
     assert "compile" not in calls
 
 
