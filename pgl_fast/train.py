@@ -13,6 +13,7 @@ is the command line only: it builds through :mod:`pgl_fast.build` and trains wit
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,7 @@ from .config import TrainConfig, config_from_args, explicit_fields
 from .distributed.strategies import Pipeline
 from .errors import UserError
 from .models.local_model import LocalModel
+from .runtime import autotune
 from .runtime.rng import seed_everything
 from .trainer import NonFiniteError, RunInterrupted, Trainer
 
@@ -118,8 +120,13 @@ def run(cfg: TrainConfig, argv: list[str] | None = None, explicit: set[str] | No
     """Train ``cfg``. ``argv``, the command line it came from, is what the resume hint after an
     interrupt is built from. ``explicit``: the fields set on the command line
     (``config.explicit_fields``), for the warnings about flags that have no effect; None compares
-    with the defaults instead. The output dir's lock and the signal handlers end with the call."""
-    return _run(cfg, argv, explicit)
+    with the defaults instead. The output dir's lock and the signal handlers end with the call, and
+    the intra-op thread count that ``--threads`` or the CPU tuner set is put back."""
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, argv, explicit)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) -> dict:
@@ -154,28 +161,68 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         (pipe_ctx or ctx).shutdown()
 
 
-def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: int) -> tuple[TrainConfig, dict]:
-    """``--threads`` and ``--cpu-tune``: the thread count, memory format and optimizer kernel this
-    run trains with (``runtime.autotune``), and their record for header.json. The returned config
-    carries the choice (config.json keeps the flags as given)."""
+def recorded_cpu_choice(cfg: TrainConfig, resume_state: dict | None) -> dict | None:
+    """What the run being resumed trained with (header.json's ``cpu_tune.used`` next to its
+    checkpoints), or None for a new run or a run that recorded none."""
+    if cfg.resume is None:
+        return None
+    if resume_state is not None:  # an explicit checkpoint file: <run dir>/checkpoints/<name>
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(resume_state["path"])))
+    elif ckpt.list_checkpoints(cfg.output_dir):  # --resume auto with a checkpoint to continue
+        run_dir = cfg.output_dir
+    else:
+        return None
+    try:
+        with open(os.path.join(run_dir, "header.json")) as f:
+            used = json.load(f).get("cpu_tune", {}).get("used")
+    except (OSError, ValueError):
+        return None
+    return used if isinstance(used, dict) else None
+
+
+def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: int, steps: int | None = None,
+             recorded: dict | None = None) -> tuple[TrainConfig, dict]:
+    """``--threads`` and ``--cpu-tune``: the thread count, memory format, optimizer kernel and
+    ``--compile`` this run trains with (``runtime.autotune``), and their record for header.json.
+    ``steps``: the run's training steps (it is tuned only if long enough); ``recorded``: what the
+    run being resumed trained with, reused as it was. The returned config carries the choice
+    (config.json keeps the flags as given)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     record = {"mode": cfg.cpu_tune}
-    if cfg.cpu_tune == "auto" and device.type == "cpu" and not group.distributed:
+    forced = {}
+    if cfg.threads > 0:
+        forced["threads"] = cfg.threads
+    if cfg.channels_last:
+        forced["channels_last"] = True
+    if cfg.optimizer_kernel != "auto":
+        forced["optimizer_kernel"] = cfg.optimizer_kernel
+    if cfg.compile:
+        forced["compile"] = True
+    choice = None
+    if cfg.cpu_tune != "auto":
+        record["reason"] = "--cpu-tune off"
+    elif device.type != "cpu" or group.distributed:
+        record["reason"] = "tunes single-process CPU runs only"
+    elif recorded is not None:
+        # a resumed run continues with what it trained with; a flag given now still wins
+        choice = {k: recorded[k] for k in ("threads", "channels_last", "optimizer_kernel", "compile") if k in recorded}
+        choice.update(forced)
+        record.update({"reason": "resumed: the choice recorded by the run it continues", "choice": choice,
+                       "forced": sorted(forced)})
+    else:
         from .runtime import autotune
         from .runtime.optim import sgd
 
-        forced = {}
-        if cfg.threads > 0:
-            forced["threads"] = cfg.threads
-        if cfg.channels_last:
-            forced["channels_last"] = True
-        if cfg.optimizer_kernel != "auto":
-            forced["optimizer_kernel"] = cfg.optimizer_kernel
+        try:
+            dataclasses.replace(cfg, compile=True)
+            compile_blocker = None
+        except UserError as e:  # the run's other flags exclude --compile (the message says which)
+            compile_blocker = str(e)
 
-        def build(net_copy, channels_last):
-            learner = build_learner(dataclasses.replace(cfg, channels_last=channels_last, global_memory="none",
-                                                        checkpoint_global=False), net_copy)
+        def build(net_copy, channels_last, compile=False):
+            learner = build_learner(dataclasses.replace(cfg, channels_last=channels_last, compile=compile,
+                                                        global_memory="none", checkpoint_global=False), net_copy)
             learner.start_epoch(0)
             return learner
 
@@ -187,14 +234,19 @@ def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: in
                  "method": cfg.method, "batch": batch, "image_size": image_size, "amp": cfg.amp,
                  "lean_blocks": cfg.lean_blocks}
         result = autotune.tune(net=net, build=build, make_optimizer=make_optimizer, shape=shape, batch=batch,
-                               image_size=image_size, forced=forced)
+                               image_size=image_size, forced=forced, steps=steps, compile_blocker=compile_blocker,
+                               step_kinds=2 if cfg.method == "pgl" else 1)  # PGL compiles a global step too
         record.update(result)
         choice = result["choice"]
-        torch.set_num_threads(int(choice["threads"]))
-        cfg = dataclasses.replace(cfg, channels_last=bool(choice["channels_last"]),
-                                  optimizer_kernel=choice["optimizer_kernel"])
+    if choice:
+        if "threads" in choice:
+            torch.set_num_threads(int(choice["threads"]))
+        cfg = dataclasses.replace(cfg, channels_last=bool(choice.get("channels_last", cfg.channels_last)),
+                                  optimizer_kernel=choice.get("optimizer_kernel", cfg.optimizer_kernel),
+                                  compile=bool(choice.get("compile", cfg.compile)))
     record["used"] = {"threads": torch.get_num_threads(), "channels_last": cfg.channels_last,
-                      "optimizer_kernel": "fused" if cfg.optimizer_kernel == "auto" else cfg.optimizer_kernel}
+                      "optimizer_kernel": "fused" if cfg.optimizer_kernel == "auto" else cfg.optimizer_kernel,
+                      "compile": cfg.compile}
     return cfg, record
 
 
@@ -276,8 +328,10 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
     # the flags stay as given in config.json; the learner trains with what they and the tuner chose
-    run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=min(cfg.batch_size, n_train),
-                                 image_size=spec.image_size)
+    run_batch = min(cfg.batch_size, n_train)
+    run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=run_batch, image_size=spec.image_size,
+                                 steps=autotune.run_steps(n_train, run_batch, cfg.epochs, cfg.drop_last),
+                                 recorded=recorded_cpu_choice(cfg, resume_state))
     if run_cfg.channels_last and not cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     # measured on rank 0 only: every rank must checkpoint the same segments. A pipeline's global
@@ -291,7 +345,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
               "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
               "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
-              "compile": cfg.compile_mode if cfg.compile else None,
+              "compile": run_cfg.compile_mode if run_cfg.compile else None,
               "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
               "data_pipeline": pipeline, "memory_prediction_mib": predicted_mib, "cpu_tune": cpu_tune}
     if pipeline == "stream":

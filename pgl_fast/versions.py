@@ -5,20 +5,44 @@ profile's JSON, the GPU check's results), so they all name the same things the s
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import platform
+import re
 import subprocess
 import sys
 
 import torch
 
 
-def _triton_version() -> str | None:
+def _installed_version(name: str) -> str | None:
+    """``name.__version__`` as the package states it in its source, read without importing it:
+    importing triton and torchvision only to read their versions costs a run ~250 MiB resident
+    that it may never use. None where the package is absent."""
     try:
-        import triton
-    except Exception:  # optional: absent on the CPU machines and on macOS/Windows
+        spec = importlib.util.find_spec(name)  # finds a top-level package without running it
+    except (ImportError, ValueError):
         return None
-    return getattr(triton, "__version__", None)
+    if spec is None:
+        return None
+    for folder in spec.submodule_search_locations or ():
+        for fname in ("version.py", "__init__.py"):
+            try:
+                with open(os.path.join(folder, fname)) as f:
+                    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+            except OSError:
+                continue
+            if found:
+                return found.group(1)
+    try:  # a version computed at import time: the package's own attribute
+        return getattr(importlib.import_module(name), "__version__", None)
+    except Exception:  # optional: triton is absent on the CPU machines and on macOS/Windows
+        return None
+
+
+def _triton_version() -> str | None:
+    return _installed_version("triton")
 
 
 def _cudnn_version() -> int | None:
@@ -31,14 +55,12 @@ def _cudnn_version() -> int | None:
 def versions() -> dict:
     """{pgl_fast, torch, torchvision, triton, python, cuda, cudnn}: None for what is not installed
     (triton on the CPU) or not built in (CUDA and cuDNN in a CPU build of torch)."""
-    import torchvision
-
     from . import __version__
 
     return {
         "pgl_fast": __version__,
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _installed_version("torchvision"),
         "triton": _triton_version(),
         "python": sys.version.split()[0],
         "cuda": torch.version.cuda,

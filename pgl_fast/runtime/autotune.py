@@ -1,23 +1,33 @@
-"""CPU choices by measurement (``--cpu-tune auto``): the intra-op thread count, channels-last or
-not, and the optimizer's kernel (torch's fused or foreach SGD), each picked by timing this run's
-own step on this machine.
+"""CPU choices by measurement (``--cpu-tune auto``, the default): the intra-op thread count,
+channels-last or not, the optimizer's kernel (torch's fused or foreach SGD) and ``--compile``, each
+picked by timing this run's own step on this machine -- when the run is long enough for the
+measurement to pay for itself.
 
-The step measured is the run's main step kind (the local step; the global step for ``bp``) on a
-copy of the network, at the run's batch size capped at ``MAX_BATCH`` (a few seconds in all), on
-random data, with the random streams saved and restored, so the run itself starts exactly where it
-would have. Candidates are timed in interleaved rounds (``ROUNDS``), the median kept. The optimizer
-kernels are timed on their own, on copies of the parameters with random gradients (a step of the
-network hides a fraction of a millisecond in its noise). Each factor is decided in turn -- threads,
-then the memory format at the chosen threads -- rather than over the full grid.
+When it tunes. The measurement costs a known number of steps (each timed variant: one warm-up and
+``ROUNDS`` timed steps, at min(batch, ``MAX_BATCH``); each optimizer step timed counted as a whole
+training step), so before anything is measured the run's step count decides: a run is tuned only when that cost is at most ``FRACTION`` of the run (counted
+in steps of the run's batch, assuming a step's time grows with its batch). A shorter run -- every
+test's run -- trains with the untuned defaults and pays nothing; the decision does not depend on
+what earlier runs left in the cache, so whether a run is tuned follows from the run alone.
+``torch.compile`` costs seconds that do not scale with steps: it is measured only when its
+expected compile time (the last one measured for this machine and shape, else ``COMPILE_PRIOR_S``)
+is at most ``FRACTION`` of the run's estimated time (steps x the measured step time), and chosen
+only when the time it saves over the run exceeds its measured compile time.
 
-``torch.compile`` is not among the choices: compiling a J=16 network takes minutes on a CPU, far
-beyond a start-up measurement.
+What is measured. The run's main step kind (the local step; the global step for ``bp``) on a copy
+of the network, on random data, with the random streams saved and restored, so the run itself
+starts exactly where it would have. Candidates are timed in interleaved rounds, the median kept.
+The optimizer kernels are timed on their own, on copies of the parameters with random gradients (a
+step of the network hides a fraction of a millisecond in its noise). Each factor is decided in turn
+-- threads, then the memory format at the chosen threads, then compiled or eager at both -- rather
+than over the full grid.
 
-The result is cached in a JSON file (``$PGL_FAST_CACHE_DIR``, else ``~/.cache/pgl_fast``) under a
+The timings are cached in a JSON file (``$PGL_FAST_CACHE_DIR``, else ``~/.cache/pgl_fast``) under a
 key of the machine (CPU model, core count, torch's CPU capability and version) and the step's shape
-(network, J, aux head, split, batch, image size, dtype, step kind); a forced flag (``--threads``,
-``--channels-last``, ``--optimizer-kernel``) is never measured and always wins. What was chosen and
-every timing go into ``header.json``.
+(network, J, aux head, split, batch, image size, dtype, step kind); the choice is made from them for
+each run (compile's depends on the run's length). A forced flag (``--threads``, ``--channels-last``,
+``--optimizer-kernel``, ``--compile``) is never measured and always wins. The decision, its reason,
+the estimate it was made from, the choice and every timing go into ``header.json``.
 """
 from __future__ import annotations
 
@@ -34,6 +44,11 @@ import torch
 MAX_BATCH = 128
 ROUNDS = 3
 OPT_ROUNDS = 20
+# the share of a run's time the measurement may cost: a choice that saves more than this pays
+FRACTION = 0.05
+# seconds one --compile of a network is expected to take before any was measured on this machine
+# (resnet8 J=4 on a 2-core EPYC: ~60 s; networks whose modules share a structure share graphs)
+COMPILE_PRIOR_S = 60.0
 
 
 def machine_key() -> dict:
@@ -127,17 +142,63 @@ def time_steps(make_learner, variants: dict, x: torch.Tensor, y: torch.Tensor, r
         torch.set_num_threads(saved_threads)
 
 
-def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int, forced: dict,
-         use_cache: bool = True) -> dict:
-    """Decide threads, channels-last and the optimizer kernel for a CPU run.
+def run_steps(n_train: int, batch: int, epochs: int, drop_last: bool) -> int:
+    """Training steps of a run: ``epochs`` epochs of ``n_train`` images at ``batch``."""
+    per_epoch = n_train // batch if drop_last else -(-n_train // batch)
+    return max(0, epochs) * max(per_epoch, 0)
 
-    ``build(net_copy, channels_last)`` returns a learner started on its first epoch;
-    ``make_optimizer(params, kernel)`` the run's optimizer with that kernel; ``shape``
-    names the step for the cache key; ``forced``: {"threads", "channels_last", "optimizer_kernel"} ->
-    the value a flag forces (absent: measured). Returns {"choice", "timings_s", "forced", "cached",
-    "key"}."""
-    key_src = {"machine": machine_key(), "shape": shape}
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+
+def timed_step_count(forced: dict, n_thread_candidates: int) -> int:
+    """Steps of the network the measurement of the free step factors runs (compile aside)."""
+    variants = (n_thread_candidates if "threads" not in forced and n_thread_candidates > 1 else 0)
+    variants += 2 if "channels_last" not in forced else 0
+    return variants * (1 + ROUNDS)
+
+
+def optimizer_step_count(forced: dict) -> int:
+    """Optimizer steps the measurement of the optimizer kernel runs (one warm-up and OPT_ROUNDS per
+    kernel). Counted as whole training steps: a training step holds one optimizer step, so this
+    bounds their cost from above whatever the batch."""
+    return 0 if "optimizer_kernel" in forced else 2 * (1 + OPT_ROUNDS)
+
+
+def _key(shape: dict, forced: dict) -> tuple[str, dict]:
+    # what was forced is part of the key: a measurement made around a forced value (say one thread)
+    # says nothing about the best choice of a run that leaves that value free
+    key_src = {"machine": machine_key(), "shape": shape, "forced": {k: v for k, v in forced.items() if k != "compile"}}
+    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16], key_src
+
+
+def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int, forced: dict,
+         steps: int | None = None, compile_blocker: str | None = "not offered", step_kinds: int = 1,
+         use_cache: bool = True) -> dict:
+    """Decide threads, channels-last, the optimizer kernel and ``--compile`` for a CPU run.
+
+    ``build(net_copy, channels_last, compile)`` returns a learner started on its first epoch;
+    ``make_optimizer(params, kernel)`` the run's optimizer with that kernel; ``shape`` names the
+    step for the cache key; ``forced``: {"threads", "channels_last", "optimizer_kernel", "compile"}
+    -> the value a flag forces (absent: measured); ``steps``: the run's training steps at ``batch``
+    (None: tune whatever the length); ``compile_blocker``: why ``--compile`` cannot be a choice for
+    this run (None: it can); ``step_kinds``: how many kinds of step the run compiles (PGL: its
+    local and its global step), each counted at the measured step's compile time. Returns {"tuned", "reason", "choice", "timings_s", "forced", "cached",
+    "key", "estimate"}; "choice" holds only what was forced or measured."""
+    forced = dict(forced)
+    key, key_src = _key(shape, forced)
+    n_threads = len(thread_candidates()) if "threads" not in forced else 1
+    free = [f for f in ("threads", "channels_last", "optimizer_kernel") if f not in forced]
+    if "threads" in free and n_threads < 2:
+        free.remove("threads")
+    b = max(2, min(batch, MAX_BATCH))
+    # in steps of the run's batch, a step's time taken as proportional to its batch
+    cost_steps = timed_step_count(forced, n_threads) * b / batch + optimizer_step_count(forced)
+    estimate = {"run_steps": steps, "tuning_steps": round(cost_steps, 2), "fraction": FRACTION}
+    out = {"tuned": False, "choice": dict(forced), "timings_s": {}, "forced": sorted(forced), "cached": False,
+           "key": key, "estimate": estimate}
+    if not free and ("compile" in forced or compile_blocker is not None):
+        return {**out, "reason": "every choice is forced by a flag"}
+    if steps is not None and cost_steps > FRACTION * steps:
+        return {**out, "reason": f"run too short: {steps} steps; measuring would cost about {cost_steps:.0f} steps, "
+                                 f"more than {FRACTION:g} of the run"}
     path = cache_path()
     entry = _load_cache(path).get(key) if use_cache else None
     cached = entry is not None
@@ -145,25 +206,111 @@ def tune(*, net, build, make_optimizer, shape: dict, batch: int, image_size: int
         entry = measure(net=net, build=build, make_optimizer=make_optimizer, batch=batch, image_size=image_size,
                         forced=forced)
         entry["key_source"] = key_src
-        if use_cache:
-            _store(path, key, entry)
     choice = dict(entry["choice"])
-    choice.update(forced)  # a flag always wins, also over a cached measurement
-    return {"choice": choice, "timings_s": entry["timings_s"], "forced": sorted(forced), "cached": cached,
-            "key": key}
+    choice.update({k: v for k, v in forced.items() if k != "compile"})  # a flag wins over a cached measurement
+    timings = dict(entry["timings_s"])
+    step_s = entry.get("step_s")
+    if step_s is None and (compile_blocker is None and "compile" not in forced):
+        step_s = eager_step_s(build, net, choice, b, image_size)
+        entry["step_s"] = step_s
+    if step_s is not None:  # the step at the tuner's batch, scaled to the run's
+        estimate["step_s"] = step_s * batch / b
+        if steps is not None:
+            estimate["run_s"] = estimate["step_s"] * steps
+    if "compile" in forced:
+        choice["compile"] = forced["compile"]
+    elif compile_blocker is not None:
+        estimate["compile"] = f"not a choice: {compile_blocker}"
+    else:
+        comp = entry.get("compile")
+        expected = (comp["compile_s"] if comp else COMPILE_PRIOR_S) * step_kinds
+        run_s = estimate.get("run_s")
+        if comp is None and (run_s is None or expected > FRACTION * run_s):
+            choice["compile"] = False
+            estimate["compile"] = (f"not measured: a compile is expected to take {expected:.0f} s, more than "
+                                   f"{FRACTION:g} of the run's estimated {run_s or 0:.0f} s")
+        else:
+            if comp is None:
+                comp = measure_compile(build, net, choice, b, image_size)
+                entry["compile"] = comp
+            timings["compile"] = comp
+            if "error" in comp:
+                choice["compile"] = False
+                estimate["compile"] = f"not chosen: compiling failed ({comp['error']})"
+            else:
+                saved = (comp["eager_s"] - comp["compiled_s"]) * batch / b * (steps if steps is not None else 0)
+                cost = comp["compile_s"] * step_kinds
+                choice["compile"] = steps is not None and saved > cost
+                estimate["compile"] = f"saves about {saved:.0f} s over the run against compiles of {cost:.0f} s"
+    if use_cache:
+        _store(path, key, entry)
+    return {**out, "tuned": True, "choice": choice, "timings_s": timings, "cached": cached,
+            "reason": f"run long enough: {steps} steps" if steps is not None else "tuned on request"}
+
+
+def _learner(build, net, choice: dict, compile: bool):
+    return build(copy.deepcopy(net), bool(choice.get("channels_last", False)), compile)
+
+
+def _data(b: int, image_size: int):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(b, 3, image_size, image_size, generator=gen), torch.randint(0, 10, (b,), generator=gen))
+
+
+def eager_step_s(build, net, choice: dict, b: int, image_size: int) -> float:
+    """Seconds of one eager step at ``choice``'s threads and memory format (after one warm-up)."""
+    saved = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        x, y = _data(b, image_size)
+        learner = _learner(build, net, choice, False)
+        try:
+            torch.set_num_threads(int(choice.get("threads", saved)))
+            learner.step(x, y)
+            t = time.perf_counter()
+            learner.step(x, y)
+            return time.perf_counter() - t
+        finally:
+            torch.set_num_threads(saved)
+
+
+def measure_compile(build, net, choice: dict, b: int, image_size: int, rounds: int | None = None) -> dict:
+    """The compiled step against the eager one at ``choice``'s threads and memory format: the
+    first compiled step's time above an eager step (its compile time), then both in interleaved
+    rounds. {"compile_s", "compiled_s", "eager_s"}, or {"error"} when compiling fails."""
+    saved = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        x, y = _data(b, image_size)
+        try:
+            torch.set_num_threads(int(choice.get("threads", saved)))
+            eager = _learner(build, net, choice, False)
+            eager.step(x, y)
+            t = time.perf_counter()
+            eager.step(x, y)
+            t_eager = time.perf_counter() - t
+            compiled = _learner(build, net, choice, True)
+            t = time.perf_counter()
+            try:
+                compiled.step(x, y)
+            except Exception as e:  # no C++ compiler, an unsupported op: recorded, and eager is kept
+                return {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
+            first = time.perf_counter() - t
+            t = _median_times({"eager": lambda: eager.step(x, y), "compiled": lambda: compiled.step(x, y)},
+                              ROUNDS if rounds is None else rounds)
+        finally:
+            torch.set_num_threads(saved)
+    return {"compile_s": max(first - t_eager, 0.0), "compiled_s": t["compiled"], "eager_s": t["eager"]}
 
 
 def measure(*, net, build, make_optimizer, batch: int, image_size: int, forced: dict) -> dict:
     b = max(2, min(batch, MAX_BATCH))
     timings: dict = {}
     choice: dict = {}
+    step_s = None
     with torch.random.fork_rng(devices=[]):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(b, 3, image_size, image_size, generator=gen)
-        y = torch.randint(0, 10, (b,), generator=gen)
+        x, y = _data(b, image_size)
 
         def make_learner(cl):
-            return build(copy.deepcopy(net), cl)
+            return build(copy.deepcopy(net), cl, False)
 
         if "optimizer_kernel" in forced:
             choice["optimizer_kernel"] = forced["optimizer_kernel"]
@@ -181,6 +328,7 @@ def measure(*, net, build, make_optimizer, batch: int, image_size: int, forced: 
                 t = time_steps(make_learner, {str(n): (n, cl0) for n in cands}, x, y)
                 timings["threads"] = t
                 choice["threads"] = int(min(t, key=t.get))
+                step_s = t[str(choice["threads"])]
             else:
                 choice["threads"] = cands[0]
         if "channels_last" in forced:
@@ -190,5 +338,5 @@ def measure(*, net, build, make_optimizer, batch: int, image_size: int, forced: 
                                           "channels_last": (choice["threads"], True)}, x, y)
             timings["channels_last"] = t
             choice["channels_last"] = t["channels_last"] < t["contiguous"]
-    return {"choice": choice, "timings_s": timings, "measured_batch": b}
-
+            step_s = min(t.values())
+    return {"choice": choice, "timings_s": timings, "measured_batch": b, "step_s": step_s}
