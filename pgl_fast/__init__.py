@@ -15,6 +15,7 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
   ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
   sets: ``load_dataset``, ``extract_archive_if_needed``.
 """
+import importlib
 import importlib.abc
 import importlib.util
 import os
@@ -88,8 +89,6 @@ __all__ = ["__version__", *_API]
 def __getattr__(name: str):
     if name not in _API:
         raise AttributeError(f"module 'pgl_fast' has no attribute {name!r}")
-    import importlib
-
     module, attr = _API[name]
     mod = importlib.import_module(module)
     value = mod if attr is None else getattr(mod, attr)

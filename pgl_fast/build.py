@@ -11,6 +11,7 @@ from .config import TrainConfig
 from .core.learner import LocalLearner
 from .core.methods import BP, DGL, HPFF, MAN, PGL, InfoPro, Method, from_name
 from .core.schedule import lr_at_epoch
+from .distributed import DataParallelLearner
 from .errors import UserError
 from .models.local_model import LocalModel
 from .models.presets import cifar_resnet, factory_model, torchvision_model
@@ -54,7 +55,7 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
         if cfg.head_kernels == "triton":
             raise UserError("--head-kernels triton: the mlpsr head has no fused kernel; use --head-kernels eager")
         return False
-    from .kernels import triton_available
+    from .kernels import triton_available  # optional: Triton's pieces load only where heads may run fused
 
     ok, reason = triton_available(device)
     if not ok:
@@ -156,8 +157,6 @@ def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs
         cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
         checkpoint_global=checkpoint_global, lr_schedule=lr_schedule(cfg), channels_last=cfg.channels_last)
     if ctx is not None and ctx.distributed:
-        from .distributed import DataParallelLearner
-
         return DataParallelLearner(model, method_of(cfg), ctx=ctx, sync_bn=cfg.sync_bn, **kw)
     if cfg.sync_bn:
         raise UserError("--sync-bn synchronises batch norm across the ranks of a torchrun launch; this run has one "

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import io as _io
 import json
 import os
 import tarfile
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import operator
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -577,7 +579,7 @@ def _tv_build(name, split, data_dir: Path, download: bool):
     """Read one split through torchvision, converting its numpy arrays directly."""
     human, rel = _TV[name][0], _TV[name][1](split)
     try:
-        from torchvision import datasets
+        from torchvision import datasets  # torchvision is heavy to import: only where a download is read
     except ImportError as exc:
         raise UserError(f"{human} needs torchvision ({exc}); pip install torchvision") from None
     try:
@@ -735,7 +737,7 @@ def _scan_split(split_dir: Path):
 
 def _decode_one(path: str, data: bytes) -> torch.Tensor:
     """Decode one image file to uint8 [3, H, W]: torchvision first, PIL as the fallback."""
-    from torchvision import io as tvio
+    from torchvision import io as tvio  # torchvision is heavy to import: only where images are decoded
 
     try:
         img = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=tvio.ImageReadMode.RGB)
@@ -744,10 +746,7 @@ def _decode_one(path: str, data: bytes) -> torch.Tensor:
     except Exception:
         pass
     try:
-        import io as _io
-
-        import numpy as np
-        from PIL import Image
+        from PIL import Image  # only where torchvision cannot decode
 
         with Image.open(_io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB")).copy()
@@ -762,7 +761,7 @@ def _decode_one(path: str, data: bytes) -> torch.Tensor:
 def _decode_chunk(paths: list[str]) -> list[torch.Tensor]:
     """Read and decode a list of files. JPEGs go through one batched ``decode_jpeg`` call
     (about 3x faster than PIL); a failing batch is redone file by file to name the bad file."""
-    from torchvision import io as tvio
+    from torchvision import io as tvio  # torchvision is heavy to import: only where images are decoded
 
     datas = []
     for p in paths:

@@ -22,6 +22,7 @@ full run fits 6 minutes (and ``--quick`` 3) and can run twice in one 15-minute s
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import inspect
@@ -39,7 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from .argparsing import OneLineParser
+from .core.learner import LocalLearner
+from .core.methods import PGL
 from .jsonio import JsonlWriter, write_text_atomic
+from .models.cifar_resnet import Classifier, build_units
+from .models.presets import cifar_resnet
+from .runtime.optim import sgd
 from .versions import device_name, nvidia_smi, versions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +118,6 @@ def plan_rows(archs=("resnet32", "resnet110"), Js=(4, 16), compile_Js=(4,)) -> l
 # -- the step functions ---------------------------------------------------------------------------
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    import contextlib
-
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -144,8 +148,6 @@ def _mark_step(compiled: bool) -> None:
 def plain_bp_step(arch: str, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
                   compile_mode: str | None = None) -> Callable[[], None]:
     """End-to-end BP as a user writes it: nn.Sequential of the same units, torch.optim.SGD."""
-    from .models.cifar_resnet import Classifier, build_units
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(*build_units(arch), Classifier(64, 10)).to(device)
     if channels_last:
@@ -169,8 +171,6 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
                    channels_last: bool, compile_mode: str | None = None) -> Callable[[], None]:
     """DGL's local step as a user writes it: per module, forward on the detached input, its 1c2f
     head's cross-entropy (the classifier's for the last), backward, its own torch.optim.SGD step."""
-    from .models.presets import cifar_resnet
-
     torch.manual_seed(0)
     net = cifar_resnet(arch, J, aux="1c2f").to(device)
     if channels_last:
@@ -200,11 +200,6 @@ def plain_dgl_step(arch: str, J: int, batch: int, device: torch.device, dtype: t
 def ours_step(kind: str, arch: str, J: int, mode: str, batch: int, device: torch.device,
               dtype: torch.dtype | None, channels_last: bool, compile_mode: str | None = None):
     """This engine's step: ``(step, graphed)`` where graphed is the GraphedLocalSteps (or None)."""
-    from .core.learner import LocalLearner
-    from .core.methods import PGL
-    from .models.presets import cifar_resnet
-    from .runtime.optim import sgd
-
     if "fused" in mode and device.type != "cuda":
         raise RowSkip("fused heads are timed on CUDA only (the CPU runs Triton under its interpreter)")
     if mode.startswith("graphs") and device.type != "cuda":

@@ -27,10 +27,15 @@ from . import planner
 from . import rundir
 from .build import build_learner, build_model, resolve_device, resolve_head_kernels
 from .config import TrainConfig, config_from_args, explicit_fields
+from .distributed import DistContext, launched_by_torchrun
+from .distributed.cost_model import measured_module_times
+from .distributed.pipeline import PipelineError, build_stage, exit_on_error, init_pipeline_group
 from .distributed.strategies import Pipeline
 from .errors import UserError
 from .models.local_model import LocalModel
 from .runtime import autotune
+from .runtime.head_select import configure_head_kernels
+from .runtime.optim import sgd
 from .runtime.rng import seed_everything
 from .trainer import NonFiniteError, RunInterrupted, Trainer
 
@@ -136,8 +141,6 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         for w in warnings:
             print(w, file=sys.stderr, flush=True)
 
-    from .distributed import DistContext, launched_by_torchrun
-
     # under torchrun, WORLD_SIZE > 1 means data parallel unless --pipeline S asks for S stages
     pipe_ctx = None
     if cfg.pipeline > 1 and not (cfg.describe or cfg.plan):
@@ -149,8 +152,6 @@ def _run(cfg: TrainConfig, argv: list[str] | None, explicit: set[str] | None) ->
         if world != str(S):
             raise UserError(f"--pipeline {S}: WORLD_SIZE is {world}, it must equal S (one rank per stage; "
                             "pipelining combined with data parallel is not supported)")
-        from .distributed.pipeline import init_pipeline_group
-
         pipe_ctx = init_pipeline_group(timeout_s=cfg.pipeline_timeout, device=cfg.device)
         ctx = DistContext(device=pipe_ctx.device)  # no data parallel: each stage is its own replica
     else:
@@ -211,9 +212,6 @@ def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: in
         record.update({"reason": "resumed: the choice recorded by the run it continues", "choice": choice,
                        "forced": sorted(forced)})
     else:
-        from .runtime import autotune
-        from .runtime.optim import sgd
-
         try:
             dataclasses.replace(cfg, compile=True)
             compile_blocker = None
@@ -320,8 +318,6 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     net = build_model(cfg, spec.num_classes, spec.image_size).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    from .runtime.head_select import configure_head_kernels
-
     head_kernels = configure_head_kernels(
         net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, n_train), device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
@@ -356,9 +352,6 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
                             f"to decode (first: {data.meta['skipped_files'][0]})")
     runner = None
     if pipe_ctx is not None:
-        from .distributed.cost_model import measured_module_times
-        from .distributed.pipeline import build_stage
-
         # every rank built the same model from the same seed; each trains its own stage of it
         balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance
         if balance == "auto":
@@ -407,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from .distributed.pipeline import PipelineError, exit_on_error
-
         if isinstance(e, PipelineError):  # one line, and out without waiting on a peer that is gone
             exit_on_error(e)
         raise

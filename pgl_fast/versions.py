@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from . import __version__
+
 
 def _installed_version(name: str) -> str | None:
     """``name.__version__`` as the package states it in its source, read without importing it:
@@ -55,8 +57,6 @@ def _cudnn_version() -> int | None:
 def versions() -> dict:
     """{pgl_fast, torch, torchvision, triton, python, cuda, cudnn}: None for what is not installed
     (triton on the CPU) or not built in (CUDA and cuDNN in a CPU build of torch)."""
-    from . import __version__
-
     return {
         "pgl_fast": __version__,
         "torch": torch.__version__,

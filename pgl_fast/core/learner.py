@@ -38,7 +38,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from ..models.heads import upcast
 from ..models.local_model import LocalModel
+from ..runtime.compile import CompiledPieces
 from ..runtime.device import device_context
+from ..runtime.graphs import GraphedLocalSteps
 from ..runtime.optim import sgd
 from .methods import Method, from_name
 from .schedule import LOCAL
@@ -278,8 +280,6 @@ class LocalLearner:
             raise UserError(f"cuda_graphs: {method!r}'s loss reaches {method.reach} modules and its local step "
                             "is not captured; train it without cuda_graphs")
         if mode is not None:
-            from ..runtime.compile import CompiledPieces
-
             self.compiled = CompiledPieces(self, mode)
         self.graphed = None
         if cuda_graphs:
@@ -289,8 +289,6 @@ class LocalLearner:
             if not all(getattr(o, "graph_safe", False) for o in self.optimizers):
                 raise UserError("cuda_graphs needs optimizers whose lr lives in a device tensor read by a fused "
                                 "kernel (pgl_fast.runtime.optim.sgd(kernel='fused'), the default)")
-            from ..runtime.graphs import GraphedLocalSteps
-
             self.graphed = GraphedLocalSteps(self, self.stats)
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..models.cifar_resnet import init_infopro_
 from ..models.heads import Decoder, PatchDecoder, build_head, reconstruction_loss, supcon_loss, upcast
 from ..models.local_model import block_units
 from .schedule import GLOBAL, LOCAL
@@ -173,8 +174,6 @@ class InfoPro(Method):
             return
         if len(model.decoders):
             raise UserError(f"InfoPro: the model has {len(model.decoders)} decoders for {model.J - 1} cuts")
-        from ..models.cifar_resnet import init_infopro_
-
         decoders = []
         for j in range(model.J - 1):
             shape = model.out_shape(j)
@@ -206,8 +205,6 @@ def _fresh_copy(unit: nn.Module, what: str) -> nn.Module:
     """A copy of ``unit`` with parameters and statistics of its own, initialised afresh: every
     submodule's ``reset_parameters`` (which also resets batch-norm statistics), then the engine's
     conv / batch-norm initialisation, the same that every other part of the network gets."""
-    from ..models.cifar_resnet import init_infopro_
-
     try:
         c = copy.deepcopy(unit)
     except Exception as e:  # a user's block that deepcopy cannot handle (open handles, locks, ...)
@@ -315,8 +312,6 @@ class MAN(Method):
 
     @staticmethod
     def _replace(modules: nn.ModuleList, j: int, new: nn.Module, p) -> None:
-        from ..models.cifar_resnet import init_infopro_
-
         init_infopro_(new)  # as the heads and decoders the presets and split() build
         modules[j] = new.to(device=p.device, dtype=p.dtype) if p is not None else new
 
@@ -504,8 +499,6 @@ class HPFF(Method):
         cuts = list(range(1, model.J - 1))
         p = next((q for q in model.parameters() if q.is_floating_point()), None)
         to = (lambda m: m.to(device=p.device, dtype=p.dtype)) if p is not None else (lambda m: m)
-        from ..models.cifar_resnet import init_infopro_
-
         heads = {}
         for j in cuts:
             # the second head has the first one's architecture and its own initial weights

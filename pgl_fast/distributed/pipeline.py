@@ -74,20 +74,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import multiprocessing as mp
 import os
+import pickle
 import queue
+import socket
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _get_default_store
 
 from ..core.learner import StepStats
 from ..errors import UserError
+from .context import DistContext, launched_by_torchrun
 
 # one flag per torchrun restart round: a restarted group must not see the last round's failure
 FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
@@ -154,8 +161,6 @@ def init_pipeline_group(backend: str | None = None, timeout_s: float = DEFAULT_T
     """The pipeline's process group: the run's one :class:`~pgl_fast.distributed.context.DistContext`
     (torchrun's environment, gloo on the CPU, NCCL on ``cuda:LOCAL_RANK``, a timeout). An already
     initialised default group is used as is. Returns the context (the caller shuts it down)."""
-    from .context import DistContext, launched_by_torchrun
-
     if dist.is_initialized():
         return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
                            device=torch.device("cuda", torch.cuda.current_device())
@@ -168,8 +173,6 @@ def init_pipeline_group(backend: str | None = None, timeout_s: float = DEFAULT_T
 
 def _default_store():
     try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
         return _get_default_store()
     except Exception:  # pragma: no cover - no store: failures still surface as communication errors
         return None
@@ -929,17 +932,12 @@ def exit_on_error(e: BaseException) -> None:
 # a local launcher (tests, benchmarks): S processes on this machine, gloo
 # ----------------------------------------------------------------------------------------------
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _child(rank, world, port, fn, args, out_dir, threads, timeout_s):
-    import pickle
-    import traceback
-
     torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
@@ -968,10 +966,6 @@ def run_local_group(fn, world: int, *args, threads: int = 1, timeout_s: float = 
     each rank's ``("ok", value)`` or ``("error", message, traceback)`` (``None``: no report, the rank
     died). ``on_start(processes)`` runs in the parent once they are started (tests kill one there).
     Any process still alive after ``join_timeout_s`` is killed and reported as ``("hung",)``."""
-    import multiprocessing as mp
-    import pickle
-    import tempfile
-
     # forkserver: the children fork from one clean server process that has imported torch once
     # (per parent), instead of each importing it again as "spawn" would; unlike a plain fork they
     # inherit no OpenMP or other threads from the parent

@@ -583,10 +583,10 @@ def _mem_words(runs) -> str:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # optional (pip install -e '.[report]'): only the plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend above
 
     return plt
 
@@ -640,7 +640,7 @@ def plot_acc_per_epoch(runs, J: int, path: str, title: str) -> None:
                             color=line.get_color(), alpha=0.15, linewidth=0)
     last = max((e for r in at_J for e, _, _ in r["curve"]), default=1)
     ax.set_xlim(0.5, last + 0.5)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional, as in _plt
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

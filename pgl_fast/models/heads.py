@@ -52,7 +52,7 @@ class ConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor, pool: bool, use_kernels: bool = False) -> torch.Tensor:
         if use_kernels:
-            from ..kernels import conv_bn_relu_module
+            from ..kernels import conv_bn_relu_module  # optional: Triton's pieces load only where a head runs fused
 
             return conv_bn_relu_module(x, self.conv, self.bn, pool=pool)
         y = F.relu(self.bn(self.conv(x)))

@@ -83,7 +83,7 @@ def cifar_stem(model: nn.Module) -> nn.Module:
 
 def torchvision_model(name: str, num_classes: int, *, cifar_stem_: bool = False) -> nn.Module:
     """``torchvision.models.get_model(name, num_classes=...)`` with random weights."""
-    import torchvision
+    import torchvision  # heavy to import: only where a torchvision model is built
 
     try:
         names = torchvision.models.list_models(module=torchvision.models)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .. import data as data_mod
 from ..errors import UserError
@@ -48,8 +49,6 @@ def _source_images(source: str, split: str, classes: int, per_class: int, g: tor
 def make_imagefolder(source: str, out, *, classes: int = 100, train_per_class: int = 30, test_per_class: int = 10,
                      min_size: int = 256, max_size: int = 500, seed: int = 0, quality: int = 90) -> Path:
     """Write the tree (see the module docstring) and return its root ``out``."""
-    from PIL import Image
-
     if not 1 <= min_size <= max_size:
         raise UserError(f"--min-size/--max-size: need 1 <= min <= max, got {min_size}, {max_size}")
     if classes < 1 or train_per_class < 1 or test_per_class < 1:
