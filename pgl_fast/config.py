@@ -444,7 +444,9 @@ class TrainConfig:
         """The InfoPro lambdas a run uses and where they come from, for ``header.json``."""
         ends = [self.ixx_1, self.ixy_1, self.ixx_2, self.ixy_2]
         table = INFOPRO_LAMBDAS.get((self.recipe_name, self.arch, self.modules, self.split == "balanced"))
-        if table is not None and [float(v) for v in table] == ends:
+        if self.uses_hpff and [float(v) for v in HPFF_LAMBDAS] == ends:
+            source = "HPFF's published runs"
+        elif table is not None and [float(v) for v in table] == ends:
             source = "InfoPro's published per-run table" + (
                 "" if self.infopro_loss == "contrast"
                 else " (published for its contrastive loss; reused unchanged for the softmax loss)")

@@ -64,3 +64,23 @@ def test_bad_hpff_flags_are_one_line(extra, flag, capsys):
 def test_hpff_flags_warn_with_other_methods():
     cfg = TrainConfig(method="dgl", hpff_wx=0.5)
     assert any("--hpff-wx has no effect" in w for w in cfg.no_effect_warnings({"hpff_wx"}))
+
+
+def test_header_records_the_lambdas_of_every_infopro_objective(tmp_path):
+    # PGL over MAN with InfoPro's loss, and HPFF on its published InfoPro base, both train with
+    # InfoPro's lambdas: header.json says which, as it does for --method infopro
+    import json
+
+    from pgl_fast.train import main
+
+    common = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
+              "-J", "3", "--split", "even", "--epochs", "1", "-b", "8", "--device", "cpu", "--progress", "off"]
+    for name, extra, source in (
+            ("hpff", ["--method", "hpff"], "HPFF's published runs"),
+            ("pgl-man", ["--method", "pgl", "--pgl-local", "man", "--man-base", "infopro", "--ixx-1", "1",
+                         "--ixy-1", "0.5", "--ixx-2", "0", "--ixy-2", "1"], "given on the command line")):
+        out = tmp_path / name
+        assert main(common + extra + ["-o", str(out)]) == 0
+        rec = json.loads((out / "header.json").read_text())["infopro_lambdas"]
+        assert rec["source"] == source, name
+        assert len(rec["per_module"]) == 2
