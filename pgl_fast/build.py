@@ -42,12 +42,10 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
     method = method_of(cfg)
     if cfg.head_kernels == "eager" or not method.has_heads or cfg.compile:  # --compile: Inductor fuses the heads
         return False
-    if not method.plain_heads:
-        # MAN's heads sit on its aux path, not on the module outputs that the per-head choice of
-        # fused against eager kernels is measured and cached for
+    why = method.refusal("fused_heads")
+    if why:
         if cfg.head_kernels == "triton":
-            raise UserError(f"--head-kernels triton: the fused kernels are for heads on the module outputs; "
-                            f"MAN's heads sit on its aux path (--method {cfg.method}); use --head-kernels auto or eager")
+            raise UserError(f"--head-kernels triton: {why}; use --head-kernels auto or eager")
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
         return False

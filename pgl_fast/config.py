@@ -205,9 +205,6 @@ class TrainConfig:
             bad("--pipeline", "--sync-bn is for data parallel, which --pipeline does not combine with; drop it")
         if self.lean_blocks:
             bad("--pipeline", "runs the standard blocks; drop --lean-blocks")
-        if self.uses_man:
-            bad("--pipeline", "MAN's EMA copy of module j+1 would live on another stage's rank than module j's "
-                "aux network; train MAN in one process or data parallel (torchrun without --pipeline)")
         if self.pipeline_balance == "auto" and self.custom_model:
             bad("--pipeline-balance", "auto measures the CIFAR ResNet presets; give counts a,b,... for this model")
 
@@ -360,6 +357,13 @@ class TrainConfig:
             bad("--resume", "needs a checkpoint file or 'auto'")
         if not self.heartbeat >= 0:
             bad("--heartbeat", f"must be >= 0 seconds (0: off), got {self.heartbeat}")
+        # what the run's local objectives refuse (the methods' own list, pgl_fast.core.methods)
+        for on, flag, option in ((self.pipeline > 1, "--pipeline", "pipeline"), (self.compile, "--compile", "compile"),
+                                 (self.cuda_graphs, "--cuda-graphs", "cuda_graphs")):
+            for name in self.local_objectives if on else ():
+                why = METHOD_CLASSES[name].refuses.get(option)
+                if why:
+                    bad(flag, f"is not supported with {name.upper()}: {why}; drop {flag}")
         if self.uses_infopro:
             self._resolve_lambdas(bad)
         if self.uses_hpff:
@@ -414,13 +418,6 @@ class TrainConfig:
             bad("--hpff-wx/--hpff-wy", f"must be >= 0 and not both 0, got {self.hpff_wx} and {self.hpff_wy}")
         if self.hpff_patches < 1:
             bad("--hpff-patches", f"must be >= 1, got {self.hpff_patches}")
-        # HPFF's loss at a cut reaches two modules: one-module pieces cannot hold it
-        for on, flag, why in ((self.pipeline > 1, "--pipeline", "its stages would have to pass gradients back "
-                               "upstream mid-step; data parallel is exact"),
-                              (self.compile, "--compile", "the compiled pieces run one module at a time"),
-                              (self.cuda_graphs, "--cuda-graphs", "its two-module local step is not captured")):
-            if on:
-                bad(flag, f"is not supported with HPFF: {why}; drop {flag}")
         if self.hpff_base == "infopro":
             for name, v in zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), HPFF_LAMBDAS):
                 if getattr(self, name) is None:

@@ -47,8 +47,9 @@ def test_describe_shows_man_copies(capsys):
     (dict(method="pgl", pgl_local="bp"), "--pgl-local: 'bp' is not one of dgl, infopro, man"),
     (dict(method="man", man_momentum=1.5), "--man-momentum: must be in [0, 1], got 1.5"),
     (dict(method="man", man_base="pgl"), "--man-base: 'pgl' is not one of dgl, infopro"),
-    (dict(method="man", pipeline=2, modules=4, split="even"), "--pipeline: MAN's EMA copy of module j+1"),
-    (dict(method="pgl", pgl_local="man", pipeline=2, modules=4, split="even"), "--pipeline: MAN's EMA copy"),
+    (dict(method="man", pipeline=2, modules=4, split="even"),
+     "--pipeline: is not supported with MAN: module j's EMA copy follows module j+1"),
+    (dict(method="pgl", pgl_local="man", pipeline=2, modules=4, split="even"), "--pipeline: is not supported with MAN"),
     (dict(method="man", man_base="infopro", aux="adapt"), "--aux: InfoPro uses InfoPro's AuxClassifier heads"),
 ])
 def test_config_refusals(kw, message):
@@ -76,6 +77,6 @@ def test_head_kernels_triton_refused_for_man():
     from pgl_fast.build import resolve_head_kernels
     import torch
 
-    with pytest.raises(UserError, match="--head-kernels triton: the fused kernels are for heads on the module"):
+    with pytest.raises(UserError, match="--head-kernels triton: is not supported with MAN: the fused kernels are for heads on the module"):
         resolve_head_kernels(TrainConfig(method="man", head_kernels="triton"), torch.device("cpu"))
     assert resolve_head_kernels(TrainConfig(method="pgl", pgl_local="man"), torch.device("cuda")) is False

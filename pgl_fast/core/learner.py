@@ -273,12 +273,10 @@ class LocalLearner:
         self.autocast_cache = True
         self.compiled = None
         mode = _compile_mode(compile)
-        if mode is not None and method.reach > 1:
-            raise UserError(f"compile: the compiled pieces run one module at a time; {method!r}'s loss reaches "
-                            f"{method.reach} modules, train it eagerly (without compile)")
-        if cuda_graphs and method.reach > 1:
-            raise UserError(f"cuda_graphs: {method!r}'s loss reaches {method.reach} modules and its local step "
-                            "is not captured; train it without cuda_graphs")
+        for on, option in ((mode is not None, "compile"), (cuda_graphs, "cuda_graphs")):
+            why = method.refusal(option) if on else None
+            if why:
+                raise UserError(f"{option}: {why}; build the LocalLearner without {option}")
         if mode is not None:
             self.compiled = CompiledPieces(self, mode)
         self.graphed = None

@@ -52,6 +52,21 @@ class Method:
     # only). The local step keeps the activations of that many modules alive and steps a module
     # once no later loss can reach it.
     reach = 1
+    # What this objective cannot be combined with, and why: the one list of its refusals, which the
+    # CLI's config, the learner and a pipeline's build_stage all read. Keys: "pipeline" (module
+    # pipeline), "compile", "cuda_graphs", "fused_heads" (the fused Triton head kernels).
+    refuses: dict[str, str] = {}
+
+    @property
+    def objective(self) -> "Method":
+        """The local objective whose loss the modules learn (PGL: its ``local``)."""
+        return self
+
+    def refusal(self, option: str) -> str | None:
+        """Why ``option`` cannot run with this method's objective (None: it can), as a one-line
+        reason naming the objective."""
+        why = self.objective.refuses.get(option)
+        return None if why is None else f"is not supported with {self.objective.name.upper()}: {why}"
 
     def phase(self, epoch: int) -> str:
         raise NotImplementedError
@@ -252,6 +267,11 @@ class MAN(Method):
     (a cross-entropy head: "DGL+MAN") or ``InfoPro(...)`` ("InfoPro+MAN")."""
 
     name = "man"
+    refuses = {
+        "pipeline": "module j's EMA copy follows module j+1, which would live on another stage's rank; train it in "
+                    "one process or data parallel (torchrun without --pipeline)",
+        "fused_heads": "the fused kernels are for heads on the module outputs, and its heads sit on its aux path",
+    }
 
     def __init__(self, momentum: float = 0.995, base: Method | None = None):
         base = DGL() if base is None else base
@@ -381,6 +401,10 @@ class PGL(Method):
         self.heads_output_logits = local.heads_output_logits
         self.reach = local.reach
 
+    @property
+    def objective(self) -> Method:
+        return self.local.objective
+
     def phase(self, epoch: int) -> str:
         return LOCAL if epoch % (self.period + self.duration) < self.period else GLOBAL
 
@@ -462,6 +486,12 @@ class HPFF(Method):
 
     name = "hpff"
     reach = 2
+    refuses = {
+        "pipeline": "its loss reaches two modules, so the stages would have to pass gradients back upstream "
+                    "mid-step; data parallel is exact",
+        "compile": "the compiled pieces run one module at a time, and its loss reaches two",
+        "cuda_graphs": "its two-module local step is not captured",
+    }
 
     def __init__(self, wx: float = 0.001, wy: float = 0.999, base: Method | None = None, patches: int = 2):
         if base is not None and type(base) not in (DGL, InfoPro):

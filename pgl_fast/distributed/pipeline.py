@@ -866,15 +866,9 @@ def build_stage(learner, S: int, *, balance: str | Sequence[float] | None = None
                      (learner.graphed is not None, "cuda_graphs"), (learner.scaler is not None, "fp16 amp")):
         if on:
             raise UserError(f"build_stage: a pipeline stage runs eager steps; build the LocalLearner without {what}")
-    if learner.method.reach > 1:
-        # a stage's local step backpropagates each module's loss into that module alone; a loss that
-        # reaches back across a stage boundary would need its gradient sent upstream mid-step
-        raise UserError(f"--pipeline: {learner.method!r}'s loss reaches {learner.method.reach} modules, across "
-                        "stage boundaries; train it without --pipeline (data parallel is exact)")
-    if len(model.ema_blocks):
-        # module j's aux path reads module j+1's parameters every step, which live on the next stage
-        raise UserError("build_stage: MAN's EMA copy of module j+1 would live on another stage's rank than module "
-                        "j's aux network; train MAN in one process or data parallel")
+    why = learner.method.refusal("pipeline")
+    if why:
+        raise UserError(f"build_stage: {why}")
     if not 1 <= S <= J:
         raise UserError(f"--pipeline {S}: needs 1 <= S <= J (J={J} modules)")
     if balance is None:
