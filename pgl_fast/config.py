@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+from . import data as data_mod
 from .runtime.compile import COMPILE_MODES, CUDAGRAPH_MODES
 from .models.heads import AUX_CONFIGS
 from .models.cifar_resnet import blocks_per_stage
@@ -29,8 +30,9 @@ MAN_BASES = ("dgl", "infopro")
 # 1.62x. 1.25 takes the segmentation that gets near the local peak wherever one does, and refuses a
 # faster one that gives back much of the saving (coarse at J=8); where nothing fits, the smallest runs.
 DEFAULT_FACTOR = 1.25
-DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
-RECIPES = ("cifar10", "svhn", "stl10", "imagenet")
+# the data sets and recipes the flags name: the data module's own tables (one registry each)
+DATASETS = data_mod.DATASETS
+RECIPES = tuple(data_mod.RECIPES)
 PIPELINES = ("auto", "resident", "stream")
 
 # InfoPro's per-run lambda endpoints (ixx_1, ixy_1, ixx_2, ixy_2), as its published run commands set
