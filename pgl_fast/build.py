@@ -9,7 +9,7 @@ import torch
 
 from .config import TrainConfig
 from .core.learner import LocalLearner
-from .core.methods import BP, DGL, HPFF, MAN, PGL, InfoPro, Method, from_name
+from .core.methods import MAN, METHODS, InfoPro, Method, from_name
 from .core.schedule import lr_at_epoch
 from .distributed import DataParallelLearner
 from .errors import UserError
@@ -63,34 +63,14 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
     return True
 
 
-def _local_method(cfg: TrainConfig, name: str) -> Method:
-    """The all-local method ``name`` (``--method``, ``--pgl-local`` or ``--man-base``) with its flags."""
-    if name == "dgl":
-        return DGL()
-    if name == "infopro":
-        return InfoPro(contrast=cfg.infopro_loss == "contrast",
-                       lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
-    if name == "man":
-        return MAN(cfg.man_momentum, base=_local_method(cfg, cfg.man_base))
-    if name == "hpff":
-        return hpff_of(cfg)
-    return from_name(name)  # a registered all-local method without flags of its own
-
-
 def method_of(cfg: TrainConfig) -> Method:
-    """The method object ``--method`` and its flags name."""
-    if cfg.method == "bp":
-        return BP()
-    if cfg.method == "pgl":
-        return PGL(cfg.period, cfg.duration, local=_local_method(cfg, cfg.pgl_local))
-    return _local_method(cfg, cfg.method)
+    """The method object ``--method`` names, configured by its flags: each registered method builds
+    itself (``Method.from_config``), and a base or local objective it names (``--pgl-local``,
+    ``--man-base``) is built from the same flags."""
+    def objective(name: str) -> Method:
+        return from_name(name) if name not in METHODS else METHODS[name].from_config(cfg, objective)
 
-
-def hpff_of(cfg: TrainConfig) -> HPFF:
-    """HPFF with the run's --hpff-* flags (and, for the InfoPro base, its --ixx-*/--ixy-* lambdas)."""
-    base = DGL() if cfg.hpff_base == "dgl" else InfoPro(
-        contrast=False, lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
-    return HPFF(wx=cfg.hpff_wx, wy=cfg.hpff_wy, base=base, patches=cfg.hpff_patches)
+    return objective(cfg.method)
 
 
 def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalModel:
@@ -106,7 +86,7 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: int) -> LocalMod
                 for c in cfg.cut_list]
         return _with_aux_path(method, split(net, cuts, aux=aux, input_shape=(3, image_size, image_size),
                                             num_classes=num_classes))
-    objective = method.local if isinstance(method, PGL) else method
+    objective = method.objective
     objective = objective.base if isinstance(objective, MAN) else objective
     infopro = isinstance(objective, InfoPro)
     model = cifar_resnet(

@@ -68,6 +68,13 @@ class Method:
         why = self.objective.refuses.get(option)
         return None if why is None else f"is not supported with {self.objective.name.upper()}: {why}"
 
+    @classmethod
+    def from_config(cls, cfg, objective) -> "Method":
+        """The method as a run's flags configure it (``cfg``: a ``TrainConfig``, read for this
+        method's own fields only); ``objective(name)`` builds another registered method from the
+        same flags (a base or local loss). A method without flags of its own takes the defaults."""
+        return cls()
+
     def phase(self, epoch: int) -> str:
         raise NotImplementedError
 
@@ -157,6 +164,11 @@ class InfoPro(Method):
     a sequence of J-1 pairs (module j's at index j); default (1, 1)."""
 
     name = "infopro"
+
+    @classmethod
+    def from_config(cls, cfg, objective) -> "InfoPro":
+        return cls(contrast=cfg.infopro_loss == "contrast",
+                   lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
     needs_image = True
 
     def __init__(self, contrast: bool = False, lambdas: tuple[float, float] | Sequence[tuple[float, float]] = (1.0, 1.0)):
@@ -272,6 +284,10 @@ class MAN(Method):
                     "one process or data parallel (torchrun without --pipeline)",
         "fused_heads": "the fused kernels are for heads on the module outputs, and its heads sit on its aux path",
     }
+
+    @classmethod
+    def from_config(cls, cfg, objective) -> "MAN":
+        return cls(cfg.man_momentum, base=objective(cfg.man_base))
 
     def __init__(self, momentum: float = 0.995, base: Method | None = None):
         base = DGL() if base is None else base
@@ -389,6 +405,10 @@ class PGL(Method):
 
     name = "pgl"
 
+    @classmethod
+    def from_config(cls, cfg, objective) -> "PGL":
+        return cls(cfg.period, cfg.duration, local=objective(cfg.pgl_local))
+
     def __init__(self, period: int = 10, duration: int = 2, local: Method | None = None):
         if period < 1 or duration < 0:
             raise UserError(f"PGL(period={period}, duration={duration}): period must be >= 1 and duration >= 0")
@@ -492,6 +512,13 @@ class HPFF(Method):
         "compile": "the compiled pieces run one module at a time, and its loss reaches two",
         "cuda_graphs": "its two-module local step is not captured",
     }
+
+    @classmethod
+    def from_config(cls, cfg, objective) -> "HPFF":
+        # the InfoPro base of HPFF's published runs uses the softmax task term, with --ixx-*/--ixy-*
+        base = DGL() if cfg.hpff_base == "dgl" else InfoPro(
+            contrast=False, lambdas=[cfg.infopro_lambdas(j) for j in range(cfg.modules - 1)])
+        return cls(wx=cfg.hpff_wx, wy=cfg.hpff_wy, base=base, patches=cfg.hpff_patches)
 
     def __init__(self, wx: float = 0.001, wy: float = 0.999, base: Method | None = None, patches: int = 2):
         if base is not None and type(base) not in (DGL, InfoPro):
