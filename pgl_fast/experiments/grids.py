@@ -82,6 +82,7 @@ class Variant:
     method: str
     aux: str | None
     local: str | None = None
+    flags: tuple[str, ...] = ()   # the objective's own flags (HPFF's base loss)
 
     def train_flags(self) -> list[str]:
         """The flags that make a run this row (beyond -J, -P, -Q and the protocol's)."""
@@ -90,7 +91,7 @@ class Variant:
             a += ["--aux", self.aux]
         if self.local is not None:
             a += ["--pgl-local", self.local]
-        return a
+        return a + list(self.flags)
 
 
 VARIANTS = {v.key: v for v in (
@@ -100,13 +101,14 @@ VARIANTS = {v.key: v for v in (
     Variant("pgl-adapt", "PGL (Aux-Adapt)", "pgl", "adapt"),
     Variant("pgl-2c2f", "PGL (2Conv-2FC)", "pgl", "2c2f"),
     Variant("bp", "BP", "bp", None),
-    # The local objectives that passed PGL's accuracy since, alone and as PGL's local epochs. Every
-    # one of them uses the 1Conv-2FC head, so that "PGL over X" against "X" isolates what the global
-    # epochs add to objective X (the head is the same on both sides of the pair).
-    Variant("dgl-man", "DGL+MAN", "man", "1c2f"),
-    Variant("dgl-hpff", "DGL+HPFF", "hpff", "1c2f"),
-    Variant("pgl-man", "PGL over MAN", "pgl", "1c2f", local="man"),
-    Variant("pgl-hpff", "PGL over HPFF", "pgl", "1c2f", local="hpff"),
+    # The local objectives that passed PGL's accuracy since, alone and as PGL's local epochs, each on
+    # DGL's cross-entropy (their papers' "DGL+MAN" and "DGL+HPFF"). Every one of them uses the
+    # 1Conv-2FC head, so that "PGL over X" against "X" isolates what the global epochs add to
+    # objective X (the head is the same on both sides of the pair).
+    Variant("dgl-man", "DGL+MAN", "man", "1c2f", flags=("--man-base", "dgl")),
+    Variant("dgl-hpff", "DGL+HPFF", "hpff", "1c2f", flags=("--hpff-base", "dgl")),
+    Variant("pgl-man", "PGL over MAN", "pgl", "1c2f", local="man", flags=("--man-base", "dgl")),
+    Variant("pgl-hpff", "PGL over HPFF", "pgl", "1c2f", local="hpff", flags=("--hpff-base", "dgl")),
 )}
 LOCAL_VARIANTS = ("dgl", "infopro", "pgl-1c2f", "pgl-adapt", "pgl-2c2f")
 # The accuracy-frontier grid's rows, in the order its report lists them, and its pairs: (PGL over X, X)

@@ -82,19 +82,22 @@ LAYOUTS = ("table1", "table2", "table3", "frontier")
 # ----------------------------------------------------------------------------------------------
 
 
-def variant_of(method: str, aux: str | None, local: str | None = None) -> str:
-    """The table row of a run: its method, aux head and (PGL) local objective, ``local`` None or
-    ``dgl`` being PGL's default."""
+def variant_of(method: str, aux: str | None, local: str | None = None, base: str | None = None) -> str:
+    """The table row of a run: its method, aux head, (PGL) local objective -- ``local`` None or
+    ``dgl`` being PGL's default -- and, for MAN and HPFF, the base loss they act with (``dgl``:
+    cross-entropy, as in their papers' "DGL+MAN"; ``infopro``)."""
     if method == "bp":
         return "bp"
+    tail = "" if aux == "1c2f" else f"-{aux}"
+    on = "" if base in (None, "dgl") else f"-{base}"
     if method == "pgl":
         if local in (None, "dgl"):
             return f"pgl-{aux}"
-        return f"pgl-{local}" if aux == "1c2f" else f"pgl-{local}-{aux}"
+        return f"pgl-{local}{on if local in ('man', 'hpff') else ''}{tail}"
     if method in ("dgl", "infopro") and aux == "1c2f":
         return method
     if method in ("man", "hpff"):
-        return f"dgl-{method}" if aux == "1c2f" else f"dgl-{method}-{aux}"
+        return f"{base or 'dgl'}-{method}{tail}"
     return f"{method}-{aux}"
 
 
@@ -122,7 +125,9 @@ def collect_runs(grid_dir: str) -> list[dict]:
         aux = summary.get("aux", cfg.get("aux")) if method != "bp" else None
         pgl = method == "pgl"
         peaks = summary.get("peak_mem_mib_by_phase") or {}
-        variant = variant_of(method, aux, cfg.get("pgl_local") if pgl else None)
+        objective = cfg.get("pgl_local") if pgl else method
+        base = cfg.get(f"{objective}_base") if objective in ("man", "hpff") else None
+        variant = variant_of(method, aux, cfg.get("pgl_local") if pgl else None, base)
         runs.append({
             "name": name, "variant": variant, "label": label_of(variant),
             "method": method, "arch": summary.get("arch", cfg.get("arch")), "J": summary.get("J", cfg.get("modules")),

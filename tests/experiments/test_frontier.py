@@ -20,8 +20,9 @@ def test_frontier_plans_three_seeds_of_every_row_at_the_main_J():
 
 
 def test_each_row_trains_with_its_own_flags():
-    assert VARIANTS["pgl-man"].train_flags() == ["--method", "pgl", "--aux", "1c2f", "--pgl-local", "man"]
-    assert VARIANTS["dgl-hpff"].train_flags() == ["--method", "hpff", "--aux", "1c2f"]
+    assert VARIANTS["pgl-man"].train_flags() == ["--method", "pgl", "--aux", "1c2f", "--pgl-local", "man",
+                                                 "--man-base", "dgl"]
+    assert VARIANTS["dgl-hpff"].train_flags() == ["--method", "hpff", "--aux", "1c2f", "--hpff-base", "dgl"]
     assert VARIANTS["pgl-adapt"].train_flags() == ["--method", "pgl", "--aux", "adapt"]
 
 
@@ -31,14 +32,16 @@ def test_a_run_is_recognised_as_its_row_from_its_config():
     assert report.variant_of("pgl", "1c2f", "man") == "pgl-man"
     assert report.variant_of("pgl", "2c2f", "hpff") == "pgl-hpff-2c2f"
     assert report.variant_of("man", "1c2f") == "dgl-man"
-    assert report.variant_of("hpff", "1c2f") == "dgl-hpff"
+    assert report.variant_of("hpff", "1c2f", base="dgl") == "dgl-hpff"
+    assert report.variant_of("hpff", "1c2f", base="infopro") == "infopro-hpff"  # HPFF's published base
+    assert report.variant_of("pgl", "1c2f", "hpff", base="infopro") == "pgl-hpff-infopro"
 
 
 def _run_dir(root, variant, seed, best, final, method, aux, local=None):
     d = root / f"resnet32-{variant}-J16-s{seed}"
     d.mkdir()
     cfg = {"method": method, "aux": aux, "modules": 16, "arch": "resnet32", "seed": seed, "epochs": 18,
-           "period": 5, "duration": 1}
+           "period": 5, "duration": 1, "man_base": "dgl"}
     if local is not None:
         cfg["pgl_local"] = local
     (d / "config.json").write_text(json.dumps(cfg))
