@@ -670,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, TrainConfig, "modules", dest="J")
     add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
     add_field(p, TrainConfig, "pgl_local", note="the local objective of the local and global kinds")
+    for name in LOCAL_OPTIONS:  # that objective's own flags; only those given reach its config
+        add_field(p, TrainConfig, name, explicit_only=True)
     add_field(p, TrainConfig, "batch_size", dest="batch", default=256, help="batch size")  # not training's default
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
@@ -699,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
                                channels_last=args.channels_last, lean_blocks=args.lean_blocks,
                                model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem,
-                               pgl_local=args.pgl_local)
+                               pgl_local=args.pgl_local,
+                               local_options={k: getattr(args, k) for k in LOCAL_OPTIONS if hasattr(args, k)})
     except UserError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2
