@@ -72,7 +72,7 @@ def candidate_segments(name: str, net):
 STATIC = ("params", "buffers", "grads", "opt_state", "opt_temps")
 
 
-def _timelines(kind: str, segment_names, batch: int, **kw) -> dict:
+def _timelines(kind: str, segment_names, batch: int, local_options=(), **kw) -> dict:
     """For each name in ``segment_names`` (None: the executor's own segments), the (batch-independent
     bytes, batch-proportional bytes) live after every op of one step. One network serves every
     candidate: memory depends on the shapes and the segments, not on the weights' values."""
@@ -84,13 +84,14 @@ def _timelines(kind: str, segment_names, batch: int, **kw) -> dict:
             static = sum(self.current[c] for c in STATIC)
             self.points.append((static, self.total - static))
 
-    setup = build_step(kind, batch=batch, device="cpu", head_kernels="eager", **kw)
+    setup = build_step(kind, batch=batch, device="cpu", head_kernels="eager", local_options=dict(local_options),
+                       **kw)
     setup.warm_up(min(batch, 2))  # the optimizer state exists in the steady state
     out = {}
     for name in segment_names:
         if name is not None:
             setup.executor.segments = candidate_segments(name, setup.net)
-        tracker = Timeline(modules=[setup.net], optimizers=setup.executor.optimizers, inputs=[setup.x, setup.y],
+        tracker = Timeline(modules=[setup.net], optimizers=setup.executor.optimizers, inputs=setup.inputs,
                            device="cpu")
         tracker.points = []
         with tracker:
@@ -115,16 +116,19 @@ _CACHE: dict[tuple, dict] = {}
 def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str = "fp32", image_size: int = 32,
             split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8,
             lean_blocks: bool = False, local: bool = True, model: str | None = None, cuts: str | None = None,
-            cifar_stem: bool = False, pgl_local: str = "dgl") -> dict:
+            cifar_stem: bool = False, pgl_local: str = "dgl", local_options=()) -> dict:
     """Predicted peak bytes per phase at ``batch``: ``local`` (for local methods, unless
     ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``. The steps
-    measured are PGL's over ``pgl_local``'s aux path: ``man`` measures MAN's copies on it (see
-    :func:`aux_path`); the others measure the plain heads."""
+    measured are PGL's over the run's local objective ``pgl_local`` (see :func:`aux_path`) with its
+    flags ``local_options`` (``(field, value)`` pairs, see :func:`local_flags`): ``infopro``
+    measures InfoPro's decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads,
+    patch decoders and its local step, which keeps two modules' graphs alive."""
     import torch
 
     candidates = tuple(candidates)
+    local_options = tuple(sorted(dict(local_options).items()))
     key = (method, arch, J, aux, batch, dtype, image_size, split, num_classes, candidates, measure_batch,
-           lean_blocks, local, model, cuts, cifar_stem, pgl_local)
+           lean_blocks, local, model, cuts, cifar_stem, pgl_local, local_options)
     if key in _CACHE:
         return copy.deepcopy(_CACHE[key])
     threads = torch.get_num_threads()
@@ -132,7 +136,7 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     try:
         kw = dict(arch=arch, J=J, aux=None if method == "bp" else aux, dtype=dtype, image_size=image_size,
                   split=split, num_classes=num_classes, lean_blocks=lean_blocks, model=model, cuts=cuts,
-                  cifar_stem=cifar_stem, pgl_local=pgl_local)
+                  cifar_stem=cifar_stem, pgl_local=pgl_local, local_options=local_options)
         gkind = "bp" if method == "bp" else "global"
         out = {"batch": batch, "global": {}, "local": None}
         if candidates:
@@ -149,9 +153,29 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
 
 
 def aux_path(cfg) -> str:
-    """The aux path the planner measures for ``cfg``: MAN's (its copies of the next module's first
-    unit add memory to every local step) or the plain heads' ("dgl")."""
-    return "man" if cfg.uses_man else "dgl"
+    """The local objective the planner measures for ``cfg`` (``--method``'s, or PGL's
+    ``--pgl-local``; "dgl" for bp, whose global step has no heads): each adds its own memory to the
+    local steps -- InfoPro its decoders, MAN its copies of the next module's first unit, HPFF its
+    second heads, patch decoders and a second module's graph."""
+    return cfg.local_objectives[0] if cfg.local_objectives else "dgl"
+
+
+def local_flags(cfg) -> tuple[tuple[str, object], ...]:
+    """The flags of ``cfg``'s local objective that its measured step needs (MAN's base, HPFF's base
+    and tiles, InfoPro's task term and lambdas), as the ``local_options`` of :func:`predict`."""
+    out = {}
+    if cfg.uses_infopro:  # (HPFF's InfoPro base always has the softmax task term)
+        out["infopro_loss"] = cfg.infopro_loss
+    if cfg.uses_infopro or cfg.uses_hpff and cfg.hpff_base == "infopro":
+        # the run's lambdas (resolved by the config): the measured step's config needs them where no
+        # default exists for its shape, and memory does not depend on their values
+        out.update((k, getattr(cfg, k)) for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"))
+    if cfg.uses_man:
+        out["man_base"] = cfg.man_base
+    if cfg.uses_hpff:
+        out["hpff_base"] = cfg.hpff_base
+        out["hpff_patches"] = cfg.hpff_patches
+    return tuple(sorted(out.items()))
 
 
 def by_cost(names) -> list[str]:
@@ -285,7 +309,8 @@ def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int
                     dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
                     num_classes=num_classes, lean_blocks=cfg.lean_blocks,
                     candidates=(plan.choice,) if need_global else (), local=need_local,
-                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg))
+                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg),
+                    local_options=local_flags(cfg))
     out = {}
     if need_local:
         out[LOCAL] = p["local"] / MiB
@@ -341,7 +366,8 @@ def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
             # fp16 and bf16 tensors have the same size; the CPU planner measures fp16 as bf16
             dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
             num_classes=num_classes, lean_blocks=cfg.lean_blocks, candidates=tuple(planner.by_cost(measured)),
-            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg))
+            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg),
+                    local_options=local_flags(cfg))
 
     if not has_global:
         why = (f"--method {cfg.method} trains locally only" if cfg.method != "pgl" else

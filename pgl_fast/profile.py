@@ -7,7 +7,8 @@ Step kinds (each on a fresh network and :class:`~pgl_fast.core.learner.LocalLear
 
 - ``bp``: end-to-end backprop (``LocalLearner.global_step`` of a ``BP()`` learner, no aux heads);
 - ``bp_ckpt``: the same with module-boundary checkpointing (``checkpoint_global=True``);
-- ``local``: a PGL/DGL local step (``LocalLearner.local_step``), one module's graph alive at a time;
+- ``local``: a PGL/DGL local step (``LocalLearner.local_step``), one module's graph alive at a time
+  (two under ``pgl_local="hpff"``, whose loss at a cut reaches two modules);
 - ``global`` / ``global_ckpt``: a PGL global step (``LocalLearner.global_step``), without / with
   module-boundary checkpointing.
 
@@ -78,6 +79,10 @@ BREAKDOWN = {
 }
 
 MiB = 2 ** 20
+# the TrainConfig fields of a local objective that build_step's ``local_options`` may set: what
+# shapes its aux networks and losses (the rest of the step is build_step's own arguments)
+LOCAL_OPTIONS = ("infopro_loss", "ixx_1", "ixy_1", "ixx_2", "ixy_2", "man_base", "man_momentum", "hpff_base",
+                 "hpff_wx", "hpff_wy", "hpff_patches")
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
@@ -322,26 +327,34 @@ class StepSetup:
     device: torch.device
     batch: int
     stats: object
+    # the image in [0, 1] that a reconstructing local loss needs (InfoPro's decoders, HPFF's patch
+    # decoders), as the trainer hands it to the learner; None where the method needs none
+    image01: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """The batch's tensors (what the tracker counts as inputs)."""
+        return [t for t in (self.x, self.y, self.image01) if t is not None]
 
     def run(self) -> None:
         """One step of this kind on the fixed batch."""
-        _call(self, self.x, self.y)
+        _call(self, self.x, self.y, self.image01)
 
     def warm_up(self, batch: int | None = None) -> None:
         """One step (at a smaller batch if given) so that optimizer state exists."""
         if batch is None or batch >= self.batch:
             self.run()
         else:
-            _call(self, self.x[:batch], self.y[:batch])
+            _call(self, self.x[:batch], self.y[:batch], None if self.image01 is None else self.image01[:batch])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
 
-def _call(setup: StepSetup, x: torch.Tensor, y: torch.Tensor) -> None:
+def _call(setup: StepSetup, x: torch.Tensor, y: torch.Tensor, image01: torch.Tensor | None) -> None:
     if setup.kind == "local":
-        setup.executor.local_step(x, y)
+        setup.executor.local_step(x, y, image01)
     else:
-        setup.executor.global_step(x, y)
+        setup.executor.global_step(x, y, image01)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -362,11 +375,16 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
                dtype: str = "fp32", device: str | torch.device = "cpu", image_size: int = 32, seed: int = 0,
                split: str = "auto", head_kernels: str = "auto", channels_last: bool = False,
                num_classes: int = 10, lean_blocks: bool = False, model: str | None = None,
-               cuts: str | None = None, cifar_stem: bool = False, pgl_local: str = "dgl") -> StepSetup:
+               cuts: str | None = None, cifar_stem: bool = False, pgl_local: str = "dgl",
+               local_options: dict | None = None) -> StepSetup:
     """A fresh network + learner for one step kind, built as a training run builds them
     (``--arch``, ``--model``/``--cuts`` and ``--cifar-stem`` as in ``pgl_fast.train``). The
-    local-learning kinds are PGL's over ``pgl_local`` (``--pgl-local``: ``man`` adds MAN's copies to
-    the aux path)."""
+    local-learning kinds are PGL's over ``pgl_local`` (``--pgl-local``: ``infopro`` adds InfoPro's
+    decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads and patch decoders
+    and its two-module local step); ``local_options``: that objective's own flags as
+    :class:`~pgl_fast.config.TrainConfig` fields (``man_base``, ``hpff_base``, ``hpff_patches``,
+    ``infopro_loss``, ...). Where its loss reconstructs the image, the step gets a random
+    ``image01`` batch as the trainer would hand it."""
     from .build import build_learner, build_model, resolve_head_kernels
     from .config import TrainConfig
     from .errors import UserError
@@ -384,8 +402,13 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     ckpt = kind.endswith("_ckpt")
     if method == "pgl" and aux is None:
         raise UserError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
+    options = dict(local_options or {}) if method == "pgl" else {}
+    for name in options:
+        if name not in LOCAL_OPTIONS:
+            raise UserError(f"build_step(local_options=...): {name!r} is not one of {', '.join(LOCAL_OPTIONS)}")
     try:
-        cfg = TrainConfig(method=method, pgl_local=pgl_local if method == "pgl" else "dgl", arch=arch, modules=16 if (model or cuts) else J, split=split,
+        cfg = TrainConfig(method=method, pgl_local=pgl_local if method == "pgl" else "dgl", **options,
+                          arch=arch, modules=16 if (model or cuts) else J, split=split,
                           aux=aux or "1c2f", batch_size=batch, model=model, cuts=cuts, cifar_stem=cifar_stem,
                           lr=0.05, device=str(dev), amp=dtype != "fp32",
                           amp_dtype="fp16" if dtype == "fp16" else "bf16", checkpoint_global=ckpt,
@@ -414,7 +437,11 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
-    return StepSetup(kind=kind, net=net, executor=exe, x=x, y=y, device=dev, batch=batch, stats=exe.stats)
+    image01 = None
+    if exe.method.needs_image:  # drawn after x and y: their values do not depend on the method
+        image01 = torch.rand(batch, 3, image_size, image_size, generator=gen).to(dev)
+    return StepSetup(kind=kind, net=net, executor=exe, x=x, y=y, device=dev, batch=batch, stats=exe.stats,
+                     image01=image01)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,7 +489,7 @@ def measure_step(setup: StepSetup, steps: int = 1, measure: str = "auto", record
         raise UserError("--measure cuda needs --device cuda; the CPU uses --measure tracker")
     exe = setup.executor
     cuda = dev.type == "cuda"
-    tracker = TensorMemoryTracker(modules=[setup.net], optimizers=exe.optimizers, inputs=[setup.x, setup.y],
+    tracker = TensorMemoryTracker(modules=[setup.net], optimizers=exe.optimizers, inputs=setup.inputs,
                                   device=dev, track_ops=measure == "tracker")
     tracker.record_peak_live(record_live)
     step_peaks, step_times, alloc_peaks, reserved_peaks, grad_peaks = [], [], [], [], []
@@ -542,9 +569,10 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
                   head_kernels: str = "auto", channels_last: bool = False, record_live: bool = False,
                   progress: Callable[[str], None] | None = None, lean_blocks: bool = False,
                   model: str | None = None, cuts: str | None = None, cifar_stem: bool = False,
-                  pgl_local: str = "dgl") -> dict:
+                  pgl_local: str = "dgl", local_options: dict | None = None) -> dict:
     """Peak memory per step kind (see the module docstring for the dict layout). ``pgl_local``: the
-    local objective of the local and global kinds (``man``: with MAN's aux path).
+    local objective of the local and global kinds (``man``: with MAN's aux path; ``hpff``: HPFF's
+    two-module local step), ``local_options`` its flags (see :func:`build_step`).
 
     ``warmup_batch``: run the warm-up step at this smaller batch (it only has to create the
     optimizer state; the measured steps run at ``batch``). ``None``: the full batch.
@@ -571,7 +599,7 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         setup = build_step(kind, arch=arch, J=J, aux=aux, batch=batch, dtype=dtype, device=dev,
                            image_size=image_size, seed=seed, split=split, head_kernels=head_kernels,
                            channels_last=channels_last, lean_blocks=lean_blocks, model=model, cuts=cuts,
-                           cifar_stem=cifar_stem, pgl_local=pgl_local)
+                           cifar_stem=cifar_stem, pgl_local=pgl_local, local_options=local_options)
         with _cudnn_benchmark(dev):
             setup.warm_up(warmup_batch)
         results[kind] = measure_step(setup, steps=steps, measure=measure, record_live=record_live)
@@ -590,7 +618,8 @@ def profile_steps(arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f",
         "config": {"arch": model or arch, "J": J, "aux": aux, "batch": batch, "dtype": dtype, "device": str(dev),
                    "steps": steps, "kinds": list(results), "image_size": image_size, "seed": seed,
                    "split": split, "measure": measure, "warmup_batch": warmup_batch,
-                   "head_kernels": head_kernels, "channels_last": channels_last, "pgl_local": pgl_local},
+                   "head_kernels": head_kernels, "channels_last": channels_last, "pgl_local": pgl_local,
+                   "local_options": dict(local_options or {})},
         "device": str(dev),
         "device_name": device_name(dev),
         "cpu_threads": torch.get_num_threads(),
@@ -641,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, TrainConfig, "modules", dest="J")
     add_field(p, TrainConfig, "aux", note="the aux head of the local and global kinds")
     add_field(p, TrainConfig, "pgl_local", note="the local objective of the local and global kinds")
+    for name in LOCAL_OPTIONS:  # that objective's own flags; only those given reach its config
+        add_field(p, TrainConfig, name, explicit_only=True)
     add_field(p, TrainConfig, "batch_size", dest="batch", default=256, help="batch size")  # not training's default
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
@@ -670,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                                warmup_batch=args.warmup_batch, head_kernels=args.head_kernels,
                                channels_last=args.channels_last, lean_blocks=args.lean_blocks,
                                model=args.model, cuts=args.cuts, cifar_stem=args.cifar_stem,
-                               pgl_local=args.pgl_local)
+                               pgl_local=args.pgl_local,
+                               local_options={k: getattr(args, k) for k in LOCAL_OPTIONS if hasattr(args, k)})
     except UserError as e:
         print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
         return 2

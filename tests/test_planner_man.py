@@ -28,4 +28,4 @@ def test_planner_asks_for_the_runs_aux_path():
     assert planner.aux_path(TrainConfig(method="man")) == "man"
     assert planner.aux_path(TrainConfig(method="pgl", pgl_local="man")) == "man"
     assert planner.aux_path(TrainConfig(method="pgl")) == "dgl"
-    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="infopro")) == "dgl"
+    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="infopro")) == "infopro"

@@ -247,6 +247,26 @@ def test_cli_prints_table_and_writes_json(tmp_path):
     assert {"torch", "pgl_fast", "python"} <= set(rep["versions"])
 
 
+def test_cli_profiles_the_objectives_step_with_its_flags(tmp_path):
+    """``--pgl-local hpff --hpff-base dgl``: HPFF's step over DGL's loss (second heads, no patch
+    decoders, no image); ``--pgl-local infopro`` with the lambdas resnet8 J=4 has no default for."""
+    out = tmp_path / "p.json"
+    base = ["--arch", "resnet8", "-J", "4", "--split", "layerwise", "-b", "4", "--image-size", "16", "--steps", "1",
+            "--kinds", "local", "--head-kernels", "eager"]
+    assert main(base + ["--pgl-local", "hpff", "--hpff-base", "dgl", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["config"]["pgl_local"] == "hpff" and rep["config"]["local_options"] == {"hpff_base": "dgl"}
+    hpff_params = rep["results"]["local"]["breakdown"]["params"]
+    assert main(base + ["--pgl-local", "infopro", "--ixx-1", "1", "--ixy-1", "1", "--ixx-2", "0", "--ixy-2", "1",
+                        "--json", str(out)]) == 0
+    infopro = json.loads(out.read_text())
+    assert infopro["config"]["local_options"] == {"ixx_1": 1.0, "ixy_1": 1.0, "ixx_2": 0.0, "ixy_2": 1.0}
+    assert main(base + ["--json", str(out)]) == 0
+    dgl_params = json.loads(out.read_text())["results"]["local"]["breakdown"]["params"]
+    # HPFF's second heads and InfoPro's decoders are parameters the plain heads' step does not have
+    assert hpff_params > dgl_params and infopro["results"]["local"]["breakdown"]["params"] > dgl_params
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--dtype", "fp64"], "--dtype"),
     (["--kinds", "bp", "fast"], "--kinds"),

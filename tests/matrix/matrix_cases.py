@@ -20,8 +20,15 @@ from pgl_fast.runtime.optim import sgd
 IMG, CLASSES, BATCH, STEPS, J = 16, 4, 5, 2, 3
 LR, MOMENTUM, WD = 0.1, 0.9, 5e-4
 INFOPRO_LAMBDAS = ((1.0, 0.5), (0.5, 1.0))  # (rec, task) of module 0 and module 1
+# MAN's EMA momentum far from the published 0.995, so that two steps move the EMA copies visibly;
+# HPFF's path weights away from the published 0.001/0.999, so that both paths count visibly
+MAN_MOMENTUM = 0.9
+HPFF_WX, HPFF_WY, HPFF_PATCHES = 0.3, 0.7, 2
 
-METHODS = ("dgl", "infopro", "pgl", "pgl_infopro", "bp")
+# MAN and HPFF each alone and under PGL(1, 1); between them both bases of each are covered: ``man``
+# MAN over DGL's loss, ``pgl_man`` PGL over MAN over InfoPro's, ``hpff`` HPFF over InfoPro's loss
+# (patch decoders), ``pgl_hpff`` PGL over HPFF over DGL's
+METHODS = ("dgl", "infopro", "pgl", "pgl_infopro", "bp", "man", "pgl_man", "hpff", "pgl_hpff")
 MODELS = ("cifar_resnet", "tv_resnet", "vgg_bn", "vit")
 STRATEGIES = ("one", "dp_syncbn", "dp_rankbn", "pipe_m1", "pipe_m2")
 RUNTIMES = ("eager", "ckpt", "compile")
@@ -31,11 +38,29 @@ def method_of(name: str):
     m = pgl_fast.methods
     return {"dgl": lambda: m.DGL(), "infopro": lambda: m.InfoPro(lambdas=INFOPRO_LAMBDAS),
             "pgl": lambda: m.PGL(1, 1), "pgl_infopro": lambda: m.PGL(1, 1, local=m.InfoPro(lambdas=INFOPRO_LAMBDAS)),
-            "bp": lambda: m.BP()}[name]()
+            "bp": lambda: m.BP(),
+            "man": lambda: m.MAN(MAN_MOMENTUM, base=m.DGL()),
+            "pgl_man": lambda: m.PGL(1, 1, local=m.MAN(MAN_MOMENTUM, base=m.InfoPro(lambdas=INFOPRO_LAMBDAS))),
+            "hpff": lambda: m.HPFF(HPFF_WX, HPFF_WY, base=m.InfoPro(lambdas=INFOPRO_LAMBDAS), patches=HPFF_PATCHES),
+            "pgl_hpff": lambda: m.PGL(1, 1, local=m.HPFF(HPFF_WX, HPFF_WY, base=m.DGL(), patches=HPFF_PATCHES)),
+            }[name]()
 
 
 def uses_infopro(method: str) -> bool:
-    return method in ("infopro", "pgl_infopro")
+    """The method trains InfoPro's decoders (``model.decoders``)."""
+    return method in ("infopro", "pgl_infopro", "pgl_man")
+
+
+def needs_image(method: str) -> bool:
+    """The method's local loss reconstructs the image (InfoPro's decoders, HPFF's patch decoders)."""
+    return uses_infopro(method) or method == "hpff"
+
+
+def local_kind(method: str) -> str:
+    """The local objective of ``method`` as the reference names it: "ce", "infopro", "man_ce",
+    "man_infopro", "hpff_ce" or "hpff_infopro"."""
+    return {"dgl": "ce", "pgl": "ce", "bp": "ce", "infopro": "infopro", "pgl_infopro": "infopro",
+            "man": "man_ce", "pgl_man": "man_infopro", "hpff": "hpff_infopro", "pgl_hpff": "hpff_ce"}[method]
 
 
 def phases(method: str) -> list[str]:

@@ -33,7 +33,7 @@ def _dp_train(ctx, method, net, learner):
     for e, (x, y, im) in enumerate(C.batches()):
         learner.start_epoch(e)
         learner.step(x.tensor_split(w)[r], y.tensor_split(w)[r],
-                     im.tensor_split(w)[r] if C.uses_infopro(method) else None, global_batch=x.shape[0])
+                     im.tensor_split(w)[r] if C.needs_image(method) else None, global_batch=x.shape[0])
     return C.state(net)
 
 
@@ -53,7 +53,7 @@ def _pipe_train(method, net, learner, runner):
     for e in range(C.STEPS):
         learner.start_epoch(e)
         x, y, im = data[e]
-        batch = (x, y, im if C.uses_infopro(method) else None)
+        batch = (x, y, im if C.needs_image(method) else None)
         runner.train_epoch(learner.phase, [x.shape[0]], (lambda t, b=batch: b) if runner.first else None)
     keep = tuple(f"{p}.{j}." for j in runner.modules for p in ("blocks", "heads", "decoders"))
     return {k: v for k, v in C.state(net).items()

@@ -39,9 +39,17 @@ from pgl_fast.errors import UserError
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(REPO, "docs", "combinations.md")
 RTOL, ATOL = 1e-9, 1e-12
+# cells whose result is too sensitive to rounding for 1e-9: (method, model, strategy) -> (rtol, atol).
+# MAN over a torchvision ResNet with per-rank batch norm: module 1's aux path runs the copies of
+# layer3's first block, whose batch norms see 1x1 feature maps of only 3 or 2 samples per rank; a
+# 1e-15 relative change of the input moves the reference's own parameters by up to 1.3e-8 after
+# the two steps (DGL's: 2e-11), and the engine differs from it by up to 5e-10
+TOLERANCE = {("man", "tv_resnet", "dp_rankbn"): (1e-7, 1e-9)}
 ANY = "*"
 PIPE = ("pipe_m1", "pipe_m2")
-INFOPRO = ("infopro", "pgl_infopro")
+DECODERS = ("infopro", "pgl_infopro", "pgl_man")  # InfoPro's decoders (pgl_man: MAN over InfoPro)
+MAN = ("man", "pgl_man")
+HPFF = ("hpff", "pgl_hpff")
 SPLIT_CNN = ("tv_resnet", "vgg_bn")
 CNN = ("cifar_resnet", "tv_resnet", "vgg_bn")  # the models with batch norm (and InfoPro's decoders)
 WITH_GLOBAL = ("pgl", "pgl_infopro", "bp")
@@ -52,9 +60,16 @@ def _matches(pattern, cell) -> bool:
 
 
 # -- refusals: (method, model, strategy, runtime) pattern, how it is asked for, the one line -----------
+# the command line's flags for each method of the matrix (the loss weights are the API's business)
+CLI_METHOD = {"pgl_infopro": dict(method="pgl", pgl_local="infopro"),
+              "pgl_man": dict(method="pgl", pgl_local="man", man_base="infopro"),
+              "hpff": dict(method="hpff", hpff_base="infopro"),
+              "pgl_hpff": dict(method="pgl", pgl_local="hpff", hpff_base="dgl")}
+
+
 def _cli(**flags):
     def ask(method, model, strategy, runtime):
-        TrainConfig(method="pgl" if method == "pgl_infopro" else method, **flags)
+        TrainConfig(**CLI_METHOD.get(method, dict(method=method)), **flags)
     return ask
 
 
@@ -62,9 +77,41 @@ def _api_learner(method, model, strategy, runtime):
     LocalLearner(C.build_model(model, method), C.method_of(method), **C.learner_kwargs("eager"))
 
 
+def _api_learner_as_asked(method, model, strategy, runtime):
+    LocalLearner(C.build_model(model, method), C.method_of(method), **C.learner_kwargs(runtime))
+
+
+# how the engine's messages name the two HPFF methods of the matrix (their repr)
+HPFF_REPR = ("HPFF(wx=0.3, wy=0.7, patches=2, base={'method': 'infopro', 'contrast': False, "
+             "'lambdas': [[1.0, 0.5], [0.5, 1.0]]})")
+PGL_HPFF_REPR = ("PGL(period=1, duration=1, local={'method': 'hpff', 'wx': 0.3, 'wy': 0.7, 'patches': 2, "
+                 "'base': {'method': 'dgl'}})")
+_COMPILE_REACH = "compile: the compiled pieces run one module at a time; {}'s loss reaches 2 modules, train it eagerly " \
+                 "(without compile)"
+_PIPE_REACH = "--pipeline: {}'s loss reaches 2 modules, across stage boundaries; train it without --pipeline (data " \
+              "parallel is exact)"
+
 REFUSALS = [
-    ((INFOPRO, "vit", ANY, ANY), "API", _api_learner,
+    ((DECODERS, "vit", ANY, ANY), "API", _api_learner,
      "InfoPro reconstructs the input image from (C, H, W) feature maps; module 0 outputs features of shape (5, 8)"),
+    (("hpff", "vit", ANY, ANY), "API", _api_learner,
+     "HPFF: patch decoders need (C, H, W) feature maps; module 1 outputs (5, 8) (use HPFF(base=DGL()) for other "
+     "features)"),
+    ((HPFF, ANY, PIPE, ANY), "CLI --pipeline 2", _cli(pipeline=2),
+     "--pipeline: is not supported with HPFF: its stages would have to pass gradients back upstream mid-step; data "
+     "parallel is exact; drop --pipeline"),
+    ((MAN, ANY, PIPE, ANY), "CLI --pipeline 2", _cli(pipeline=2),
+     "--pipeline: MAN's EMA copy of module j+1 would live on another stage's rank than module j's aux network; "
+     "train MAN in one process or data parallel (torchrun without --pipeline)"),
+    ((HPFF, ANY, ANY, "compile"), "CLI --compile", _cli(compile=True),
+     "--compile: is not supported with HPFF: the compiled pieces run one module at a time; drop --compile"),
+    (("hpff", ANY, ANY, "compile"), "API LocalLearner(compile=True)", _api_learner_as_asked, _COMPILE_REACH.format(HPFF_REPR)),
+    (("pgl_hpff", ANY, ANY, "compile"), "API LocalLearner(compile=True)", _api_learner_as_asked, _COMPILE_REACH.format(PGL_HPFF_REPR)),
+    (("hpff", ANY, PIPE, "eager"), "API build_stage(LocalLearner(...), 2)", None, _PIPE_REACH.format(HPFF_REPR)),
+    (("pgl_hpff", ANY, PIPE, "eager"), "API build_stage(LocalLearner(...), 2)", None, _PIPE_REACH.format(PGL_HPFF_REPR)),
+    ((MAN, ANY, PIPE, "eager"), "API build_stage(LocalLearner(...), 2)", None,
+     "build_stage: MAN's EMA copy of module j+1 would live on another stage's rank than module j's aux network; "
+     "train MAN in one process or data parallel"),
     ((ANY, ANY, PIPE, "compile"), "CLI --pipeline 2 --compile", _cli(pipeline=2, compile=True),
      "--pipeline: runs eager steps; drop --compile"),
     ((ANY, ANY, PIPE, "ckpt"), "CLI --pipeline 2 --checkpoint-global", _cli(pipeline=2, checkpoint_global=True),
@@ -139,11 +186,14 @@ BN_MODE = {  # strategy -> batch norm of (local steps, global steps), see matrix
 @functools.lru_cache(maxsize=None)
 def reference(method: str, model: str, strategy: str) -> dict:
     net = C.build_model(model, method)
-    C.method_of(method).prepare(net)  # InfoPro's decoders of a split() model (same seed, same draws)
+    # what the method adds to the network (InfoPro's decoders of a split() model, MAN's copies,
+    # HPFF's second heads and patch decoders): same seed, same draws as the engine's learner
+    C.method_of(method).prepare(net)
     net.double()
     bn_local, bn_global = BN_MODE[strategy]
-    R.train(net, C.batches(), phases=C.phases(method), kind="infopro" if C.uses_infopro(method) else "ce",
+    R.train(net, C.batches(), phases=C.phases(method), kind=C.local_kind(method),
             heads=method != "bp", lambdas=C.INFOPRO_LAMBDAS, lr=C.LR, momentum=C.MOMENTUM, wd=C.WD,
+            man_momentum=C.MAN_MOMENTUM, hpff=(C.HPFF_WX, C.HPFF_WY, C.HPFF_PATCHES),
             bn_local=bn_local, bn_global=bn_global, shards=tuple(len(c) for c in torch.arange(C.BATCH).tensor_split(2)))
     return C.state(net)
 
@@ -153,15 +203,15 @@ def one_process(method, model, runtime, device="cpu") -> dict:
     learner = LocalLearner(net, C.method_of(method), **C.learner_kwargs(runtime))
     for e, (x, y, im) in enumerate(C.batches()):
         learner.start_epoch(e)
-        learner.step(x.to(device), y.to(device), im.to(device) if C.uses_infopro(method) else None)
+        learner.step(x.to(device), y.to(device), im.to(device) if C.needs_image(method) else None)
     return {k: v.cpu() for k, v in C.state(net).items()}
 
 
-def assert_states(got: dict, ref: dict, what: str, buffers: bool = True) -> None:
+def assert_states(got: dict, ref: dict, what: str, buffers: bool = True, tol=(RTOL, ATOL)) -> None:
     keys = [k for k in ref if buffers or not _is_bn_buffer(k)]
     assert set(k for k in got if buffers or not _is_bn_buffer(k)) == set(keys), what
     for k in keys:
-        torch.testing.assert_close(got[k], ref[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {k}: {m}")
+        torch.testing.assert_close(got[k], ref[k], rtol=tol[0], atol=tol[1], msg=lambda m: f"{what}: {k}: {m}")
 
 
 def _is_bn_buffer(key: str) -> bool:
@@ -216,8 +266,9 @@ def test_cell(method, model, strategy, runtime, strategy_results, one_thread):
         for r in range(2):
             assert_states(ranks[r]["state"], ref, f"rank {r}")
     else:  # per-rank batch norm: rank 0's running statistics are the model's; parameters agree everywhere
-        assert_states(ranks[0]["state"], ref, "rank 0")
-        assert_states(ranks[1]["state"], ref, "rank 1", buffers=False)
+        tol = TOLERANCE.get((method, model, strategy), (RTOL, ATOL))
+        assert_states(ranks[0]["state"], ref, "rank 0", tol=tol)
+        assert_states(ranks[1]["state"], ref, "rank 1", buffers=False, tol=tol)
 
 
 CUDA_CELLS = [c for c in CELLS if c[2] == "one" and c[3] in ("eager", "ckpt") and not refusals_of(c)]
@@ -254,6 +305,8 @@ def test_doc_table_is_the_refusal_list():
 def test_every_listed_pattern_names_cells():
     for pattern in [r[0] for r in REFUSALS] + list(KNOWN_DEFECTS):
         assert any(_matches(pattern, c) for c in CELLS), pattern
+    for cell in TOLERANCE:  # a looser tolerance is for a cell that runs, never for a refused one
+        assert any(c[:3] == cell and not refusals_of(c) for c in CELLS), cell
 
 
 def test_pipeline_float64_model(one_thread):
