@@ -32,7 +32,12 @@ import math
 import sys
 from dataclasses import dataclass, field
 
+import torch
+
+from .build import method_of
+from .core.schedule import GLOBAL, LOCAL
 from .errors import UserError
+from .profile import TensorMemoryTracker, build_step
 
 CANDIDATES = ("none", "modules", "units", "coarse")
 # fastest first: ties in predicted memory go to the earlier one
@@ -76,8 +81,6 @@ def _timelines(kind: str, segment_names, batch: int, local_options=(), **kw) -> 
     """For each name in ``segment_names`` (None: the executor's own segments), the (batch-independent
     bytes, batch-proportional bytes) live after every op of one step. One network serves every
     candidate: memory depends on the shapes and the segments, not on the weights' values."""
-    from .profile import TensorMemoryTracker, build_step
-
     class Timeline(TensorMemoryTracker):
         def _update_peak(self, op=None) -> None:
             super()._update_peak(op)
@@ -123,8 +126,6 @@ def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str 
     flags ``local_options`` (``(field, value)`` pairs, see :func:`local_flags`): ``infopro``
     measures InfoPro's decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads,
     patch decoders and its local step, which keeps two modules' graphs alive."""
-    import torch
-
     candidates = tuple(candidates)
     local_options = tuple(sorted(dict(local_options).items()))
     key = (method, arch, J, aux, batch, dtype, image_size, split, num_classes, candidates, measure_batch,
@@ -296,9 +297,6 @@ def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int
     ``global`` for PGL's global epochs, ``bp`` for backprop, under the plan's checkpointing), from
     the plan's own prediction where it has the numbers, else measured here (the same cached
     measurement: a fraction of a second for small networks, a few seconds for resnet32 J=16)."""
-    from .build import method_of
-    from .core.schedule import GLOBAL, LOCAL
-
     method = method_of(cfg)
     phases = set(method.phases(cfg.epochs))
     need_local = LOCAL in phases
@@ -331,9 +329,6 @@ def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
     ``auto`` on PGL, the fastest within ``--global-memory-factor`` x the predicted local-step peak;
     else the smallest predicted peak. ``auto`` on ``bp`` is plain backprop. The planner measures
     only where the rule needs predictions, or for ``--plan``."""
-    from .core.schedule import GLOBAL
-    from .build import method_of
-
     planner = sys.modules[__name__]
     budget = cfg.memory_budget
     fixed_why = "as asked"

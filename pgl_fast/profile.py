@@ -57,10 +57,15 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .argparsing import DefaultsHelpFormatter, OneLineParser, add_field
+from .build import build_learner, build_model, resolve_head_kernels
+from .config import TrainConfig
 from .errors import UserError
+from .runtime.head_select import configure_head_kernels
 from .versions import device_name, versions
 
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
@@ -258,9 +263,6 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __enter__(self):
         if self._depth == 0:
-            from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                               register_optimizer_step_pre_hook)
-
             self._mark_named()
             for p in self._params:
                 if p.requires_grad:
@@ -385,10 +387,6 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     :class:`~pgl_fast.config.TrainConfig` fields (``man_base``, ``hpff_base``, ``hpff_patches``,
     ``infopro_loss``, ...). Where its loss reconstructs the image, the step gets a random
     ``image01`` batch as the trainer would hand it."""
-    from .build import build_learner, build_model, resolve_head_kernels
-    from .config import TrainConfig
-    from .errors import UserError
-
     if kind not in KINDS:
         raise UserError(f"--kinds: {kind!r} is not one of {', '.join(KINDS)}")
     if dtype not in DTYPES:
@@ -423,8 +421,6 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
         raise UserError(str(e)) from None
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    from .runtime.head_select import configure_head_kernels
-
     # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)
     configure_head_kernels(net, head_kernels, use_kernels, batch=batch, device=dev, channels_last=channels_last,
                            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
@@ -656,9 +652,6 @@ def format_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .argparsing import DefaultsHelpFormatter, OneLineParser, add_field
-    from .config import TrainConfig
-
     p = OneLineParser(prog="python -m pgl_fast.profile",
                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
                       formatter_class=DefaultsHelpFormatter)
