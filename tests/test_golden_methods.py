@@ -24,7 +24,7 @@ import torch
 
 from pgl_fast.train import main
 
-from test_golden import SCHEDULE, VOLATILE, _close, machine
+from test_golden import VOLATILE, compare_records, machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
@@ -72,19 +72,6 @@ def _torchrun(out, args) -> list[dict]:
     return _records(out)
 
 
-def _compare(name: str, got: list[dict], want: list[dict], bitwise: bool, file: str) -> None:
-    assert len(got) == len(want), f"{file}: {name}: {len(got)} records, golden {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
-        for k, v in w.items():
-            if bitwise:
-                same, how = g.get(k) == v, "bit for bit: same machine"
-            elif i == 0:
-                same, how = _close(g.get(k), v), "rel 1e-4: another machine"
-            else:
-                same, how = (g.get(k) == v) if k in SCHEDULE else True, "schedule only: another machine"
-            assert same, f"{file}: {name} record {i} field {k}: {g.get(k)!r} != golden {v!r} ({how})"
-
-
 @pytest.fixture(scope="module")
 def golden():
     here = machine()
@@ -110,7 +97,7 @@ def _check(golden, name, got):
         pytest.skip(f"wrote {name} into {golden['write']}")
     want = golden["data"]["runs"].get(name)
     assert want is not None, f"{golden['file']} has no run {name!r}: record it with PGL_FAST_WRITE_GOLDEN=1"
-    _compare(name, got, want, golden["bitwise"], golden["file"])
+    compare_records(f"{golden['file']}: {name}", got, want, golden["bitwise"])
 
 
 @pytest.mark.parametrize("name", list(SINGLE))
