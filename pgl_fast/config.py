@@ -385,6 +385,13 @@ class TrainConfig:
         return "infopro" in self.local_objectives
 
     @property
+    def uses_infopro_lambdas(self) -> bool:
+        """InfoPro's lambdas (--ixx-*/--ixy-*) weigh a loss of this run: InfoPro's own, or the
+        InfoPro base of HPFF's cascade (whose task term is always softmax: ``uses_infopro`` stays
+        False there, so InfoPro's other flags and head limits do not apply)."""
+        return self.uses_infopro or self.uses_hpff and self.hpff_base == "infopro"
+
+    @property
     def uses_man(self) -> bool:
         return "man" in self.local_objectives
 
@@ -510,7 +517,7 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("infopro_loss",),
      lambda c: f"with --method {c.method} (InfoPro's loss only)" if not c.uses_infopro else None),
     (("ixx_1", "ixy_1", "ixx_2", "ixy_2"),
-     lambda c: None if c.uses_infopro or c.uses_hpff and c.hpff_base == "infopro" else
+     lambda c: None if c.uses_infopro_lambdas else
      f"with --method {c.method}{' --hpff-base dgl' if c.uses_hpff else ''} (InfoPro's loss only)"),
     (("hpff_base", "hpff_wx", "hpff_wy", "hpff_patches"),
      lambda c: None if c.uses_hpff else f"with --method {c.method} (HPFF's loss only)"),

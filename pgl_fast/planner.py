@@ -167,7 +167,7 @@ def local_flags(cfg) -> tuple[tuple[str, object], ...]:
     out = {}
     if cfg.uses_infopro:  # (HPFF's InfoPro base always has the softmax task term)
         out["infopro_loss"] = cfg.infopro_loss
-    if cfg.uses_infopro or cfg.uses_hpff and cfg.hpff_base == "infopro":
+    if cfg.uses_infopro_lambdas:
         # the run's lambdas (resolved by the config): the measured step's config needs them where no
         # default exists for its shape, and memory does not depend on their values
         out.update((k, getattr(cfg, k)) for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"))

@@ -360,7 +360,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         runner = build_stage(learner, cfg.pipeline, balance=balance, depth=cfg.pipeline_depth,
                              micro_batches=cfg.pipeline_micro_batches,
                              input_shape=(3, spec.image_size, spec.image_size), timeout_s=cfg.pipeline_timeout)
-    if cfg.uses_infopro or cfg.uses_hpff and cfg.hpff_base == "infopro":
+    if cfg.uses_infopro_lambdas:
         # InfoPro's loss is the objective, MAN's or HPFF's base, or PGL's local one: its lambdas
         header["infopro_lambdas"] = cfg.infopro_lambda_record()
 

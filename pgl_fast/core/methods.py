@@ -607,9 +607,8 @@ class HPFF(Method):
 
     def local_loss(self, model, j, h, y, image01=None):
         """``wx * IL_j + wy * CL_j`` at cut j on ``h`` (None at cut 0, which has no loss)."""
-        if j == 0:
-            return None
-        return self.wx * self._il(model, j, h, y) + self.wy * self._cl(model, j, h, y, image01)
+        own, back = self.local_parts(model, j, h, y, image01)
+        return None if own is None else own + back
 
     def final_parts(self, loss):
         return self.wx * loss, self.wy * loss
