@@ -221,57 +221,41 @@ def _summary_line(run_dir: str) -> str:
         return "no summary"
 
 
-def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: int | None = None,
-                 dry_run: bool = False) -> RunnerResult:
-    res = RunnerResult()
-    planned_cfg = {}
-    for r in runs:  # validate every run's flags before anything starts
+def _validate(runs: list[Run], st: Settings) -> None:
+    """Every run's flags, checked by the training CLI's own config before anything starts."""
+    for r in runs:
         try:
-            planned_cfg[r.name] = config_from_args(train_args(r, st)).to_dict()
+            planned = config_from_args(train_args(r, st)).to_dict()
         except UserError as e:  # TrainConfig's one-line errors
             raise UserError(f"{r.name}: {e}") from None
         except SystemExit:
             raise UserError(f"{r.name}: the training CLI rejected {shlex.join(train_args(r, st))}") from None
-        check_run_dir(r, st, planned_cfg[r.name])
-    if not dry_run:
-        check_manifest(st)
+        check_run_dir(r, st, planned)
 
-    statuses = {r.name: run_status(st.run_dir(r)) for r in runs}
-    todo = [r for r in runs if statuses[r.name] != "finished"]
-    res.skipped = [r.name for r in runs if statuses[r.name] == "finished"]
-    if max_runs is not None:
-        todo, later = todo[:max_runs], todo[max_runs:]
-        res.pending = [r.name for r in later]
 
-    if dry_run:
-        for r in runs:
-            s = statuses[r.name]
-            if s == "finished":
-                print(f"# {r.name}: finished, skipped")
-            elif r.name in res.pending:
-                print(f"# {r.name}: {s}, left for later (--max-runs)")
-            else:
-                print(shlex.join(command(r, st, resume=s == "resumable" or rundir.inspect(st.run_dir(r)) is not None)))
-        return res
+def _print_plan(runs: list[Run], st: Settings, statuses: dict, res: RunnerResult) -> None:
+    for r in runs:
+        s = statuses[r.name]
+        if s == "finished":
+            print(f"# {r.name}: finished, skipped")
+        elif r.name in res.pending:
+            print(f"# {r.name}: {s}, left for later (--max-runs)")
+        else:
+            print(shlex.join(command(r, st, resume=s == "resumable" or rundir.inspect(st.run_dir(r)) is not None)))
 
-    os.makedirs(st.grid_dir, exist_ok=True)
-    grid_json = os.path.join(st.grid_dir, "grid.json")
-    commands: dict[str, str] = {}
-    write_json_atomic(grid_json, _manifest(st, runs, statuses, commands))
-    _log(f"grid {st.grid} ({st.protocol.name}): {len(runs)} runs, {len(res.skipped)} finished, "
-         f"{len(todo)} to run{f', {len(res.pending)} left for later' if res.pending else ''}")
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if workers > 1 and not st.device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+class _Pool:
+    """The training subprocesses of one invocation: each holds its run directory's lock while it runs,
+    and everything it does is written to the run's ``command.txt``/``train.log`` and to ``res``."""
 
-    queue = list(todo)
-    active: dict = {}  # Popen -> (run, lock fd, log file, start time)
-    total = len(todo)
-    started = 0
+    def __init__(self, st: Settings, res: RunnerResult, statuses: dict, commands: dict, total: int, env: dict):
+        self.st, self.res, self.statuses, self.commands = st, res, statuses, commands
+        self.total, self.env = total, env
+        self.started = 0
+        self.active: dict = {}  # Popen -> (run, lock fd, log file, start time)
 
-    def launch(r: Run) -> None:
-        nonlocal started
+    def launch(self, r: Run) -> None:
+        st, res = self.st, self.res
         rd = st.run_dir(r)
         os.makedirs(rd, exist_ok=True)
         fd = _try_lock(rd)
@@ -283,7 +267,7 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
         if status == "finished":
             _unlock(fd)
             res.skipped.append(r.name)
-            statuses[r.name] = status
+            self.statuses[r.name] = status
             return
         # a start that died before its first checkpoint left files: --resume auto replaces them
         cmd = command(r, st, resume=status == "resumable" or rundir.inspect(rd) is not None)
@@ -291,79 +275,117 @@ def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: i
         stamp = f"# {_now()} {r.name} ({'resume' if status == 'resumable' else 'start'})\n"
         _append(os.path.join(rd, "command.txt"), stamp + line + "\n")
         _append(os.path.join(st.grid_dir, "commands.txt"), stamp + line + "\n")
-        commands[r.name] = line
+        self.commands[r.name] = line
         log = open(os.path.join(rd, "train.log"), "a")
         log.write(f"\n===== {_now()} {line}\n")
         log.flush()
-        started += 1
-        _log(f"[{started}/{total}] {r.name}: {'resuming' if status == 'resumable' else 'starting'}")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+        self.started += 1
+        _log(f"[{self.started}/{self.total}] {r.name}: {'resuming' if status == 'resumable' else 'starting'}")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=os.getcwd(),
                              start_new_session=True)
         res.executed.append(r.name)
         if status == "resumable":
             res.resumed.append(r.name)
-        statuses[r.name] = "running"
-        active[p] = (r, fd, log, time.time())
+        self.statuses[r.name] = "running"
+        self.active[p] = (r, fd, log, time.time())
 
-    def reap(p, rc: int) -> None:
-        r, fd, log, t0 = active.pop(p)
+    def reap_finished(self) -> None:
+        for p in list(self.active):
+            rc = p.poll()
+            if rc is not None:
+                self._reap(p, rc)
+
+    def _reap(self, p, rc: int) -> None:
+        r, fd, log, t0 = self.active.pop(p)
         log.close()
         _unlock(fd)
-        rd = st.run_dir(r)
+        rd = self.st.run_dir(r)
         if rc == 0 and run_status(rd) == "finished":
-            res.finished.append(r.name)
-            statuses[r.name] = "finished"
+            self.res.finished.append(r.name)
+            self.statuses[r.name] = "finished"
             _log(f"{r.name}: done in {(time.time() - t0) / 60:.1f} min: {_summary_line(rd)}")
-        else:
-            res.failed.append((r.name, rc))
-            statuses[r.name] = f"failed (exit {rc})"
-            tail = ""
-            try:
-                with open(os.path.join(rd, "train.log")) as f:
-                    lines = [ln.strip() for ln in f if ln.strip()]
-                tail = lines[-1] if lines else ""
-            except OSError:
-                pass
-            _log(f"{r.name}: FAILED (exit {rc}): {tail}  [log: {os.path.join(rd, 'train.log')}]")
+            return
+        self.res.failed.append((r.name, rc))
+        self.statuses[r.name] = f"failed (exit {rc})"
+        tail = ""
+        try:
+            with open(os.path.join(rd, "train.log")) as f:
+                lines = [ln.strip() for ln in f if ln.strip()]
+            tail = lines[-1] if lines else ""
+        except OSError:
+            pass
+        _log(f"{r.name}: FAILED (exit {rc}): {tail}  [log: {os.path.join(rd, 'train.log')}]")
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    try:
-        while queue or active:
-            while queue and len(active) < workers:
-                launch(queue.pop(0))
-            if not active:
-                continue
-            time.sleep(0.2)
-            for p in list(active):
-                rc = p.poll()
-                if rc is not None:
-                    reap(p, rc)
-    except KeyboardInterrupt:
-        res.interrupted = True
-        _log("interrupted: stopping the running training(s); they keep their last checkpoint")
-        for p in active:  # checkpoints are written atomically, so terminating a run is always safe
+    def stop_all(self) -> None:
+        """Terminate the running trainings; checkpoints are written atomically, so this is always safe."""
+        for p in self.active:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
             except OSError:
                 pass
         deadline = time.time() + 30
-        for p in list(active):
+        for p in list(self.active):
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-            r, fd, log, _ = active.pop(p)
+            r, fd, log, _ = self.active.pop(p)
             log.close()
             _unlock(fd)
-            statuses[r.name] = run_status(st.run_dir(r))
-            if statuses[r.name] == "finished":
-                res.finished.append(r.name)
-            else:
-                res.pending.append(r.name)
+            self.statuses[r.name] = run_status(self.st.run_dir(r))
+            (self.res.finished if self.statuses[r.name] == "finished" else self.res.pending).append(r.name)
+
+
+def _worker_env(st: Settings, workers: int) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if workers > 1 and not st.device.startswith("cuda") and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def execute_plan(runs: list[Run], st: Settings, *, workers: int = 1, max_runs: int | None = None,
+                 dry_run: bool = False) -> RunnerResult:
+    res = RunnerResult()
+    _validate(runs, st)
+    if not dry_run:
+        check_manifest(st)
+
+    statuses = {r.name: run_status(st.run_dir(r)) for r in runs}
+    todo = [r for r in runs if statuses[r.name] != "finished"]
+    res.skipped = [r.name for r in runs if statuses[r.name] == "finished"]
+    if max_runs is not None:
+        todo, later = todo[:max_runs], todo[max_runs:]
+        res.pending = [r.name for r in later]
+    if dry_run:
+        _print_plan(runs, st, statuses, res)
+        return res
+
+    os.makedirs(st.grid_dir, exist_ok=True)
+    grid_json = os.path.join(st.grid_dir, "grid.json")
+    commands: dict[str, str] = {}
+    write_json_atomic(grid_json, _manifest(st, runs, statuses, commands))
+    _log(f"grid {st.grid} ({st.protocol.name}): {len(runs)} runs, {len(res.skipped)} finished, "
+         f"{len(todo)} to run{f', {len(res.pending)} left for later' if res.pending else ''}")
+
+    pool = _Pool(st, res, statuses, commands, len(todo), _worker_env(st, workers))
+    queue = list(todo)
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+    try:
+        while queue or pool.active:
+            while queue and len(pool.active) < workers:
+                pool.launch(queue.pop(0))
+            if pool.active:
+                time.sleep(0.2)
+                pool.reap_finished()
+    except KeyboardInterrupt:
+        res.interrupted = True
+        _log("interrupted: stopping the running training(s); they keep their last checkpoint")
+        pool.stop_all()
         res.pending += [r.name for r in queue]
     finally:
         if old_term is not None:

@@ -176,3 +176,39 @@ def test_the_packages_dependencies_point_one_way():
     assert deps == {"grids": set(), "report": {"grids"}, "runner": {"report", "grids"}}
     top = ast.parse(open(os.path.join(os.path.dirname(folder), "report.py")).read())
     assert {n.module for n in ast.walk(top) if isinstance(n, ast.ImportFrom)} == {"experiments.report"}
+
+
+def _fake_training(monkeypatch, code: str):
+    """Every run's training replaced by ``python -c code``: the runner's bookkeeping around a
+    subprocess is what these tests check, not training."""
+    from pgl_fast.experiments import runner
+    import sys
+
+    monkeypatch.setattr(runner, "command", lambda r, st, resume: [sys.executable, "-c", code])
+
+
+def test_a_failing_run_is_reported_failed_with_its_exit_code(tmp_path, monkeypatch):
+    _fake_training(monkeypatch, "import sys; print('boom'); sys.exit(3)")
+    res = experiments.execute(["table1", "--protocol", "tiny", "--device", "cpu", "--only", "J=4,variant=dgl",
+                               "--seeds", "0", "--out", str(tmp_path), "--no-report"])
+    assert res.failed == [("resnet8-dgl-J4-s0", 3)] and res.exit_code == 1 and res.finished == []
+    manifest = json.loads((tmp_path / "table1" / "grid.json").read_text())
+    assert manifest["runs"]["resnet8-dgl-J4-s0"]["status"] == "failed (exit 3)"
+    assert "boom" in (tmp_path / "table1" / "resnet8-dgl-J4-s0" / "train.log").read_text()
+
+
+def test_sigterm_stops_the_running_trainings_and_leaves_the_rest_pending(tmp_path, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+
+    _fake_training(monkeypatch, "import time; time.sleep(120)")
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    res = experiments.execute(SELECT + ["--out", str(tmp_path), "--no-report"])  # 3 runs, 1 worker
+    assert time.time() - t0 < 60  # the 120 s child was terminated, not waited for
+    assert res.interrupted and res.exit_code == 130 and res.finished == [] and res.failed == []
+    assert len(res.executed) == 1 and sorted(res.pending) == sorted(NAMES)
+    manifest = json.loads((tmp_path / "table1" / "grid.json").read_text())
+    assert all(r["status"] != "running" for r in manifest["runs"].values())
