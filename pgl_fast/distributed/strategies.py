@@ -143,8 +143,10 @@ class Pipeline(Strategy):
                             "(WORLD_SIZE must equal S) with a plain LocalLearner")
         if not isinstance(trainer.data, TensorData):
             raise UserError("Trainer: a pipeline needs tensor data (x, y): every rank must know the batch sizes")
-        if learner.graphed is not None or learner.compiled is not None or learner.checkpoint_global:
-            raise UserError("--pipeline runs eager steps: drop --cuda-graphs, --compile and global-step checkpointing")
+        if learner is not self.runner.learner:
+            # build_stage refused what a stage cannot run for the runner's learner; it must be this one
+            raise UserError("Trainer: strategy=Pipeline(runner) needs the runner built from the trainer's own "
+                            "learner (build_stage(learner, ...))")
         # the pipeline's ranks decide who writes (rank 0) and share rank 0's decisions
         self.io = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=learner.device,
                               backend=dist.get_backend())

@@ -26,6 +26,12 @@ def _trainer_worker(rank, world, out_dir):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (24, 3, IMG, IMG), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (24,), generator=g)
+    mismatch = None
+    try:  # a runner built for another learner: the trainer's learner was never checked by build_stage
+        Trainer(make_learner(0)[1], (x[:16], y[:16]), (x[16:], y[16:]), epochs=2, batch_size=8, progress="off",
+                output_dir=out_dir + f"-other{rank}", strategy=Pipeline(runner)).fit()
+    except UserError as e:
+        mismatch = str(e)
     Trainer(learner, (x[:16], y[:16]), (x[16:], y[16:]), epochs=2, batch_size=8, progress="off",
             output_dir=out_dir, overwrite=True, strategy=Pipeline(runner)).fit()
     # a stage file with an object that is not weights: loading it must be refused, not run
@@ -41,7 +47,8 @@ def _trainer_worker(rank, world, out_dir):
         runner.load(bad_dir, tag)
     except UserError as e:
         refused = str(e)
-    return {"modules": runner.modules, "state": snapshot(net, runner.modules), "refused": refused}
+    return {"modules": runner.modules, "state": snapshot(net, runner.modules), "refused": refused,
+            "mismatch": mismatch}
 
 
 def test_pipeline_checkpoints_weights_only_and_whole_model(tmp_path, one_thread):
@@ -56,6 +63,7 @@ def test_pipeline_checkpoints_weights_only_and_whole_model(tmp_path, one_thread)
         assert st["stages"] == 2 and st["modules"]
     for r, o in enumerate(outs):
         assert o["refused"] is not None and "not a weights-only stage file" in o["refused"], (r, o["refused"])
+        assert o["mismatch"] is not None and "built from the trainer's own learner" in o["mismatch"], o["mismatch"]
     # the main checkpoint (rank 0 writes it) holds stage 1's trained modules, not rank 0's stale copies
     main = load_checkpoint(list_checkpoints(str(tmp_path))[-1])["model"]
     init = make_learner(0)[0].state_dict()
