@@ -103,3 +103,16 @@ def test_committed_flat_config_json_loads_and_every_field_has_one_component():
     owners = {k: [c for c in COMPONENTS if k in {f.name for f in dataclasses.fields(c)}] for k in out}
     assert all(len(v) == 1 for v in owners.values()), {k: v for k, v in owners.items() if len(v) != 1}
     assert set(d) <= set(out)
+
+
+def test_planner_measures_the_runs_own_head_width(one_thread):
+    """The planner builds the run's network from its config: wider aux heads are measured as
+    wider (a config re-packed field by field measured the default width)."""
+    from pgl_fast import planner
+    from pgl_fast.build import build_model
+
+    def local_peak(**kw):
+        cfg = TrainConfig(arch="resnet8", modules=2, split="even", batch_size=8, method="dgl", plan=True, **kw)
+        return planner.plan_run(cfg, build_model(cfg, 10, 8), 8, 10).prediction["local"]
+
+    assert local_peak(aux_widen=2.0) > local_peak()
