@@ -5,9 +5,12 @@ user's factory, split as the flags say), the method object and the
 through here, so a step measured is a step trained."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
-from .config import TrainConfig
+from .config import MethodConfig, ModelConfig, TrainConfig
 from .core.learner import LocalLearner
 from .core.methods import MAN, METHODS, InfoPro, Method, from_name
 from .core.schedule import lr_at_epoch
@@ -16,7 +19,10 @@ from .errors import UserError
 from .models.local_model import LocalModel
 from .models.presets import cifar_resnet, factory_model, torchvision_model
 from .models.split import split
+from .runtime.head_select import configure_head_kernels
 from .runtime.optim import sgd
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -140,3 +146,69 @@ def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs
         raise UserError("--sync-bn synchronises batch norm across the ranks of a torchrun launch; this run has one "
                         "process (start it with torchrun --nproc_per_node=N, or drop --sync-bn)")
     return LocalLearner(model, method_of(cfg), **kw)
+
+
+@dataclass(frozen=True, eq=False)
+class StepFactory:
+    """Builds, for one step kind, a fresh network and learner of a run: what the planner and the
+    profiler measure. The network is the run's (its model config, its heads and its method's aux
+    networks); the step is ``bp`` (end-to-end, no heads) for the kinds ``bp``/``bp_ckpt``, else
+    PGL's over the run's local objective, whose local and global steps are the ones a local method
+    and PGL train. Made from a run by :func:`step_factory`, or by the profiler from its flags."""
+
+    model: ModelConfig
+    method: MethodConfig
+    lean_blocks: bool = False
+    num_classes: int = 10
+    image_size: int = 32
+
+    @property
+    def bp(self) -> bool:
+        """The run trains end to end: its only step is ``bp``."""
+        return self.method.method == "bp"
+
+    @property
+    def key(self) -> tuple:
+        """Everything the built steps depend on, hashable (the planner caches by it)."""
+        return (dataclasses.astuple(self.model), dataclasses.astuple(self.method), self.lean_blocks,
+                self.num_classes, self.image_size)
+
+    def config(self, kind: str, *, batch: int, dtype: str, device: torch.device, head_kernels: str,
+               channels_last: bool, seed: int) -> TrainConfig:
+        """The config a step of ``kind`` trains with on ``device``: eager, one process."""
+        if kind.startswith("bp"):
+            method = {"method": "bp", "aux": self.method.aux}
+        else:
+            objective = self.method.local_objectives[0] if self.method.local_objectives else "dgl"
+            method = dict(dataclasses.asdict(self.method), method="pgl", pgl_local=objective)
+        return TrainConfig(**dataclasses.asdict(self.model), **method, batch_size=batch, lr=0.05,
+                           device=str(device), amp=dtype != "fp32", amp_dtype="fp16" if dtype == "fp16" else "bf16",
+                           checkpoint_global=kind.endswith("_ckpt"), channels_last=channels_last,
+                           head_kernels=head_kernels, seed=seed)
+
+    def __call__(self, kind: str, *, batch: int, dtype: str = "fp32", device: torch.device = torch.device("cpu"),
+                 head_kernels: str = "eager", channels_last: bool = False, seed: int = 0):
+        """(network, learner) of a fresh step of ``kind``, seeded by ``seed``."""
+        cfg = self.config(kind, batch=batch, dtype=dtype, device=device, head_kernels=head_kernels,
+                          channels_last=channels_last, seed=seed)
+        use_kernels = resolve_head_kernels(cfg, device)
+        torch.manual_seed(seed)
+        try:
+            net = build_model(cfg, self.num_classes, self.image_size).to(device)
+        except UserError as e:
+            raise UserError(str(e)) from None
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)
+        configure_head_kernels(net, head_kernels, use_kernels, batch=batch, device=device,
+                               channels_last=channels_last, dtype=DTYPES[dtype])
+        # --lean-blocks applies to the local-learning kinds; bp stays the plain eager baseline
+        net.set_lean_blocks(self.lean_blocks and not kind.startswith("bp"))
+        net.train()
+        return net, build_learner(cfg, net, cuda_graphs=False)
+
+
+def step_factory(cfg: TrainConfig, num_classes: int, image_size: int) -> StepFactory:
+    """The steps of the run ``cfg`` on images of ``image_size`` with ``num_classes`` classes."""
+    return StepFactory(model=cfg.component(ModelConfig), method=cfg.component(MethodConfig),
+                       lean_blocks=cfg.lean_blocks, num_classes=num_classes, image_size=image_size)

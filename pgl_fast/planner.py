@@ -28,16 +28,17 @@ measurement at the target batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from .build import method_of
+from .build import StepFactory, method_of, step_factory
 from .core.schedule import GLOBAL, LOCAL
 from .errors import UserError
-from .profile import TensorMemoryTracker, build_step
+from .profile import TensorMemoryTracker, flags_factory, setup_step
 
 CANDIDATES = ("none", "modules", "units", "coarse")
 # fastest first: ties in predicted memory go to the earlier one
@@ -77,18 +78,18 @@ def candidate_segments(name: str, net):
 STATIC = ("params", "buffers", "grads", "opt_state", "opt_temps")
 
 
-def _timelines(kind: str, segment_names, batch: int, local_options=(), **kw) -> dict:
+def _timelines(kind: str, segment_names, batch: int, factory: StepFactory, dtype: str = "fp32") -> dict:
     """For each name in ``segment_names`` (None: the executor's own segments), the (batch-independent
-    bytes, batch-proportional bytes) live after every op of one step. One network serves every
-    candidate: memory depends on the shapes and the segments, not on the weights' values."""
+    bytes, batch-proportional bytes) live after every op of one step of ``factory``'s run. One
+    network serves every candidate: memory depends on the shapes and the segments, not on the
+    weights' values."""
     class Timeline(TensorMemoryTracker):
         def _update_peak(self, op=None) -> None:
             super()._update_peak(op)
             static = sum(self.current[c] for c in STATIC)
             self.points.append((static, self.total - static))
 
-    setup = build_step(kind, batch=batch, device="cpu", head_kernels="eager", local_options=dict(local_options),
-                       **kw)
+    setup = setup_step(kind, factory, batch=batch, dtype=dtype, device=torch.device("cpu"), head_kernels="eager")
     setup.warm_up(min(batch, 2))  # the optimizer state exists in the steady state
     out = {}
     for name in segment_names:
@@ -111,46 +112,52 @@ def peak_at(points: list[tuple[int, int]], measured_batch: int, batch: int) -> i
 
 
 # predictions already measured in this process: they depend on nothing but predict()'s arguments
-# (seeded network, fixed batch, deterministic byte counts), and a process that trains many small
+# (seeded network, fixed batch, deterministic byte counts; the factory by its key), and a process that trains many small
 # runs (tests, grids in one interpreter) should measure each configuration once
 _CACHE: dict[tuple, dict] = {}
 
 
-def predict(*, method: str, arch: str, J: int, aux: str, batch: int, dtype: str = "fp32", image_size: int = 32,
-            split: str = "auto", num_classes: int = 10, candidates=CANDIDATES, measure_batch: int = 8,
-            lean_blocks: bool = False, local: bool = True, model: str | None = None, cuts: str | None = None,
-            cifar_stem: bool = False, pgl_local: str = "dgl", local_options=()) -> dict:
-    """Predicted peak bytes per phase at ``batch``: ``local`` (for local methods, unless
+def predict(*, batch: int, factory: StepFactory | None = None, dtype: str = "fp32", candidates=CANDIDATES,
+            measure_batch: int = 8, local: bool = True, method: str | None = None, **network) -> dict:
+    """Predicted peak bytes per phase at ``batch`` of the run whose steps ``factory`` builds
+    (:func:`~pgl_fast.build.step_factory` of its config): ``local`` (for local methods, unless
     ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``. The steps
-    measured are PGL's over the run's local objective ``pgl_local`` (see :func:`aux_path`) with its
-    flags ``local_options`` (``(field, value)`` pairs, see :func:`local_flags`): ``infopro``
-    measures InfoPro's decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads,
-    patch decoders and its local step, which keeps two modules' graphs alive."""
+    measured are PGL's over the run's local objective (``bp``'s for bp): ``infopro`` measures
+    InfoPro's decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads, patch
+    decoders and its local step, which keeps two modules' graphs alive.
+
+    Without ``factory``, the steps are those of :func:`~pgl_fast.profile.build_step`'s keywords
+    ``network`` (``arch``, ``J``, ``aux``, ``split``, ``image_size``, ``num_classes``,
+    ``lean_blocks``, ``model``, ``cuts``, ``cifar_stem``, ``pgl_local``, ``local_options``), and
+    ``method`` only tells ``bp`` from local learning."""
+    if factory is None:
+        if method is None:
+            raise TypeError("predict() needs factory=, or method= and the network's keywords")
+        network["local_options"] = dict(network.get("local_options", ()))
+        factory = flags_factory(**network)
+        if method == "bp":
+            factory = dataclasses.replace(factory, method=dataclasses.replace(factory.method, method="bp"))
+    elif method is not None or network:
+        raise TypeError(f"predict(factory=...) takes no network keywords, got {sorted(network) or ['method']}")
     candidates = tuple(candidates)
-    local_options = tuple(sorted(dict(local_options).items()))
-    key = (method, arch, J, aux, batch, dtype, image_size, split, num_classes, candidates, measure_batch,
-           lean_blocks, local, model, cuts, cifar_stem, pgl_local, local_options)
+    key = (factory.key, batch, dtype, candidates, measure_batch, local)
     if key in _CACHE:
         return copy.deepcopy(_CACHE[key])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory does not depend on threads; small steps are faster on one
     try:
-        kw = dict(arch=arch, J=J, aux=None if method == "bp" else aux, dtype=dtype, image_size=image_size,
-                  split=split, num_classes=num_classes, lean_blocks=lean_blocks, model=model, cuts=cuts,
-                  cifar_stem=cifar_stem, pgl_local=pgl_local, local_options=local_options)
-        gkind = "bp" if method == "bp" else "global"
+        gkind = "bp" if factory.bp else "global"
         out = {"batch": batch, "global": {}, "local": None}
         if candidates:
-            lines = _timelines(gkind, candidates, measure_batch, **kw)
+            lines = _timelines(gkind, candidates, measure_batch, factory, dtype)
             out["global"] = {c: peak_at(lines[c], measure_batch, batch) for c in candidates}
-        if method != "bp" and local:
-            out["local"] = peak_at(_timelines("local", (None,), measure_batch, **kw)[None], measure_batch, batch)
+        if not factory.bp and local:
+            out["local"] = peak_at(_timelines("local", (None,), measure_batch, factory, dtype)[None],
+                                   measure_batch, batch)
     finally:
         torch.set_num_threads(threads)
     _CACHE[key] = copy.deepcopy(out)
     return out
-
-
 
 
 def aux_path(cfg) -> str:
@@ -303,12 +310,9 @@ def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int
     need_global = GLOBAL in phases
     p = plan.prediction
     if p is None or (need_local and p.get("local") is None) or (need_global and plan.choice not in p["global"]):
-        p = predict(method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
-                    dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
-                    num_classes=num_classes, lean_blocks=cfg.lean_blocks,
-                    candidates=(plan.choice,) if need_global else (), local=need_local,
-                    model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg),
-                    local_options=local_flags(cfg))
+        p = predict(factory=step_factory(cfg, num_classes, image_size), batch=cfg.batch_size,
+                    dtype="bf16" if cfg.amp else "fp32", candidates=(plan.choice,) if need_global else (),
+                    local=need_local)
     out = {}
     if need_local:
         out[LOCAL] = p["local"] / MiB
@@ -357,12 +361,9 @@ def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
     if cfg.plan or rule != "fixed":
         measured = (planner.CANDIDATES if cfg.plan else candidates) if has_global else ()
         prediction = planner.predict(
-            method=cfg.method, arch=cfg.arch, J=cfg.modules, aux=cfg.aux, batch=cfg.batch_size,
+            factory=step_factory(cfg, num_classes, image_size), batch=cfg.batch_size,
             # fp16 and bf16 tensors have the same size; the CPU planner measures fp16 as bf16
-            dtype="bf16" if cfg.amp else "fp32", image_size=image_size, split=cfg.split,
-            num_classes=num_classes, lean_blocks=cfg.lean_blocks, candidates=tuple(planner.by_cost(measured)),
-            model=cfg.model, cuts=cfg.cuts, cifar_stem=cfg.cifar_stem, pgl_local=aux_path(cfg),
-                    local_options=local_flags(cfg))
+            dtype="bf16" if cfg.amp else "fp32", candidates=tuple(planner.by_cost(measured)))
 
     if not has_global:
         why = (f"--method {cfg.method} trains locally only" if cfg.method != "pgl" else

@@ -62,10 +62,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .argparsing import DefaultsHelpFormatter, OneLineParser, add_field
-from .build import build_learner, build_model, resolve_head_kernels
-from .config import TrainConfig
+from .build import StepFactory
+from .config import MethodConfig, ModelConfig, TrainConfig
 from .errors import UserError
-from .runtime.head_select import configure_head_kernels
 from .versions import device_name, versions
 
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
@@ -397,37 +396,41 @@ def build_step(kind: str, *, arch: str = "resnet32", J: int = 16, aux: str | Non
     if dtype == "fp16" and dev.type != "cuda":
         raise UserError("--dtype fp16 needs a CUDA GPU (it needs loss scaling); use fp32 or bf16 on the CPU")
     method = "bp" if kind.startswith("bp") else "pgl"
-    ckpt = kind.endswith("_ckpt")
     if method == "pgl" and aux is None:
         raise UserError(f"--aux: the {kind} step needs aux heads; pick one of the aux configs")
     options = dict(local_options or {}) if method == "pgl" else {}
     for name in options:
         if name not in LOCAL_OPTIONS:
             raise UserError(f"build_step(local_options=...): {name!r} is not one of {', '.join(LOCAL_OPTIONS)}")
-    try:
-        cfg = TrainConfig(method=method, pgl_local=pgl_local if method == "pgl" else "dgl", **options,
-                          arch=arch, modules=16 if (model or cuts) else J, split=split,
-                          aux=aux or "1c2f", batch_size=batch, model=model, cuts=cuts, cifar_stem=cifar_stem,
-                          lr=0.05, device=str(dev), amp=dtype != "fp32",
-                          amp_dtype="fp16" if dtype == "fp16" else "bf16", checkpoint_global=ckpt,
-                          channels_last=channels_last, head_kernels=head_kernels, seed=seed)
-        use_kernels = resolve_head_kernels(cfg, dev)
-    except UserError:
-        raise
-    torch.manual_seed(seed)
-    try:
-        net = build_model(cfg, num_classes, image_size).to(dev)
-    except UserError as e:
-        raise UserError(str(e)) from None
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)
-    configure_head_kernels(net, head_kernels, use_kernels, batch=batch, device=dev, channels_last=channels_last,
-                           dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-    # --lean-blocks applies to the local-learning kinds; bp stays the plain eager baseline
-    net.set_lean_blocks(lean_blocks and method != "bp")
-    net.train()
-    exe = build_learner(cfg, net, cuda_graphs=False)
+    factory = flags_factory(arch=arch, J=J, aux=aux, split=split, num_classes=num_classes, image_size=image_size,
+                            lean_blocks=lean_blocks, model=model, cuts=cuts, cifar_stem=cifar_stem,
+                            pgl_local=pgl_local, local_options=options)
+    return setup_step(kind, factory, batch=batch, dtype=dtype, device=dev, seed=seed, head_kernels=head_kernels,
+                      channels_last=channels_last)
+
+
+def flags_factory(*, arch: str = "resnet32", J: int = 16, aux: str | None = "1c2f", split: str = "auto",
+                  num_classes: int = 10, image_size: int = 32, lean_blocks: bool = False, model: str | None = None,
+                  cuts: str | None = None, cifar_stem: bool = False, pgl_local: str = "dgl",
+                  local_options: dict | None = None) -> StepFactory:
+    """The :class:`~pgl_fast.build.StepFactory` that :func:`build_step`'s keywords describe: the
+    network of ``--arch``/``--model``, J modules (or J from ``--cuts``), the local kinds PGL's over
+    ``pgl_local`` with its flags ``local_options``."""
+    return StepFactory(
+        model=ModelConfig(arch=arch, modules=16 if (model or cuts) else J, split=split, model=model, cuts=cuts,
+                          cifar_stem=cifar_stem),
+        method=MethodConfig(method="pgl", pgl_local=pgl_local, aux=aux or "1c2f", **dict(local_options or {})),
+        lean_blocks=lean_blocks, num_classes=num_classes, image_size=image_size)
+
+
+def setup_step(kind: str, factory: StepFactory, *, batch: int, dtype: str = "fp32",
+               device: torch.device = torch.device("cpu"), seed: int = 0, head_kernels: str = "eager",
+               channels_last: bool = False) -> StepSetup:
+    """A fresh network + learner from ``factory`` for one step kind, and a fixed random batch."""
+    dev = device
+    image_size, num_classes = factory.image_size, factory.num_classes
+    net, exe = factory(kind, batch=batch, dtype=dtype, device=dev, head_kernels=head_kernels,
+                       channels_last=channels_last, seed=seed)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(batch, 3, image_size, image_size, generator=gen).to(dev)
     if channels_last:
