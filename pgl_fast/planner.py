@@ -160,32 +160,6 @@ def predict(*, batch: int, factory: StepFactory | None = None, dtype: str = "fp3
     return out
 
 
-def aux_path(cfg) -> str:
-    """The local objective the planner measures for ``cfg`` (``--method``'s, or PGL's
-    ``--pgl-local``; "dgl" for bp, whose global step has no heads): each adds its own memory to the
-    local steps -- InfoPro its decoders, MAN its copies of the next module's first unit, HPFF its
-    second heads, patch decoders and a second module's graph."""
-    return cfg.local_objectives[0] if cfg.local_objectives else "dgl"
-
-
-def local_flags(cfg) -> tuple[tuple[str, object], ...]:
-    """The flags of ``cfg``'s local objective that its measured step needs (MAN's base, HPFF's base
-    and tiles, InfoPro's task term and lambdas), as the ``local_options`` of :func:`predict`."""
-    out = {}
-    if cfg.uses_infopro:  # (HPFF's InfoPro base always has the softmax task term)
-        out["infopro_loss"] = cfg.infopro_loss
-    if cfg.uses_infopro_lambdas:
-        # the run's lambdas (resolved by the config): the measured step's config needs them where no
-        # default exists for its shape, and memory does not depend on their values
-        out.update((k, getattr(cfg, k)) for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2"))
-    if cfg.uses_man:
-        out["man_base"] = cfg.man_base
-    if cfg.uses_hpff:
-        out["hpff_base"] = cfg.hpff_base
-        out["hpff_patches"] = cfg.hpff_patches
-    return tuple(sorted(out.items()))
-
-
 def by_cost(names) -> list[str]:
     """``names`` fastest first."""
     return sorted(names, key=COST_ORDER.index)

@@ -4,7 +4,10 @@ InfoPro's (its decoders), both fed an image batch as the trainer feeds the learn
 local-step peak must equal a direct tracker measurement at the target batch."""
 import pytest
 
+import torch
+
 from pgl_fast import planner
+from pgl_fast.build import step_factory
 from pgl_fast.config import TrainConfig
 from pgl_fast.profile import build_step, measure_step
 from pgl_fast.train import main
@@ -59,18 +62,21 @@ def test_hpff_local_step_holds_two_modules():
 
 
 def test_planner_measures_the_runs_objective_with_its_flags():
-    assert planner.aux_path(TrainConfig(method="hpff")) == "hpff"
-    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="hpff")) == "hpff"
-    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="infopro")) == "infopro"
-    assert planner.aux_path(TrainConfig(method="bp")) == "dgl"
-    flags = dict(planner.local_flags(TrainConfig(method="pgl", pgl_local="hpff", hpff_base="dgl", hpff_patches=4)))
-    assert flags == {"hpff_base": "dgl", "hpff_patches": 4}
-    flags = dict(planner.local_flags(TrainConfig(method="hpff")))  # HPFF's published lambdas, resolved
-    assert (flags["hpff_base"], flags["ixx_1"], flags["ixy_1"], flags["ixx_2"], flags["ixy_2"]) == (
-        "infopro", 5.0, 0.5, 0.0, 0.0)
-    assert planner.local_flags(TrainConfig(method="bp")) == ()
-    flags = dict(planner.local_flags(TrainConfig(method="pgl", pgl_local="man", man_base="infopro")))
-    assert flags["man_base"] == "infopro" and flags["infopro_loss"] == "contrast" and flags["ixy_2"] is not None
+    def local_step(**flags):  # the config the planner's local step of this run trains with
+        return step_factory(TrainConfig(**flags), 10, 32).config(
+            "local", batch=4, dtype="fp32", device=torch.device("cpu"), head_kernels="eager",
+            channels_last=False, seed=0)
+
+    assert local_step(method="hpff").pgl_local == "hpff"
+    assert local_step(method="pgl", pgl_local="infopro").pgl_local == "infopro"
+    step = local_step(method="pgl", pgl_local="hpff", hpff_base="dgl", hpff_patches=4)
+    assert (step.pgl_local, step.hpff_base, step.hpff_patches) == ("hpff", "dgl", 4)
+    step = local_step(method="hpff")  # HPFF's published lambdas, resolved
+    assert (step.hpff_base, step.ixx_1, step.ixy_1, step.ixx_2, step.ixy_2) == ("infopro", 5.0, 0.5, 0.0, 0.0)
+    step = local_step(method="pgl", pgl_local="man", man_base="infopro")
+    assert (step.pgl_local, step.man_base, step.infopro_loss) == ("man", "infopro", "contrast")
+    assert step_factory(TrainConfig(method="bp"), 10, 32).bp
+
 
 
 def test_plan_flag_for_pgl_over_hpff(capsys):
