@@ -3,7 +3,6 @@
 InfoPro's (its decoders), both fed an image batch as the trainer feeds the learner; the predicted
 local-step peak must equal a direct tracker measurement at the target batch."""
 import pytest
-
 import torch
 
 from pgl_fast import planner
