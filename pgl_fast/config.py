@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from . import data as data_mod
 from .runtime.compile import COMPILE_MODES, CUDAGRAPH_MODES
-from .models.heads import AUX_CONFIGS
+from .models.heads import AUX_CONFIGS, HEADS
 from .models.cifar_resnet import blocks_per_stage
 from .core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES, local_objectives
 from .errors import UserError
@@ -264,8 +264,9 @@ class TrainConfig:
         if self.method != "bp" and self.modules < 2:
             bad("-J/--modules", f"--method {self.method} needs at least 2 modules (J=1 is end-to-end: use --method bp)")
         self._check_pipeline(bad)
-        if self.uses_infopro and self.aux in ("mlpsr", "adapt"):
-            bad("--aux", "InfoPro uses InfoPro's AuxClassifier heads: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f or 2c2f")
+        if self.uses_infopro and not HEADS[self.aux].infopro:
+            *first, last = [name for name, head in HEADS.items() if head.infopro]
+            bad("--aux", f"InfoPro uses InfoPro's AuxClassifier heads: {', '.join(first)} or {last}")
         if self.period < 1:
             bad("-P/--period", f"must be >= 1, got {self.period}")
         if self.duration < 0:
@@ -535,7 +536,7 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
      lambda c: "with --memory-budget (the planner chooses the checkpointing)" if c.memory_budget is not None
      else ("without --checkpoint-global" if not c.checkpoint_global else None)),
     (("aux_widen", "aux_feature_dim"),
-     lambda c: "with --aux mlpsr (DGL's head has a fixed width)" if c.aux == "mlpsr" else None),
+     lambda c: f"with --aux {c.aux} ({HEADS[c.aux].fixed_width})" if HEADS[c.aux].fixed_width else None),
     (("amp_dtype",), lambda c: "without --amp" if not c.amp else None),
     (("pipeline_balance", "pipeline_depth", "pipeline_micro_batches", "pipeline_timeout"),
      lambda c: "without --pipeline S > 1" if c.pipeline == 1 else None),
