@@ -279,16 +279,17 @@ class TrainConfig:
             bad("--image-size", f"must be >= 8 pixels, got {self.image_size}")
         if self.resident_budget <= 0:
             bad("--resident-budget", f"must be > 0 MiB, got {self.resident_budget}")
-        if self.data_pipeline == "stream" and self.dataset != "imagefolder":
+        if self.data_pipeline == "stream" and DATASETS[self.dataset].reads != "imagefolder":
             bad("--data-pipeline", f"stream reads ImageFolder trees; --dataset {self.dataset} is decoded whole "
                 "(use resident or auto)")
-        if self.data_pipeline == "resident" and self.dataset == "imagefolder" and self.recipe == "imagenet":
+        if (self.data_pipeline == "resident" and DATASETS[self.dataset].reads == "imagefolder"
+                and self.recipe == "imagenet"):
             bad("--data-pipeline", "resident cannot train --recipe imagenet: its random resized crops need the "
                 "full-size images; use stream or auto")
         if self.batch_size is None:
-            self.batch_size = 128 if self.recipe_name == "stl10" else 1024
+            self.batch_size = data_mod.run_defaults(self.dataset, self.recipe).batch_size
         if self.lr is None:
-            self.lr = 0.1 if self.recipe_name == "stl10" else 0.8
+            self.lr = data_mod.run_defaults(self.dataset, self.recipe).lr
         if not 1 <= self.batch_size <= 65536:
             bad("-b/--batch-size", f"must be in 1..65536, got {self.batch_size}")
         if self.test_batch_size is None:
@@ -407,12 +408,11 @@ class TrainConfig:
 
     @property
     def recipe_name(self) -> str:
-        return self.recipe if self.dataset == "imagefolder" else (
-            self.dataset if self.dataset in RECIPES else "cifar10")
+        return DATASETS[self.dataset].recipe or self.recipe
 
     @property
     def split_recipe(self) -> str:
-        return "stl10" if self.recipe_name == "stl10" else "cifar10"
+        return data_mod.run_defaults(self.dataset, self.recipe).split_table
 
     @property
     def nesterov(self) -> bool:
@@ -546,16 +546,18 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("warmup_lr",), lambda c: "without --warmup-epochs" if c.warmup_epochs == 0 else None),
     (("no_nesterov",), lambda c: "with --momentum 0" if c.momentum == 0 else None),
     (("recipe",),
-     lambda c: f"with --dataset {c.dataset} (only imagefolder takes a recipe)" if c.dataset != "imagefolder" else None),
+     lambda c: f"with --dataset {c.dataset} (only {', '.join(n for n, d in DATASETS.items() if d.recipe is None)} "
+     "takes a recipe)" if DATASETS[c.dataset].recipe is not None else None),
     (("synthetic_train", "synthetic_test"),
-     lambda c: f"with --dataset {c.dataset}" if c.dataset != "synthetic" else None),
+     lambda c: f"with --dataset {c.dataset}" if "synthetic_train" not in DATASETS[c.dataset].flags else None),
     (("data_dir", "cache_dir", "no_download"),
-     lambda c: "with --dataset synthetic (generated in memory)" if c.dataset == "synthetic" else None),
+     lambda c: f"with --dataset {c.dataset} (generated in memory)" if DATASETS[c.dataset].reads == "generated" else None),
     (("no_download",),
-     lambda c: "with --dataset imagefolder (nothing is downloaded)" if c.dataset == "imagefolder" else None),
+     lambda c: f"with --dataset {c.dataset} (nothing is downloaded)"
+     if DATASETS[c.dataset].reads in ("imagefolder", "files") else None),
     (("workers", "image_size", "skip_bad_images"),
      lambda c: "without streaming (--data-pipeline stream, or auto with --dataset imagefolder)"
-     if c.dataset != "imagefolder" or c.data_pipeline == "resident" else None),
+     if DATASETS[c.dataset].reads != "imagefolder" or c.data_pipeline == "resident" else None),
     (("resident_budget",), lambda c: f"with --data-pipeline {c.data_pipeline}" if c.data_pipeline != "auto" else None),
     (("heartbeat",), lambda c: "with --progress on (the progress bar shows the same)" if c.progress == "on" else None),
 ]
