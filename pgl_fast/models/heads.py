@@ -9,6 +9,9 @@ The conv part of every InfoPro-style head is a list of ``ConvBN`` layers (3x3 co
 BN, ReLU), the last of which is globally average-pooled. That list is what the fused Triton
 kernels (``pgl_fast.kernels``) replace when ``use_kernels`` is on: the parameters and buffers are
 the same modules either way, so eager and fused heads are interchangeable mid-run.
+
+Every head a name can select is an entry of ``HEADS`` (:class:`HeadSpec`: its builder and what
+the flags' checks may do with it); ``register_head`` adds one.
 """
 from __future__ import annotations
 
