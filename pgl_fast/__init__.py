@@ -13,7 +13,10 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
 - presets and pieces the examples use: ``cifar_resnet``, ``cifar_stem``, the optimizer factory
   ``sgd`` (and ``SGD``), the methods ``BP``/``DGL``/``InfoPro``/``PGL``, and for torchrun
   ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
-  sets: ``load_dataset``, ``extract_archive_if_needed``.
+  sets: ``load_dataset``, ``extract_archive_if_needed``;
+- the registries: ``register_head(name, HeadSpec(...))`` (an aux head ``--aux``/``split(aux=...)``
+  can name) and ``register_dataset(name, DatasetSource(...))`` (a data set ``load_dataset`` and
+  ``--dataset`` can name).
 """
 import importlib
 import importlib.abc
@@ -81,6 +84,10 @@ _API = {
     "Pipeline": ("pgl_fast.distributed.strategies", "Pipeline"),
     "load_dataset": ("pgl_fast.data", "load_dataset"),
     "extract_archive_if_needed": ("pgl_fast.data", "extract_archive_if_needed"),
+    "register_dataset": ("pgl_fast.data", "register_dataset"),
+    "DatasetSource": ("pgl_fast.data", "DatasetSource"),
+    "register_head": ("pgl_fast.models.heads", "register_head"),
+    "HeadSpec": ("pgl_fast.models.heads", "HeadSpec"),
     "UserError": ("pgl_fast.errors", "UserError"),
 }
 __all__ = ["__version__", *_API]

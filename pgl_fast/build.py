@@ -16,6 +16,7 @@ from .core.methods import MAN, METHODS, InfoPro, Method, from_name
 from .core.schedule import lr_at_epoch
 from .distributed import DataParallelLearner
 from .errors import UserError
+from .models.heads import HEADS
 from .models.local_model import LocalModel
 from .models.presets import cifar_resnet, factory_model, torchvision_model
 from .models.split import split
@@ -55,9 +56,9 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
         return False
     if cfg.head_kernels == "auto" and device.type != "cuda":
         return False
-    if cfg.aux in ("mlpsr",):
+    if not HEADS[cfg.aux].fused_kernel:
         if cfg.head_kernels == "triton":
-            raise UserError("--head-kernels triton: the mlpsr head has no fused kernel; use --head-kernels eager")
+            raise UserError(f"--head-kernels triton: the {cfg.aux} head has no fused kernel; use --head-kernels eager")
         return False
     from .kernels import triton_available  # optional: Triton's pieces load only where heads may run fused
 

@@ -38,6 +38,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import operator
 
@@ -49,6 +50,11 @@ from .jsonio import write_json_atomic
 
 __all__ = [
     "DATASETS",
+    "DatasetSource",
+    "LoadRequest",
+    "Splits",
+    "register_dataset",
+    "run_defaults",
     "RECIPES",
     "IMAGE_EXTENSIONS",
     "DatasetSpec",
@@ -63,8 +69,6 @@ __all__ = [
     "epoch_batches",
     "make_generator",
 ]
-
-DATASETS = ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
 
 # Files ImageFolder accepts (torchvision's IMG_EXTENSIONS); anything else in a class folder is
 # ignored, as torchvision does.
@@ -163,13 +167,13 @@ def _recipe(recipe: str) -> DatasetSpec:
 def dataset_spec(
     name: str, *, recipe: str = "cifar10", num_classes: int | None = None, image_size: int | None = None
 ) -> DatasetSpec:
-    """The spec of a data set. ``imagefolder`` and ``synthetic`` take the augmentation and
-    normalisation of ``recipe`` and the given class count and image size; the crop padding is
-    capped below the image size (reflect padding needs ``pad < size``)."""
-    if name in RECIPES:
+    """The spec of a data set. A data set that is its own recipe (CIFAR-10, SVHN, STL-10) is that
+    recipe exactly; any other (``imagefolder``, ``synthetic``, a registered one) takes the
+    augmentation and normalisation of ``recipe`` and the given class count and image size; the crop
+    padding is capped below the image size (reflect padding needs ``pad < size``)."""
+    source = _source(name)
+    if source.recipe == name:
         return RECIPES[name]
-    if name not in ("imagefolder", "synthetic"):
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     base = _recipe(recipe)
     size = base.image_size if image_size is None else int(image_size)
     return dataclasses.replace(
@@ -179,6 +183,144 @@ def dataset_spec(
         image_size=size,
         pad=min(base.pad, max(size - 1, 0)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The data set registry
+# ----------------------------------------------------------------------------------------------
+
+# What a data set reads, which decides the flags that apply to it: "download" (torchvision files in
+# --data-dir, fetched unless --no-download), "imagefolder" (an ImageFolder tree or archive in
+# --data-dir; the one kind --data-pipeline stream reads), "files" (files of its own in --data-dir,
+# never downloaded), "generated" (made in memory: no --data-dir, nothing cached).
+READS = ("download", "imagefolder", "files", "generated")
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """What :func:`load_dataset` hands a data set's loader. ``data_dir`` is absolute (None for a
+    generated data set); ``meta`` is the run's record of the load, where a loader notes where each
+    split came from (``train_source``/``test_source``: ``"cache"``, ``"decoded"``, ``"generated"``)."""
+
+    name: str
+    data_dir: Path | None
+    download: bool
+    cache_dir: object
+    recipe: str
+    image_size: int
+    synthetic_train: int
+    synthetic_test: int
+    meta: dict
+
+
+@dataclass
+class Splits:
+    """What a loader returns: ``(x, y)`` of each split, ``x`` uint8 ``[N, C, H, W]``, ``y`` integer
+    labels ``[N]``; the class names; the folder they were read from (None: generated); and the spec
+    when the loader makes its own (None: the data set's recipe at these images' size and class count)."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    class_names: Sequence[str]
+    root: Path | None = None
+    spec: DatasetSpec | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """One data set of the registry. ``load(request) -> Splits`` reads or makes both splits;
+    ``help`` is one line; ``reads`` is one of :data:`READS`. ``recipe`` names the :data:`RECIPES`
+    entry its runs train with (None: the run's ``--recipe`` chooses, as for ``imagefolder``);
+    ``flags`` are the config fields only this data set reads (``synthetic``'s image counts).
+    ``batch_size``, ``lr`` and ``split_table`` (the ``--split balanced`` table: ``cifar10`` or
+    ``stl10``) are a run's defaults when the flags do not set them."""
+
+    load: Callable[[LoadRequest], Splits]
+    help: str
+    reads: str
+    recipe: str | None = "cifar10"
+    flags: tuple[str, ...] = ()
+    batch_size: int = 1024
+    lr: float = 0.8
+    split_table: str = "cifar10"
+
+    def __post_init__(self):
+        if not callable(self.load):
+            raise UserError(f"DatasetSource.load must be callable, got {type(self.load).__name__}")
+        if self.reads not in READS:
+            raise UserError(f"DatasetSource.reads {self.reads!r} is not one of {', '.join(READS)}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise UserError(f"DatasetSource.recipe {self.recipe!r} is not one of {', '.join(RECIPES)} "
+                            "(or None: --recipe chooses)")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1 and self.lr > 0):
+            raise UserError(f"DatasetSource: batch_size must be an integer >= 1 and lr > 0, "
+                            f"got {self.batch_size} and {self.lr}")
+
+
+def _load_synthetic(req: LoadRequest) -> Splits:
+    # its spec is the recipe argument's at --image-size, as it always was: load_dataset's caller
+    # chooses the augmentation of these test images
+    spec = dataset_spec("synthetic", recipe=req.recipe, image_size=req.image_size)
+    train = _synthetic_split(req.synthetic_train, spec.image_size, seed=0, flag="synthetic_train")
+    test = _synthetic_split(req.synthetic_test, spec.image_size, seed=1, flag="synthetic_test")
+    req.meta.update(train_source="generated", test_source="generated")
+    return Splits(train, test, _SYNTHETIC_CLASSES, root=None, spec=spec)
+
+
+def _load_imagefolder_source(req: LoadRequest) -> Splits:
+    splits, class_names, root = _load_imagefolder(req.data_dir, req.cache_dir, req.meta)
+    return Splits(splits["train"], splits["test"], class_names, root=root)
+
+
+def _load_torchvision_source(req: LoadRequest) -> Splits:
+    splits, class_names, root = _load_torchvision(req.name, req.data_dir, req.download, req.cache_dir, req.meta)
+    return Splits(splits["train"], splits["test"], class_names, root=root)
+
+
+# The one table of data sets: the CLI's --dataset choices, load_dataset and the config's defaults and
+# flag checks read it. Add an entry with register_dataset.
+DATASETS: dict[str, DatasetSource] = {
+    "cifar10": DatasetSource(_load_torchvision_source, "CIFAR-10 through torchvision", reads="download",
+                             recipe="cifar10"),
+    "svhn": DatasetSource(_load_torchvision_source, "SVHN (train and test, no extra) through torchvision",
+                          reads="download", recipe="svhn"),
+    "stl10": DatasetSource(_load_torchvision_source, "STL-10's 5k labelled images through torchvision",
+                           reads="download", recipe="stl10", batch_size=128, lr=0.1, split_table="stl10"),
+    "imagefolder": DatasetSource(_load_imagefolder_source, "an ImageFolder tree train/<class>/*, test/<class>/*",
+                                 reads="imagefolder", recipe=None),
+    "synthetic": DatasetSource(_load_synthetic, "small deterministic images made in memory, for tests",
+                               reads="generated", flags=("synthetic_train", "synthetic_test")),
+}
+
+
+def register_dataset(name: str, source: DatasetSource, *, replace: bool = False) -> None:
+    """Add the data set ``name`` (lower case, as ``load_dataset`` lower-cases names) to the registry:
+    from then on ``load_dataset(name, ...)`` and ``--dataset name`` load it. ``replace`` allows
+    redefining a registered name."""
+    if not isinstance(name, str) or not name or name != name.strip().lower():
+        raise UserError(f"register_dataset: the name must be a non-empty lower-case string, got {name!r}")
+    if not isinstance(source, DatasetSource):
+        raise UserError(f"register_dataset({name!r}): the source must be a DatasetSource, got {type(source).__name__}")
+    if name in DATASETS and not replace:
+        raise UserError(f"register_dataset: data set {name!r} is registered already; pass replace=True to redefine it")
+    DATASETS[name] = source
+
+
+def _source(name: str) -> DatasetSource:
+    try:
+        return DATASETS[name]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}") from None
+
+
+def run_defaults(dataset: str, recipe: str) -> DatasetSource:
+    """The entry whose defaults (``batch_size``, ``lr``, ``split_table``) a run of ``dataset`` takes:
+    its own; for a data set that trains with ``--recipe``, the entry of the data set that recipe is
+    (an ImageFolder copy of STL-10 with ``--recipe stl10`` trains like STL-10), else its own."""
+    source = _source(dataset)
+    if source.recipe is None:
+        return DATASETS.get(recipe, source)
+    return source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,40 +391,39 @@ def load_dataset(
 
     ``cifar10``/``svhn``/``stl10`` go through ``torchvision.datasets`` (downloaded into
     ``data_dir`` when ``download``); ``imagefolder`` reads ``data_dir/{train,test}/<class>/*``
-    (or the single subfolder of ``data_dir`` that has them); ``synthetic`` needs no files.
+    (or the single subfolder of ``data_dir`` that has them); ``synthetic`` needs no files; a data
+    set added with :func:`register_dataset` loads through its own loader. The name is looked up in
+    :data:`DATASETS`.
     Decoded splits are cached under ``cache_dir`` (default ``<data_dir>/.pgl_cache``, or
     ``~/.cache/pgl_fast`` when ``data_dir`` is read-only) and re-decoded when the files change.
     ``train_subset``/``test_subset`` keep a seeded, class-balanced random subset.
     Raises :class:`UserError` with a one-line message on any problem with the data.
     """
     name = str(name).lower()
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    source = _source(name)
     t0 = time.perf_counter()
     meta: dict = {"dataset": name}
 
-    if name == "synthetic":
-        spec = dataset_spec("synthetic", recipe=recipe, image_size=image_size)
-        train_x, train_y = _synthetic_split(synthetic_train, spec.image_size, seed=0, flag="synthetic_train")
-        test_x, test_y = _synthetic_split(synthetic_test, spec.image_size, seed=1, flag="synthetic_test")
-        class_names = _SYNTHETIC_CLASSES
-        meta.update(train_source="generated", test_source="generated", root=None)
-    else:
+    if source.reads != "generated":
         if data_dir is None or str(data_dir) == "":
             raise UserError(f"dataset {name} needs a data directory (--data-dir)")
         data_dir = Path(data_dir).expanduser().absolute()
-        if name == "imagefolder":
-            _recipe(recipe)  # fail on a bad recipe before decoding anything
-            splits, class_names, root = _load_imagefolder(data_dir, cache_dir, meta)
-        else:
-            splits, class_names, root = _load_torchvision(name, data_dir, download, cache_dir, meta)
-        (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
-        meta["root"] = str(root)
-        if name == "imagefolder":
-            h, w = train_x.shape[-2:]
-            spec = dataset_spec("imagefolder", recipe=recipe, num_classes=len(class_names), image_size=h)
-        else:
-            spec = RECIPES[name]
+    else:
+        data_dir = None
+    if source.recipe is None:
+        _recipe(recipe)  # fail on a bad recipe before decoding anything
+    out = source.load(LoadRequest(name=name, data_dir=data_dir, download=download, cache_dir=cache_dir,
+                                  recipe=recipe, image_size=image_size, synthetic_train=synthetic_train,
+                                  synthetic_test=synthetic_test, meta=meta))
+    (train_x, train_y), (test_x, test_y) = out.train, out.test
+    class_names = out.class_names
+    _check_loaded(name, train_x, train_y, test_x, test_y, class_names)
+    meta["root"] = None if out.root is None else str(out.root)
+    spec = out.spec or dataset_spec(name, recipe=source.recipe or recipe, num_classes=len(class_names),
+                                    image_size=int(train_x.shape[-2]))
+    if train_x.shape[1] != len(spec.mean):
+        raise UserError(f"dataset {name}: its images have {train_x.shape[1]} channel(s) but its recipe "
+                        f"({spec.name}) normalises {len(spec.mean)}")
 
     if train_subset is not None:
         train_x, train_y = _subset(train_x, train_y, train_subset, subset_seed, "--train-subset", name, "train")
@@ -300,6 +441,25 @@ def load_dataset(
         class_names=tuple(class_names),
         meta=meta,
     )
+
+
+def _check_loaded(name, train_x, train_y, test_x, test_y, class_names) -> None:
+    """A registered loader's output has the layout the pipeline indexes: uint8 ``[N, C, H, W]``
+    square images, the same ``C, H, W`` in both splits, one integer label in ``0..classes-1`` each."""
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == x.shape[-2]):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise UserError(f"dataset {name}: its {split} images must be a uint8 [N, C, H, W] tensor of square "
+                            f"images, got {got}")
+        if not (isinstance(y, torch.Tensor) and not y.is_floating_point() and y.shape == x.shape[:1]):
+            got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise UserError(f"dataset {name}: its {split} labels must be an integer tensor [{x.shape[0]}], got {got}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(class_names)):
+            raise UserError(f"dataset {name}: {split} labels must be in 0..{len(class_names) - 1} "
+                            f"({len(class_names)} class names), got {int(y.min())}..{int(y.max())}")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise UserError(f"dataset {name}: train images are {tuple(train_x.shape[1:])} but test images "
+                        f"{tuple(test_x.shape[1:])}; both splits need the same channels and size")
 
 
 def _positive_int(n, flag: str) -> int:

@@ -80,7 +80,7 @@ def _err(excinfo) -> str:
 
 
 def test_published_recipes():
-    assert DATASETS == ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
+    assert tuple(DATASETS) == ("cifar10", "svhn", "stl10", "imagefolder", "synthetic")
     c = RECIPES["cifar10"]
     assert (c.num_classes, c.image_size, c.pad, c.pad_mode, c.flip) == (10, 32, 4, "reflect", True)
     assert c.mean == pytest.approx((125.3 / 255, 123.0 / 255, 113.9 / 255))

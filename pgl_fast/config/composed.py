@@ -15,11 +15,13 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from ..argparsing import DefaultsHelpFormatter, OneLineParser, add_fields, flag_of
+from .. import data as data_mod
 from ..core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES
 from ..jsonio import write_json_atomic
+from ..models.heads import HEADS
 from ..models.splits import resolve_split
 from .base import bad
-from .data import DataConfig
+from .data import DATASETS, DataConfig
 from .method import INFOPRO_LAMBDAS, LAMBDA_FIELDS, MethodConfig
 from .model import ModelConfig
 from .optim import OptimConfig
@@ -159,9 +161,9 @@ def _check_pipeline_runtime(c: TrainConfig) -> None:
 def _resolve_batch_and_lr(c: TrainConfig) -> None:
     """data + optimisation: the batch size's and learning rate's defaults are the data set's."""
     if c.batch_size is None:
-        c.batch_size = 128 if c.recipe_name == "stl10" else 1024
+        c.batch_size = data_mod.run_defaults(c.dataset, c.recipe).batch_size
     if c.lr is None:
-        c.lr = 0.1 if c.recipe_name == "stl10" else 0.8
+        c.lr = data_mod.run_defaults(c.dataset, c.recipe).lr
     if c.test_batch_size is None:
         c.test_batch_size = c.batch_size
 
@@ -252,7 +254,7 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
      lambda c: "with --memory-budget (the planner chooses the checkpointing)" if c.memory_budget is not None
      else ("without --checkpoint-global" if not c.checkpoint_global else None)),
     (("aux_widen", "aux_feature_dim"),
-     lambda c: "with --aux mlpsr (DGL's head has a fixed width)" if c.aux == "mlpsr" else None),
+     lambda c: f"with --aux {c.aux} ({HEADS[c.aux].fixed_width})" if HEADS[c.aux].fixed_width else None),
     (("amp_dtype",), lambda c: "without --amp" if not c.amp else None),
     (("pipeline_balance", "pipeline_depth", "pipeline_micro_batches", "pipeline_timeout"),
      lambda c: "without --pipeline S > 1" if c.pipeline == 1 else None),
@@ -262,16 +264,18 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("warmup_lr",), lambda c: "without --warmup-epochs" if c.warmup_epochs == 0 else None),
     (("no_nesterov",), lambda c: "with --momentum 0" if c.momentum == 0 else None),
     (("recipe",),
-     lambda c: f"with --dataset {c.dataset} (only imagefolder takes a recipe)" if c.dataset != "imagefolder" else None),
+     lambda c: f"with --dataset {c.dataset} (only {', '.join(n for n, d in DATASETS.items() if d.recipe is None)} "
+     "takes a recipe)" if DATASETS[c.dataset].recipe is not None else None),
     (("synthetic_train", "synthetic_test"),
-     lambda c: f"with --dataset {c.dataset}" if c.dataset != "synthetic" else None),
+     lambda c: f"with --dataset {c.dataset}" if "synthetic_train" not in DATASETS[c.dataset].flags else None),
     (("data_dir", "cache_dir", "no_download"),
-     lambda c: "with --dataset synthetic (generated in memory)" if c.dataset == "synthetic" else None),
+     lambda c: f"with --dataset {c.dataset} (generated in memory)" if DATASETS[c.dataset].reads == "generated" else None),
     (("no_download",),
-     lambda c: "with --dataset imagefolder (nothing is downloaded)" if c.dataset == "imagefolder" else None),
+     lambda c: f"with --dataset {c.dataset} (nothing is downloaded)"
+     if DATASETS[c.dataset].reads in ("imagefolder", "files") else None),
     (("workers", "image_size", "skip_bad_images"),
      lambda c: "without streaming (--data-pipeline stream, or auto with --dataset imagefolder)"
-     if c.dataset != "imagefolder" or c.data_pipeline == "resident" else None),
+     if DATASETS[c.dataset].reads != "imagefolder" or c.data_pipeline == "resident" else None),
     (("resident_budget",), lambda c: f"with --data-pipeline {c.data_pipeline}" if c.data_pipeline != "auto" else None),
     (("heartbeat",), lambda c: "with --progress on (the progress bar shows the same)" if c.progress == "on" else None),
 ]

@@ -44,10 +44,11 @@ class DataConfig:
             bad("--image-size", f"must be >= 8 pixels, got {self.image_size}")
         if self.resident_budget <= 0:
             bad("--resident-budget", f"must be > 0 MiB, got {self.resident_budget}")
-        if self.data_pipeline == "stream" and self.dataset != "imagefolder":
+        if self.data_pipeline == "stream" and DATASETS[self.dataset].reads != "imagefolder":
             bad("--data-pipeline", f"stream reads ImageFolder trees; --dataset {self.dataset} is decoded whole "
                 "(use resident or auto)")
-        if self.data_pipeline == "resident" and self.dataset == "imagefolder" and self.recipe == "imagenet":
+        if (self.data_pipeline == "resident" and DATASETS[self.dataset].reads == "imagefolder"
+                and self.recipe == "imagenet"):
             bad("--data-pipeline", "resident cannot train --recipe imagenet: its random resized crops need the "
                 "full-size images; use stream or auto")
         for flag, v in (("--train-subset", self.train_subset), ("--test-subset", self.test_subset)):
@@ -58,9 +59,8 @@ class DataConfig:
 
     @property
     def recipe_name(self) -> str:
-        return self.recipe if self.dataset == "imagefolder" else (
-            self.dataset if self.dataset in RECIPES else "cifar10")
+        return DATASETS[self.dataset].recipe or self.recipe
 
     @property
     def split_recipe(self) -> str:
-        return "stl10" if self.recipe_name == "stl10" else "cifar10"
+        return data_mod.run_defaults(self.dataset, self.recipe).split_table

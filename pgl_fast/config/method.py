@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES, local_objectives
-from ..models.heads import AUX_CONFIGS
+from ..models.heads import AUX_CONFIGS, HEADS
 from .base import _f, bad
 
 METHODS = tuple(METHOD_CLASSES)
@@ -79,8 +79,9 @@ class MethodConfig:
             bad("--man-base", f"{self.man_base!r} is not one of {', '.join(MAN_BASES)}")
         if not 0.0 <= self.man_momentum <= 1.0:
             bad("--man-momentum", f"must be in [0, 1], got {self.man_momentum}")
-        if self.uses_infopro and self.aux in ("mlpsr", "adapt"):
-            bad("--aux", "InfoPro uses InfoPro's AuxClassifier heads: 0c1f, 0c2f, 1c1f, 1c2f, 1c3f or 2c2f")
+        if self.uses_infopro and not HEADS[self.aux].infopro:
+            *first, last = [name for name, head in HEADS.items() if head.infopro]
+            bad("--aux", f"InfoPro uses InfoPro's AuxClassifier heads: {', '.join(first)} or {last}")
         if self.period < 1:
             bad("-P/--period", f"must be >= 1, got {self.period}")
         if self.duration < 0:

@@ -9,16 +9,22 @@ The conv part of every InfoPro-style head is a list of ``ConvBN`` layers (3x3 co
 BN, ReLU), the last of which is globally average-pooled. That list is what the fused Triton
 kernels (``pgl_fast.kernels``) replace when ``use_kernels`` is on: the parameters and buffers are
 the same modules either way, so eager and fused heads are interchangeable mid-run.
+
+Every head a name can select is an entry of ``HEADS`` (:class:`HeadSpec`: its builder and what
+the flags' checks may do with it); ``register_head`` adds one.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-AUX_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "adapt", "mlpsr")
+from ..errors import UserError
+
 # AUX-ADAPT: big heads where the proxy is poorest (early, 16 channels), small ones late.
 ADAPT_BY_CHANNELS = {16: "2c2f", 32: "1c3f", 64: "1c2f"}
 # InfoPro: conv width and stride by input channels (the CIFAR ResNets' three stages).
@@ -157,24 +163,94 @@ class TokenHead(nn.Module):
         return self.fc(x)
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """One aux head of the registry: how it is built and what the rest of the engine may do with it.
+
+    ``build(in_shape, out_dim, widen=..., feature_dim=...)`` returns the head for features of
+    per-sample shape ``in_shape`` (``(C, H, W)``, ``(tokens, dim)`` or ``(dim,)``); it raises
+    ``ValueError`` for a shape it cannot take. ``out_dim`` is the class count (or InfoPro's
+    contrastive feature size), ``widen`` and ``feature_dim`` are ``--aux-widen`` and
+    ``--aux-feature-dim``. The remaining fields are what the flags' checks read instead of names:
+
+    - ``fused_kernel``: its conv part is ``AuxClassifier``'s ConvBN list, which the fused Triton
+      kernels replace (``--head-kernels triton`` is refused for a head without one);
+    - ``infopro``: one of InfoPro's own ``AuxClassifier`` heads, the only ones InfoPro's runs (and
+      their reconstruction decoders' lambdas) were published with, so the only ones it accepts;
+    - ``fixed_width``: why ``--aux-widen``/``--aux-feature-dim`` do not change it (empty: they do).
+    """
+
+    build: Callable[..., nn.Module]
+    help: str
+    fused_kernel: bool = False
+    infopro: bool = False
+    fixed_width: str = ""
+
+
+def _kcnf_builder(config: str) -> Callable[..., nn.Module]:
+    """InfoPro's ``kc nf`` head (``adapt``: AUX-ADAPT's choice by width) on feature maps, and its
+    linear layers alone (:class:`TokenHead`) on features without a spatial grid."""
+    def build(in_shape, out_dim, widen=1.0, feature_dim=128):
+        if len(in_shape) in (1, 2):
+            return TokenHead(in_shape, out_dim, 2 if config == "adapt" else int(config[2]), widen, feature_dim)
+        c, h, _ = in_shape
+        return AuxClassifier(config, c, out_dim, widen, feature_dim, in_size=h)
+
+    return build
+
+
+def _mlpsr_builder(in_shape, out_dim, widen=1.0, feature_dim=128):
+    if len(in_shape) != 3:
+        raise ValueError(f"aux head mlpsr needs (C, H, W) feature maps, got features of shape {in_shape}")
+    c, h, _ = in_shape
+    return MLPSRHead(c, h, out_dim)
+
+
+# The one table of aux heads: the CLI's --aux choices, split(aux=...), cifar_resnet(aux=...) and the
+# flags' checks all read it. Add an entry with register_head.
+HEADS: dict[str, HeadSpec] = {
+    **{config: HeadSpec(_kcnf_builder(config), f"InfoPro's AuxClassifier: {config[0]} conv, {config[2]} linear layers",
+                        fused_kernel=True, infopro=True)
+       for config in ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")},
+    "adapt": HeadSpec(_kcnf_builder("adapt"), "AUX-ADAPT: 2c2f, 1c3f or 1c2f by the cut's width (big heads early)",
+                      fused_kernel=True),
+    "mlpsr": HeadSpec(_mlpsr_builder, "DGL's mlp-sr head (1x1 convs then a 3-layer MLP)",
+                      fixed_width="DGL's head has a fixed width"),
+}
+# The registered names, kept current as heads are registered (the --aux choices and checks read it).
+AUX_CONFIGS = HEADS.keys()
+
+
+def register_head(name: str, spec: HeadSpec, *, replace: bool = False) -> None:
+    """Add the aux head ``name`` to the registry: from then on ``--aux name``, ``split(aux=name)``
+    and ``cifar_resnet(aux=name)`` build it. ``replace`` allows redefining a registered name."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise UserError(f"register_head: the name must be a non-empty string without surrounding spaces, got {name!r}")
+    if not isinstance(spec, HeadSpec):
+        raise UserError(f"register_head({name!r}): the spec must be a HeadSpec, got {type(spec).__name__}")
+    if name in HEADS and not replace:
+        raise UserError(f"register_head: aux head {name!r} is registered already; pass replace=True to redefine it")
+    HEADS[name] = spec
+
+
+def head_spec(name: str) -> HeadSpec:
+    """The registry entry of aux head ``name``; an unknown name is a one-line error listing the known ones."""
+    try:
+        return HEADS[name]
+    except (KeyError, TypeError):
+        raise UserError(f"--aux {name!r} is not one of {', '.join(HEADS)}") from None
+
+
 def build_head(config: str, in_shape: tuple[int, ...], out_dim: int, widen: float = 1.0,
                feature_dim: int = 128) -> nn.Module:
     """The aux head ``config`` for features of per-sample shape ``in_shape``."""
-    if config not in AUX_CONFIGS:
-        raise ValueError(f"--aux {config!r} is not one of {', '.join(AUX_CONFIGS)}")
+    spec = head_spec(config)
     in_shape = tuple(in_shape)
-    if len(in_shape) in (1, 2):
-        if config == "mlpsr":
-            raise ValueError(f"aux head mlpsr needs (C, H, W) feature maps, got features of shape {in_shape}")
-        return _with_spec(TokenHead(in_shape, out_dim, 2 if config == "adapt" else int(config[2]), widen, feature_dim),
-                          config, in_shape, out_dim, widen, feature_dim)
-    if len(in_shape) != 3:
+    if len(in_shape) not in (1, 2, 3):
         raise ValueError(f"aux head {config}: features of shape {in_shape} are neither (C, H, W), (tokens, dim) nor (dim,)")
-    c, h, _ = in_shape
-    if config == "mlpsr":
-        head = MLPSRHead(c, h, out_dim)
-    else:
-        head = AuxClassifier(config, c, out_dim, widen, feature_dim, in_size=h)
+    head = spec.build(in_shape, out_dim, widen=widen, feature_dim=feature_dim)
+    if not isinstance(head, nn.Module):
+        raise UserError(f"aux head {config!r}: its builder returned a {type(head).__name__}, not an nn.Module")
     return _with_spec(head, config, in_shape, out_dim, widen, feature_dim)
 
 

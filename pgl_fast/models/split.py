@@ -254,7 +254,7 @@ def split(model, cuts=None, *, aux: AuxSpec = "1c2f", input_shape: Sequence[int]
     every cut, sized by one probe forward at ``input_shape`` (per sample; default (3, 32, 32)).
     ``example_input``: a batch ``[B, ...]`` of inputs to probe with instead, for a model whose
     input is not a float tensor (token ids for an ``nn.Embedding``); it sets ``input_shape``.
-    ``aux`` is a head name (``pgl_fast.models.heads.AUX_CONFIGS``), one name per cut, a callable
+    ``aux`` is a head name (a key of ``pgl_fast.models.heads.HEADS``), one name per cut, a callable
     ``(out_shape, num_classes) -> nn.Module``, or None (no heads: end-to-end training).
     ``num_classes`` sizes the heads (default: the model's own output width)."""
     if example_input is not None:
