@@ -313,6 +313,11 @@ def _source(name: str) -> DatasetSource:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}") from None
 
 
+def reads(dataset: str) -> str:
+    """What ``dataset`` reads (one of ``READS``): an ImageFolder tree is the only kind that streams."""
+    return _source(dataset).reads
+
+
 def run_defaults(dataset: str, recipe: str) -> DatasetSource:
     """The entry whose defaults (``batch_size``, ``lr``, ``split_table``) a run of ``dataset`` takes:
     its own; for a data set that trains with ``--recipe``, the entry of the data set that recipe is

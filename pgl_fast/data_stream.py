@@ -429,21 +429,28 @@ def _first_image_size(data_dir) -> tuple[int, int, int]:
     return n, h, w
 
 
+def check_pipeline(pipeline: str, dataset: str, recipe: str) -> None:
+    """Refuse a ``--data-pipeline`` that cannot read ``dataset`` with ``recipe`` (the config checks
+    it before any work starts; :func:`choose_pipeline` again for callers of the API)."""
+    if pipeline not in PIPELINES:
+        raise UserError(f"--data-pipeline: {pipeline!r} is not one of {', '.join(PIPELINES)}")
+    folder = data_mod.reads(dataset) == "imagefolder"
+    if pipeline == "stream" and not folder:
+        raise UserError(f"--data-pipeline: stream reads ImageFolder trees; --dataset {dataset} is decoded whole "
+                        "(use resident or auto)")
+    if pipeline == "resident" and folder and recipe == "imagenet":
+        raise UserError("--data-pipeline: resident cannot train --recipe imagenet: its random resized crops need "
+                        "the full-size images; use stream or auto")
+
+
 def choose_pipeline(pipeline: str, dataset: str, recipe: str, data_dir, budget_mib: float) -> str:
     """``resident`` or ``stream`` for ``--data-pipeline``. auto streams an ImageFolder with the
     imagenet recipe (its random resized crops need the full-size images) or one whose decoded
     size, estimated from the first image as ``files x 3 x H x W`` bytes, exceeds ``budget_mib``."""
-    if pipeline not in PIPELINES:
-        raise UserError(f"--data-pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
-    if pipeline == "stream" and dataset != "imagefolder":
-        raise UserError(f"--data-pipeline stream reads ImageFolder trees; --dataset {dataset} is decoded whole "
-                        "(use --data-pipeline resident or auto)")
-    if pipeline == "resident" and dataset == "imagefolder" and recipe == "imagenet":
-        raise UserError("--data-pipeline resident cannot train --recipe imagenet: its random resized crops need the "
-                        "full-size images; use --data-pipeline stream or auto")
+    check_pipeline(pipeline, dataset, recipe)
     if pipeline != "auto":
         return pipeline
-    if dataset != "imagefolder":
+    if data_mod.reads(dataset) != "imagefolder":
         return "resident"
     if recipe == "imagenet":
         return "stream"

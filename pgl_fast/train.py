@@ -269,13 +269,14 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         torch.backends.cudnn.benchmark = True
 
     if cfg.describe or cfg.plan:
-        spec_size, n_classes = 96 if cfg.recipe_name == "stl10" else 32, 10
-        if cfg.plan and cfg.dataset == "imagefolder" and data_stream.choose_pipeline(
+        spec_size, n_classes = data_mod.RECIPES[cfg.recipe_name].image_size, 10
+        folder = data_mod.reads(cfg.dataset) == "imagefolder"
+        if cfg.plan and folder and data_stream.choose_pipeline(
                 cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir, cfg.resident_budget) == "stream":
             spec = data_stream.load_stream(cfg.data_dir, recipe=cfg.recipe, image_size=cfg.image_size,
                                            workers=cfg.workers).spec
             spec_size, n_classes = spec.image_size, spec.num_classes
-        elif cfg.plan and cfg.dataset == "imagefolder":
+        elif cfg.plan and folder:
             # the plan depends on the images' size and the class count: read them as the run will
             spec = data_mod.load_dataset(
                 cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
@@ -302,7 +303,7 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
         n_train = data.num_train
         train_data, test_data = data, None
     else:
-        if cfg.dataset == "imagefolder" and cfg.data_pipeline == "auto" and (
+        if data_mod.reads(cfg.dataset) == "imagefolder" and cfg.data_pipeline == "auto" and (
                 cfg.image_size is not None or cfg.skip_bad_images or "workers" in (explicit or ())):
             warnings.append(f"warning: --data-pipeline auto keeps {cfg.data_dir} resident (it fits --resident-budget "
                             f"{cfg.resident_budget:g} MiB): --workers, --image-size and --skip-bad-images have no "

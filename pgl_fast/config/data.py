@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import data as data_mod
+from .. import data_stream
 from .base import _f, bad
 
 # the data sets and recipes the flags name: the data module's own tables (one registry each)
 DATASETS = data_mod.DATASETS
 RECIPES = tuple(data_mod.RECIPES)
-PIPELINES = ("auto", "resident", "stream")
+PIPELINES = data_stream.PIPELINES
 
 
 @dataclass(kw_only=True)
@@ -44,13 +45,7 @@ class DataConfig:
             bad("--image-size", f"must be >= 8 pixels, got {self.image_size}")
         if self.resident_budget <= 0:
             bad("--resident-budget", f"must be > 0 MiB, got {self.resident_budget}")
-        if self.data_pipeline == "stream" and DATASETS[self.dataset].reads != "imagefolder":
-            bad("--data-pipeline", f"stream reads ImageFolder trees; --dataset {self.dataset} is decoded whole "
-                "(use resident or auto)")
-        if (self.data_pipeline == "resident" and DATASETS[self.dataset].reads == "imagefolder"
-                and self.recipe == "imagenet"):
-            bad("--data-pipeline", "resident cannot train --recipe imagenet: its random resized crops need the "
-                "full-size images; use stream or auto")
+        data_stream.check_pipeline(self.data_pipeline, self.dataset, self.recipe)
         for flag, v in (("--train-subset", self.train_subset), ("--test-subset", self.test_subset)):
             if v is not None and v < 1:
                 bad(flag, f"must be >= 1, got {v}")
