@@ -50,16 +50,6 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
 def describe(cfg: TrainConfig, net: LocalModel, image_size: int) -> str:
     rows = net.describe()
     counts = net.count_parameters()
-    head = (f"{cfg.arch} split into J={net.J} modules (--split {cfg.split}), method {cfg.method}, "
-            f"aux {'none' if cfg.method == 'bp' else cfg.aux}, input {image_size}x{image_size}")
-    total = (f"parameters: backbone {counts['backbone']:,}  aux {counts['aux']:,}  "
-             f"total {counts['total']:,} ({counts['total'] / 1e6:.3f}M)")
-    return "\n".join([head, format_table(rows, list(rows[0].keys())), total])
-
-
-def describe(cfg: TrainConfig, net: LocalModel, image_size: int) -> str:
-    rows = net.describe()
-    counts = net.count_parameters()
     how = f"--cuts {cfg.cuts}" if cfg.custom_model else f"--split {cfg.split}"
     name = cfg.model or cfg.arch
     head = (f"{name} split into J={net.J} modules ({how}), method {cfg.method}, "
@@ -248,8 +238,8 @@ def tune_cpu(cfg: TrainConfig, net, device, group, *, batch: int, image_size: in
     return cfg, record
 
 
-def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None) -> dict:
-    group = pipe_ctx or ctx  # the ranks of this launch (pipeline stages or data-parallel replicas)
+def _device_of(cfg: TrainConfig, group) -> torch.device:
+    """The run's device, with determinism set as ``--deterministic`` asks."""
     if group.distributed:
         device = group.device
         if cfg.cuda_graphs:
@@ -259,8 +249,10 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
             sys.stdout = open(os.devnull, "w")  # one banner and one set of epoch lines: rank 0's
     else:
         device = resolve_device(cfg)
-    use_kernels = resolve_head_kernels(cfg, device) and not cfg.sync_bn
-    seed_everything(cfg.seed)
+    return device
+
+
+def _set_determinism(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -268,31 +260,40 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    if cfg.describe or cfg.plan:
-        spec_size, n_classes = data_mod.RECIPES[cfg.recipe_name].image_size, 10
-        folder = data_mod.reads(cfg.dataset) == "imagefolder"
-        if cfg.plan and folder and data_stream.choose_pipeline(
-                cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir, cfg.resident_budget) == "stream":
-            spec = data_stream.load_stream(cfg.data_dir, recipe=cfg.recipe, image_size=cfg.image_size,
-                                           workers=cfg.workers).spec
-            spec_size, n_classes = spec.image_size, spec.num_classes
-        elif cfg.plan and folder:
-            # the plan depends on the images' size and the class count: read them as the run will
-            spec = data_mod.load_dataset(
-                cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
-                test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
-                recipe=cfg.recipe).spec
-            spec_size, n_classes = spec.image_size, spec.num_classes
-        net = build_model(cfg, n_classes, spec_size)
-        warn()
-        print(describe(cfg, net, spec_size))
-        if cfg.plan:
-            print(planner.plan_run(cfg, net, spec_size, n_classes).text())
-        return {}
 
-    # everything is validated before the output dir is created or touched
-    rundir.check_output_dir(cfg.output_dir)
-    resume_state = ckpt.find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
+def _describe_and_plan(cfg: TrainConfig, warn) -> None:
+    """``--describe``/``--plan``: the network (and the memory plan) printed, nothing trained."""
+    spec_size, n_classes = data_mod.RECIPES[cfg.recipe_name].image_size, 10
+    folder = data_mod.reads(cfg.dataset) == "imagefolder"
+    if cfg.plan and folder and data_stream.choose_pipeline(
+            cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir, cfg.resident_budget) == "stream":
+        spec = data_stream.load_stream(cfg.data_dir, recipe=cfg.recipe, image_size=cfg.image_size,
+                                       workers=cfg.workers).spec
+        spec_size, n_classes = spec.image_size, spec.num_classes
+    elif cfg.plan and folder:
+        # the plan depends on the images' size and the class count: read them as the run will
+        spec = data_mod.load_dataset(
+            cfg.dataset, cfg.data_dir, device=torch.device("cpu"), train_subset=cfg.train_subset,
+            test_subset=cfg.test_subset, subset_seed=cfg.seed, download=False, cache_dir=cfg.cache_dir,
+            recipe=cfg.recipe).spec
+        spec_size, n_classes = spec.image_size, spec.num_classes
+    net = build_model(cfg, n_classes, spec_size)
+    warn()
+    print(describe(cfg, net, spec_size))
+    if cfg.plan:
+        print(planner.plan_run(cfg, net, spec_size, n_classes).text())
+
+
+@dataclasses.dataclass
+class _RunData:
+    data: object           # the loaded data set (its spec, and meta for a stream)
+    pipeline: str          # "resident" or "stream"
+    n_train: int
+    train: object          # what the Trainer takes: (x, y) tensors or the stream
+    test: object
+
+
+def _load_data(cfg: TrainConfig, device: torch.device, explicit, warnings: list[str]) -> _RunData:
     pipeline = data_stream.choose_pipeline(cfg.data_pipeline, cfg.dataset, cfg.recipe, cfg.data_dir,
                                            cfg.resident_budget)
     if pipeline == "stream":
@@ -300,34 +301,86 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
                                        workers=cfg.workers, skip_bad=cfg.skip_bad_images,
                                        train_subset=cfg.train_subset, test_subset=cfg.test_subset,
                                        subset_seed=cfg.seed)
-        n_train = data.num_train
-        train_data, test_data = data, None
-    else:
-        if data_mod.reads(cfg.dataset) == "imagefolder" and cfg.data_pipeline == "auto" and (
-                cfg.image_size is not None or cfg.skip_bad_images or "workers" in (explicit or ())):
-            warnings.append(f"warning: --data-pipeline auto keeps {cfg.data_dir} resident (it fits --resident-budget "
-                            f"{cfg.resident_budget:g} MiB): --workers, --image-size and --skip-bad-images have no "
-                            "effect (pass --data-pipeline stream to stream it)")
-        data = data_mod.load_dataset(
-            cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
-            cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
-            synthetic_test=cfg.synthetic_test)
-        n_train = int(data.train_y.shape[0])
-        train_data, test_data = (data.train_x, data.train_y), (data.test_x, data.test_y)
-    spec = data.spec
+        if data.meta["skipped_images"]:
+            warnings.append(f"warning: --skip-bad-images left out {data.meta['skipped_images']} image(s) that failed "
+                            f"to decode (first: {data.meta['skipped_files'][0]})")
+        return _RunData(data, pipeline, data.num_train, data, None)
+    if data_mod.reads(cfg.dataset) == "imagefolder" and cfg.data_pipeline == "auto" and (
+            cfg.image_size is not None or cfg.skip_bad_images or "workers" in (explicit or ())):
+        warnings.append(f"warning: --data-pipeline auto keeps {cfg.data_dir} resident (it fits --resident-budget "
+                        f"{cfg.resident_budget:g} MiB): --workers, --image-size and --skip-bad-images have no "
+                        "effect (pass --data-pipeline stream to stream it)")
+    data = data_mod.load_dataset(
+        cfg.dataset, cfg.data_dir, device=device, train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset, subset_seed=cfg.seed, download=not cfg.no_download,
+        cache_dir=cfg.cache_dir, recipe=cfg.recipe, synthetic_train=cfg.synthetic_train,
+        synthetic_test=cfg.synthetic_test)
+    return _RunData(data, pipeline, int(data.train_y.shape[0]), (data.train_x, data.train_y),
+                    (data.test_x, data.test_y))
+
+
+def _build_network(cfg: TrainConfig, spec, device, group, batch: int, use_kernels: bool):
+    """The run's network on its device with its head kernels chosen: (network, head-kernel record)."""
     net = build_model(cfg, spec.num_classes, spec.image_size).to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     head_kernels = configure_head_kernels(
-        net, cfg.head_kernels, use_kernels, batch=min(cfg.batch_size, n_train), device=device, channels_last=cfg.channels_last,
+        net, cfg.head_kernels, use_kernels, batch=batch, device=device, channels_last=cfg.channels_last,
         dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
+    return net, head_kernels
+
+
+def _stage_runner(cfg: TrainConfig, learner, net, spec, batch: int):
+    """This rank's stage of the module pipeline: every rank built the same model from the same seed;
+    each trains its own stage of it."""
+    balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance
+    if balance == "auto":
+        balance = measured_module_times(cfg.arch, net.J, batch=batch, aux=cfg.aux, split=cfg.split,
+                                        image_size=spec.image_size)
+    return build_stage(learner, cfg.pipeline, balance=balance, depth=cfg.pipeline_depth,
+                       micro_batches=cfg.pipeline_micro_batches,
+                       input_shape=(3, spec.image_size, spec.image_size), timeout_s=cfg.pipeline_timeout)
+
+
+def _header(cfg, run_cfg, group, rd: _RunData, mem_plan, predicted_mib, head_kernels, cpu_tune) -> dict:
+    """What header.json records beside versions and device: the choices this run made."""
+    header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
+              "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
+              "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
+              "compile": run_cfg.compile_mode if run_cfg.compile else None,
+              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
+              "data_pipeline": rd.pipeline, "memory_prediction_mib": predicted_mib, "cpu_tune": cpu_tune}
+    if rd.pipeline == "stream":
+        meta = rd.data.meta
+        header.update({"loader_workers": cfg.workers, "image_size": rd.data.spec.image_size,
+                       "skipped_images": meta["skipped_images"], "skipped_files": meta["skipped_files"]})
+    if cfg.uses_infopro_lambdas:
+        # InfoPro's loss is the objective, MAN's or HPFF's base, or PGL's local one: its lambdas
+        header["infopro_lambdas"] = cfg.infopro_lambda_record()
+    return header
+
+
+def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None) -> dict:
+    group = pipe_ctx or ctx  # the ranks of this launch (pipeline stages or data-parallel replicas)
+    device = _device_of(cfg, group)
+    use_kernels = resolve_head_kernels(cfg, device) and not cfg.sync_bn
+    seed_everything(cfg.seed)
+    _set_determinism(cfg, device)
+    if cfg.describe or cfg.plan:
+        _describe_and_plan(cfg, warn)
+        return {}
+
+    # everything is validated before the output dir is created or touched
+    rundir.check_output_dir(cfg.output_dir)
+    resume_state = ckpt.find_resume_state(cfg.resume, cfg.output_dir, cfg.to_dict(), cfg.allow_schedule_change)
+    rd = _load_data(cfg, device, explicit, warnings)
+    spec, run_batch = rd.data.spec, min(cfg.batch_size, rd.n_train)
+    net, head_kernels = _build_network(cfg, spec, device, group, run_batch, use_kernels)
     # the flags stay as given in config.json; the learner trains with what they and the tuner chose
-    run_batch = min(cfg.batch_size, n_train)
     run_cfg, cpu_tune = tune_cpu(cfg, net, device, group, batch=run_batch, image_size=spec.image_size,
-                                 steps=autotune.run_steps(n_train, run_batch, cfg.epochs, cfg.drop_last),
+                                 steps=autotune.run_steps(rd.n_train, run_batch, cfg.epochs, cfg.drop_last),
                                  recorded=recorded_cpu_choice(cfg, resume_state))
     if run_cfg.channels_last and not cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -339,31 +392,8 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
     predicted_mib = None if pipe_ctx is not None else group.on_main(
         planner.phase_predictions, cfg, mem_plan, spec.image_size, spec.num_classes)
     learner = build_learner(run_cfg, net, mem_plan, ctx=ctx)
-    header = {"memory_plan": mem_plan.record(), "global_memory": mem_plan.choice, "global_segments": mem_plan.segments,
-              "head_kernels": head_kernels["resolved"], "head_kernels_mode": head_kernels["mode"],
-              "head_kernel_selection": head_kernels["selection"], "head_kernel_rule": head_kernels.get("rule"),
-              "compile": run_cfg.compile_mode if run_cfg.compile else None,
-              "world_size": group.world_size, "backend": group.backend, "sync_bn": cfg.sync_bn,
-              "data_pipeline": pipeline, "memory_prediction_mib": predicted_mib, "cpu_tune": cpu_tune}
-    if pipeline == "stream":
-        header.update({"loader_workers": cfg.workers, "image_size": spec.image_size,
-                       "skipped_images": data.meta["skipped_images"], "skipped_files": data.meta["skipped_files"]})
-        if data.meta["skipped_images"]:
-            warnings.append(f"warning: --skip-bad-images left out {data.meta['skipped_images']} image(s) that failed "
-                            f"to decode (first: {data.meta['skipped_files'][0]})")
-    runner = None
-    if pipe_ctx is not None:
-        # every rank built the same model from the same seed; each trains its own stage of it
-        balance = None if cfg.pipeline_balance == "even" else cfg.pipeline_balance
-        if balance == "auto":
-            balance = measured_module_times(cfg.arch, net.J, batch=min(cfg.batch_size, n_train),
-                                            aux=cfg.aux, split=cfg.split, image_size=spec.image_size)
-        runner = build_stage(learner, cfg.pipeline, balance=balance, depth=cfg.pipeline_depth,
-                             micro_batches=cfg.pipeline_micro_batches,
-                             input_shape=(3, spec.image_size, spec.image_size), timeout_s=cfg.pipeline_timeout)
-    if cfg.uses_infopro_lambdas:
-        # InfoPro's loss is the objective, MAN's or HPFF's base, or PGL's local one: its lambdas
-        header["infopro_lambdas"] = cfg.infopro_lambda_record()
+    header = _header(cfg, run_cfg, group, rd, mem_plan, predicted_mib, head_kernels, cpu_tune)
+    strategy = Pipeline(_stage_runner(cfg, learner, net, spec, run_batch)) if pipe_ctx is not None else None
 
     def banner(h: dict) -> list[str]:
         return [f"pgl_fast {h['pgl_fast']} | torch {h['torch']} | device {h['device_name']} "
@@ -372,17 +402,15 @@ def _run_on(cfg: TrainConfig, argv, explicit, ctx, warnings, warn, pipe_ctx=None
                 describe(cfg, net, spec.image_size), mem_plan.text()]
 
     trainer = Trainer(
-        learner, train_data, test_data, spec=spec, epochs=cfg.epochs,
+        learner, rd.train, rd.test, spec=spec, epochs=cfg.epochs,
         output_dir=cfg.output_dir, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
         drop_last=cfg.drop_last, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
         resume=cfg.resume, overwrite=cfg.overwrite, allow_schedule_change=cfg.allow_schedule_change,
         progress=cfg.progress, heartbeat=cfg.heartbeat, eval_heads=not cfg.no_head_eval, config=cfg.to_dict(),
         header=header, summary_extra={"arch": cfg.model or cfg.arch, "aux": cfg.aux if net.heads else None},
         warnings=warnings, banner=banner, command=command_line(cfg, argv), resume_hint=resume_command(cfg, argv),
-        config_writer=cfg.save, resume_state=resume_state, strategy=Pipeline(runner) if runner is not None else None,
-        cli_flags=True)
+        config_writer=cfg.save, resume_state=resume_state, strategy=strategy, cli_flags=True)
     return trainer.fit()
-
 
 
 def main(argv: list[str] | None = None) -> int:
