@@ -37,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.build import build_learner, build_model
+from pgl_fast.config.build import build_learner, build_model
 from pgl_fast.config import TrainConfig
 from pgl_fast.train import tune_cpu
 

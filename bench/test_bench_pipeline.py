@@ -40,7 +40,7 @@ WARM = 1
 
 
 def _pipe_worker(rank, world, times, batch, steps):
-    from pgl_fast.profile import build_step
+    from pgl_fast.memory.profile import build_step
 
     setup = build_step("local", arch=ARCH, J=J, aux=AUX, batch=batch)
     runner = build_stage(setup.executor, world, balance=times, timeout_s=600)
@@ -75,7 +75,7 @@ def _next_shape(setup, b):
 
 
 def _single(threads: int, batch: int, steps: int) -> float:
-    from pgl_fast.profile import build_step
+    from pgl_fast.memory.profile import build_step
 
     n = torch.get_num_threads()
     torch.set_num_threads(threads)

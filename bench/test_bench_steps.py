@@ -4,7 +4,7 @@ local (DGL/PGL) step and a checkpointed PGL global step, for J in {2, 4, 8, 16}.
 CUDA: resnet32 and resnet110 at batch 1024; the timed function synchronises before it returns
 (pytest-benchmark reads a host clock); memory from ``max_memory_allocated``/``max_memory_reserved``
 over one steady-state step. CPU: resnet32 at batch 16 on one thread (``PGL_FAST_BENCH_THREADS``
-to change it), memory from the tensor-level tracker of ``pgl_fast.profile``; CPU times are only a
+to change it), memory from the tensor-level tracker of ``pgl_fast.memory.profile``; CPU times are only a
 smoke test.
 
 ``extra_info`` of every benchmark: images/s, step time, peak memory and its breakdown, and the
@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 
-from pgl_fast.profile import build_step, measure_step
+from pgl_fast.memory.profile import build_step, measure_step
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -24,8 +24,8 @@ import time
 import pytest
 import torch
 
-from pgl_fast import data_stream as ds
-from pgl_fast.build import build_learner, build_model
+from pgl_fast.data import stream as ds
+from pgl_fast.config.build import build_learner, build_model
 from pgl_fast.config import TrainConfig
 from pgl_fast.tools.make_imagefolder import make_imagefolder
 

@@ -6,16 +6,17 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
   example_input=None)``: cut a network into local modules, an aux head at every cut -> ``LocalModel``
   (``example_input``: a batch to probe with, for inputs that are not float images);
 - ``pgl_fast.LocalModel(blocks, classifier, heads)``: the pieces, assembled by hand;
-- ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``PGL(period, duration, local=...)``;
+- ``pgl_fast.methods``: ``BP()``, ``DGL()``, ``InfoPro(...)``, ``MAN(...)``, ``HPFF(...)``,
+  ``PGL(period, duration, local=...)``, and ``Method``, the base class of a new one;
 - ``pgl_fast.LocalLearner(local_model, method, ...)``: local and global steps, evaluation, state;
 - ``pgl_fast.Trainer(learner, train_data, test_data, *, epochs, output_dir, strategy=None, ...)``: the
   training loop; ``strategy``: ``SingleProcess()``, ``DataParallel()`` or ``Pipeline(runner)``;
 - presets and pieces the examples use: ``cifar_resnet``, ``cifar_stem``, the optimizer factory
   ``sgd`` (and ``SGD``), the methods ``BP``/``DGL``/``InfoPro``/``PGL``, and for torchrun
   ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
-  sets: ``load_dataset``, ``extract_archive_if_needed``;
+  sets: ``load_dataset``, ``extract_archive_if_needed``; ``main(argv)``, the CLI in process;
 - the registries: ``register_head(name, HeadSpec(...))`` (an aux head ``--aux``/``split(aux=...)``
-  can name) and ``register_dataset(name, DatasetSource(...))`` (a data set ``load_dataset`` and
+  can name) and ``register_dataset(name, DatasetSource(...))`` (with ``LoadRequest`` and ``Splits``: a data set ``load_dataset`` and
   ``--dataset`` can name).
 """
 import importlib
@@ -56,7 +57,7 @@ def _register_checkout_kernels() -> None:
 
 _register_checkout_kernels()
 
-from . import host_memory  # noqa: E402  (ctypes only)
+from .memory import host as host_memory  # noqa: E402  (ctypes only)
 
 host_memory.ask_huge_pages()  # before anything imports torch: torch reads it once (host_memory.py)
 
@@ -65,12 +66,15 @@ _API = {
     "split": ("pgl_fast.models.split", "split"),
     "LocalModel": ("pgl_fast.models.local_model", "LocalModel"),
     "LocalLearner": ("pgl_fast.core.learner", "LocalLearner"),
-    "Trainer": ("pgl_fast.trainer", "Trainer"),
+    "Trainer": ("pgl_fast.training.trainer", "Trainer"),
     "methods": ("pgl_fast.core.methods", None),
     "BP": ("pgl_fast.core.methods", "BP"),
     "DGL": ("pgl_fast.core.methods", "DGL"),
     "InfoPro": ("pgl_fast.core.methods", "InfoPro"),
     "PGL": ("pgl_fast.core.methods", "PGL"),
+    "MAN": ("pgl_fast.core.methods", "MAN"),
+    "HPFF": ("pgl_fast.core.methods", "HPFF"),
+    "Method": ("pgl_fast.core.methods", "Method"),
     "cifar_resnet": ("pgl_fast.models.presets", "cifar_resnet"),
     "cifar_stem": ("pgl_fast.models.presets", "cifar_stem"),
     "sgd": ("pgl_fast.runtime.optim", "sgd"),
@@ -86,6 +90,9 @@ _API = {
     "extract_archive_if_needed": ("pgl_fast.data", "extract_archive_if_needed"),
     "register_dataset": ("pgl_fast.data", "register_dataset"),
     "DatasetSource": ("pgl_fast.data", "DatasetSource"),
+    "LoadRequest": ("pgl_fast.data", "LoadRequest"),
+    "Splits": ("pgl_fast.data", "Splits"),
+    "main": ("pgl_fast.train", "main"),  # the CLI in process: main(["--method", "pgl", ...]) -> exit code
     "register_head": ("pgl_fast.models.heads", "register_head"),
     "HeadSpec": ("pgl_fast.models.heads", "HeadSpec"),
     "UserError": ("pgl_fast.errors", "UserError"),

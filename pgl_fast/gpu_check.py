@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .argparsing import OneLineParser
+from .config.argparsing import OneLineParser
 from .core.learner import LocalLearner
 from .core.methods import PGL
 from .jsonio import JsonlWriter, write_text_atomic

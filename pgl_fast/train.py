@@ -7,8 +7,8 @@ model (``--arch torchvision:resnet18 --cuts layer1,layer2,layer3``) or a user's 
 
 Outputs go to ``--output-dir``: ``config.json`` (resolved config), ``header.json`` (versions,
 device), ``metrics.jsonl`` (one line per epoch), ``summary.json`` and ``checkpoints/``. This module
-is the command line only: it builds through :mod:`pgl_fast.build` and trains with
-:class:`pgl_fast.trainer.Trainer`.
+is the command line only: it builds through :mod:`pgl_fast.config.build` and trains with
+:class:`pgl_fast.training.trainer.Trainer`.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import sys
 
 import torch
 
-from . import checkpoint as ckpt
+from .training import checkpoint as ckpt
 from . import data as data_mod
-from . import data_stream
-from . import planner
-from . import rundir
-from .build import build_learner, build_model, resolve_device, resolve_head_kernels
+from .data import stream as data_stream
+from .memory import planner
+from .training import rundir
+from .config.build import build_learner, build_model, resolve_device, resolve_head_kernels
 from .config import TrainConfig, config_from_args, explicit_fields
 from .distributed import DistContext, launched_by_torchrun
 from .distributed.cost_model import measured_module_times
@@ -37,7 +37,7 @@ from .runtime import autotune
 from .runtime.head_select import configure_head_kernels
 from .runtime.optim import sgd
 from .runtime.rng import seed_everything
-from .trainer import NonFiniteError, RunInterrupted, Trainer
+from .training.trainer import NonFiniteError, RunInterrupted, Trainer
 
 
 def format_table(rows: list[dict], cols: list[str]) -> str:

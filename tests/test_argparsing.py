@@ -7,7 +7,7 @@ from contextlib import redirect_stderr
 
 import pytest
 
-from pgl_fast.argparsing import OneLineParser, add_field, add_fields, flag_of, flag_strings
+from pgl_fast.config.argparsing import OneLineParser, add_field, add_fields, flag_of, flag_strings
 from pgl_fast.config import GROUP_TITLES, TrainConfig, build_parser
 from pgl_fast.errors import UserError
 

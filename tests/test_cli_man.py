@@ -74,7 +74,7 @@ def test_irrelevant_flags_warn():
 
 
 def test_head_kernels_triton_refused_for_man():
-    from pgl_fast.build import resolve_head_kernels
+    from pgl_fast.config.build import resolve_head_kernels
     import torch
 
     with pytest.raises(UserError, match="--head-kernels triton: is not supported with MAN: the fused kernels are for heads on the module"):

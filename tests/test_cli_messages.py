@@ -10,7 +10,7 @@ from pgl_fast import experiments, report
 from pgl_fast.config import TrainConfig, config_from_args, config_from_dict, explicit_fields
 from pgl_fast.data import load_dataset
 from pgl_fast.train import main
-from pgl_fast.progress import Heartbeat, format_duration, run_eta
+from pgl_fast.training.progress import Heartbeat, format_duration, run_eta
 
 from test_data import make_tree  # the ImageFolder tree builder of the data tests
 

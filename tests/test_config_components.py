@@ -108,8 +108,8 @@ def test_committed_flat_config_json_loads_and_every_field_has_one_component():
 def test_planner_measures_the_runs_own_head_width(one_thread):
     """The planner builds the run's network from its config: wider aux heads are measured as
     wider (a config re-packed field by field measured the default width)."""
-    from pgl_fast import planner
-    from pgl_fast.build import build_model
+    from pgl_fast.memory import planner
+    from pgl_fast.config.build import build_model
 
     def local_peak(**kw):
         cfg = TrainConfig(arch="resnet8", modules=2, split="even", batch_size=8, method="dgl", plan=True, **kw)

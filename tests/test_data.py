@@ -1,4 +1,4 @@
-"""Tests for pgl_fast.data: specs, loaders, caches, errors and the on-device batch pipeline."""
+"""Tests for pgl_fast.data.sources: specs, loaders, caches, errors and the on-device batch pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pgl_fast import data as D
+from pgl_fast.data import sources as D
 from pgl_fast.data import (
     DATASETS,
     RECIPES,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import pgl_fast
-from pgl_fast import data as D
+from pgl_fast.data import sources as D
 from pgl_fast.errors import UserError
 from pgl_fast.tools import check_install
 

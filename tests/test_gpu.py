@@ -122,7 +122,7 @@ def test_checkpointed_global_step_matches_plain():
 
 def test_graph_memory_reports_what_a_replay_holds():
     from pgl_fast.runtime.graphs import GraphedLocalSteps
-    from pgl_fast.metrics import PeakMemory
+    from pgl_fast.training.metrics import PeakMemory
 
     # big enough a batch that activations dominate parameters and optimizer state
     net = _net(aux="1c2f", J=2, split="even", image_size=32)

@@ -14,8 +14,8 @@ import pytest
 
 import pgl_fast.core.learner as learner_mod
 import pgl_fast.train as train_mod
-from pgl_fast import planner
-from pgl_fast.profile import build_step, measure_step
+from pgl_fast.memory import planner
+from pgl_fast.memory.profile import build_step, measure_step
 from pgl_fast.train import main
 
 ARGS = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
@@ -50,7 +50,7 @@ def observed_run(monkeypatch, args):
     monkeypatch.setattr(learner_mod, "checkpoint", counting_checkpoint)
     assert main(args) == 0
     # the planner's measuring steps all run before the run's learner is built (and build through
-    # pgl_fast.build directly), so the count is of the run's own steps
+    # pgl_fast.config.build directly), so the count is of the run's own steps
     return built[-1], calls[0]
 
 

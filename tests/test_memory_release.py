@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 
-from pgl_fast import planner
+from pgl_fast.memory import planner
 from pgl_fast.train import main
 
-from pgl_fast import host_memory
+from pgl_fast.memory import host as host_memory
 
 HOST_MEMORY = host_memory.__file__
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -92,7 +92,7 @@ def test_huge_pages_asked_only_before_torch():
     the mmap threshold without paying page faults); imported after it -- as in this test process,
     whose conftest imports torch first -- it cannot, and says so."""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    code = ("import os, pgl_fast, torch; from pgl_fast.host_memory import huge_pages_for_torch; "
+    code = ("import os, pgl_fast, torch; from pgl_fast.memory.host import huge_pages_for_torch; "
             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), huge_pages_for_torch())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                          timeout=120).stdout.split()

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pgl_fast import planner
+from pgl_fast.memory import planner
 from pgl_fast.errors import UserError
-from pgl_fast.profile import build_step, measure_step
+from pgl_fast.memory.profile import build_step, measure_step
 from pgl_fast.train import main
 
 KW = dict(arch="resnet14", J=7, aux="1c2f", image_size=16, split="layerwise")

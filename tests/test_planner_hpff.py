@@ -5,10 +5,10 @@ local-step peak must equal a direct tracker measurement at the target batch."""
 import pytest
 import torch
 
-from pgl_fast import planner
-from pgl_fast.build import step_factory
+from pgl_fast.memory import planner
+from pgl_fast.config.build import step_factory
 from pgl_fast.config import TrainConfig
-from pgl_fast.profile import build_step, measure_step
+from pgl_fast.memory.profile import build_step, measure_step
 from pgl_fast.train import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

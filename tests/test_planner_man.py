@@ -2,9 +2,9 @@
 block), not only the plain heads."""
 import pytest
 
-from pgl_fast import planner
+from pgl_fast.memory import planner
 from pgl_fast.config import TrainConfig
-from pgl_fast.profile import build_step
+from pgl_fast.memory.profile import build_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""The tensor-level memory tracker and ``pgl_fast.profile``.
+"""The tensor-level memory tracker and ``pgl_fast.memory.profile``.
 
 The tracker is checked against peaks counted by hand on small matmul workloads, against
 ``torch.distributed._tools.mem_tracker.MemTracker`` on a real step, and the profile report for
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pgl_fast.errors import UserError
-from pgl_fast.profile import (BREAKDOWN, CATEGORIES, KINDS, TensorMemoryTracker, build_step, main,
+from pgl_fast.memory.profile import (BREAKDOWN, CATEGORIES, KINDS, TensorMemoryTracker, build_step, main,
                               profile_steps)
 
 MiB = 2 ** 20
@@ -236,7 +236,7 @@ def test_warmup_at_a_small_batch_gives_the_same_peak():
 def test_cli_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "p.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pgl_fast.profile", "--arch", "resnet8", "-J", "4", "--split", "layerwise",
+    cmd = [sys.executable, "-m", "pgl_fast.memory.profile", "--arch", "resnet8", "-J", "4", "--split", "layerwise",
            "-b", "4", "--image-size", "16", "--steps", "1", "--kinds", "bp", "local", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

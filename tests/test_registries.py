@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pgl_fast.build import resolve_head_kernels
+from pgl_fast.config.build import resolve_head_kernels
 from pgl_fast.config import TrainConfig, build_parser, config_from_args, explicit_fields
 from pgl_fast.data import DATASETS, DatasetSource, Splits, load_dataset, register_dataset
 from pgl_fast.errors import UserError

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from pgl_fast.checkpoint import check_compatible
+from pgl_fast.training.checkpoint import check_compatible
 from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
@@ -271,7 +271,7 @@ def test_rewind_keeps_the_checkpoint_just_written(tmp_path, monkeypatch, one_thr
     base = FAST + ["--epochs", "2", "-o", str(out)]
     assert main(base + ["--save-every", "0"]) == 0
     assert ckpt_names(out) == ["ckpt-e0001-s000000.pt", "ckpt-e0002-s000000.pt"]
-    import pgl_fast.checkpoint as ckpt
+    import pgl_fast.training.checkpoint as ckpt
 
     saved, save = [], ckpt.save_checkpoint
 

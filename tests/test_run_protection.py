@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from pgl_fast import rundir
+from pgl_fast.training import rundir
 from pgl_fast.config import build_parser
 from pgl_fast.train import main, resume_command
 from test_nonfinite import poison_output

@@ -13,7 +13,7 @@ import pgl_fast
 from pgl_fast.core.methods import DGL, PGL
 from pgl_fast.data import BatchAugmenter, DatasetSpec, normalize
 from pgl_fast.errors import UserError
-from pgl_fast.trainer import RunInterrupted
+from pgl_fast.training.trainer import RunInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import pgl_fast
-from pgl_fast.metrics import run_header
+from pgl_fast.training.metrics import run_header
 from pgl_fast.versions import device_name, git_sha, versions
 
 

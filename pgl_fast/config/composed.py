@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
-from ..argparsing import DefaultsHelpFormatter, OneLineParser, add_fields, flag_of
+from .argparsing import DefaultsHelpFormatter, OneLineParser, add_fields, flag_of
 from .. import data as data_mod
 from ..core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES
 from ..jsonio import write_json_atomic

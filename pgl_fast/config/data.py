@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import data as data_mod
-from .. import data_stream
+from ..data import stream as data_stream
 from .base import _f, bad
 
 # the data sets and recipes the flags name: the data module's own tables (one registry each)

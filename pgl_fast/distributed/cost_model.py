@@ -48,7 +48,7 @@ import torch.distributed as dist
 from ..errors import UserError
 from ..models.cifar_resnet import unit_shapes
 from ..models.splits import resolve_split
-from ..profile import build_step
+from ..memory.profile import build_step
 from .pipeline import balance_by_time
 
 LABEL_BYTES = 8  # int64 label per sample travels with the activations

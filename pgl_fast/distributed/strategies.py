@@ -1,4 +1,4 @@
-"""Strategies: how one process takes part in a run. The :class:`~pgl_fast.trainer.Trainer`'s epoch
+"""Strategies: how one process takes part in a run. The :class:`~pgl_fast.training.trainer.Trainer`'s epoch
 loop is the same whatever the strategy; what differs between one process, data parallel and the
 module pipeline lives here, behind one small interface (in the spirit of Lightning Fabric's
 strategies):
@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import torch.distributed as dist
 
-from .. import checkpoint as ckpt
-from ..batches import TensorData
+from ..training import checkpoint as ckpt
+from ..data.batches import TensorData
 from ..errors import UserError
 from .context import DistContext
 from .data_parallel import ShardedData

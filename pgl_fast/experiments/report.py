@@ -28,7 +28,7 @@ import math
 import os
 import sys
 
-from ..argparsing import OneLineParser
+from ..config.argparsing import OneLineParser
 from ..errors import UserError
 from ..jsonio import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from .grids import FRONTIER_PAIRS, GRIDS, OFFLINE_COPY_NAME, VARIANTS

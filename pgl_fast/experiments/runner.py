@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import rundir
-from ..argparsing import OneLineParser, add_field
+from ..training import rundir
+from ..config.argparsing import OneLineParser, add_field
 from ..config import INFOPRO_LAMBDAS, TrainConfig, config_from_args
 from ..errors import UserError
 from ..jsonio import read_json, write_json_atomic

@@ -11,7 +11,6 @@ run its children in order is refused with a message naming it.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch

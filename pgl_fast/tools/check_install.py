@@ -20,7 +20,7 @@ import re
 import sys
 
 from .. import __version__
-from ..argparsing import OneLineParser
+from ..config.argparsing import OneLineParser
 
 # A requirement line of the installed metadata: ``torch>=2.4`` or ``pytest>=7; extra == "test"``.
 _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

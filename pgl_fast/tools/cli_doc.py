@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..argparsing import OneLineParser
+from ..config.argparsing import OneLineParser
 from ..config import build_parser
 from ..errors import UserError
 

@@ -3,7 +3,7 @@ pixels a side, width and height drawn apart) upscaled from a small source, as JP
 ``<out>/train/<class>/`` and ``<out>/test/<class>/``.
 
 Sources: an ImageFolder tree (the offline JPEG copy of CIFAR-10, unpacked) or ``synthetic`` (the
-generated images of :mod:`pgl_fast.data`, for tests without any file). The choice of images and
+generated images of :mod:`pgl_fast.data.sources`, for tests without any file). The choice of images and
 sizes is seeded, so a tree is reproducible.
 
     python -m pgl_fast.tools.make_imagefolder --source .cache/cifar10-jpeg --out /tmp/inet-like \\
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .. import data as data_mod
+from ..data import sources as data_mod
 from ..errors import UserError
 
 

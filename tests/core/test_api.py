@@ -102,7 +102,7 @@ VOLATILE = {"images_per_s", "epoch_seconds", "peak_mem_mib", "peak_reserved_mib"
 
 
 def test_trainer_interrupted_mid_epoch_resumes_exactly(tmp_path, monkeypatch):
-    from pgl_fast.trainer import RunInterrupted
+    from pgl_fast.training.trainer import RunInterrupted
 
     train, test = data(64), data(32, 1)
 

@@ -1,4 +1,4 @@
-"""The streaming pipeline (pgl_fast.data_stream) on a tiny generated ImageNet-like tree.
+"""The streaming pipeline (pgl_fast.data.stream) on a tiny generated ImageNet-like tree.
 
 References are torchvision's own transforms under torch's global generator (RandomResizedCrop,
 RandomHorizontalFlip, Resize + CenterCrop) and PIL's colour conversion; the CLI runs compare a
@@ -19,7 +19,7 @@ from torchvision import io as tvio
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-from pgl_fast import data_stream as ds
+from pgl_fast.data import stream as ds
 from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
 from pgl_fast.tools.make_imagefolder import make_imagefolder

@@ -171,7 +171,7 @@ def main(out_dir: str) -> None:
             res["eval"] = learner.evaluate(test_batches(ctx))
     # the same DGL run through the Trainer's own data object wrapped in ShardedData
     from pgl_fast.distributed import ShardedData
-    from pgl_fast.batches import TensorData
+    from pgl_fast.data.batches import TensorData
 
     x_tr, y_tr, x_te, y_te = data()
     learner = build("dgl", ctx, sync_bn=True)

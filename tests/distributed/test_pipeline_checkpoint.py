@@ -52,7 +52,7 @@ def _trainer_worker(rank, world, out_dir):
 
 
 def test_pipeline_checkpoints_weights_only_and_whole_model(tmp_path, one_thread):
-    from pgl_fast.checkpoint import list_checkpoints, load_checkpoint
+    from pgl_fast.training.checkpoint import list_checkpoints, load_checkpoint
 
     outs = _ok(run_local_group(_trainer_worker, 2, str(tmp_path), timeout_s=60))
     # every stage file loads as weights only (any object that sneaks into one fails this load)

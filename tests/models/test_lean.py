@@ -76,7 +76,7 @@ def test_lean_local_step_meets_the_memory_target():
     """The issue's target: a local step at J=16 (resnet32, batch 256, fp32, 1c2f) holds at most 15%
     of a bp step's peak tracked memory (parameters, gradients, optimizer state, activations)."""
     torch.set_default_dtype(torch.float32)
-    from pgl_fast.profile import build_step, measure_step
+    from pgl_fast.memory.profile import build_step, measure_step
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from pgl_fast.build import build_learner
+from pgl_fast.config.build import build_learner
 from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
 from pgl_fast.runtime import autotune
@@ -21,7 +21,7 @@ SHAPE = {"arch": "resnet8", "J": 4}
 
 def _tiny():
     cfg = TrainConfig(arch="resnet8", modules=4, split="layerwise", method="dgl", batch_size=8, lr=0.05)
-    from pgl_fast.build import build_model
+    from pgl_fast.config.build import build_model
 
     return cfg, build_model(cfg, 10, 16)
 

@@ -133,7 +133,7 @@ def test_pool_reserved_bytes_counts_only_the_graph_pool(monkeypatch):
 
 
 def test_graphed_epoch_reports_the_capture_peak(monkeypatch):
-    from pgl_fast.metrics import PeakMemory
+    from pgl_fast.training.metrics import PeakMemory
 
     mib = 2**20
     # replays never allocate: the counter saw only 100 MiB, the capture of batch 64 held 700 MiB

@@ -16,7 +16,7 @@ from pgl_fast.core.methods import DGL
 from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime import head_select as hs
 from pgl_fast.runtime.optim import sgd
-from pgl_fast.trainer import Trainer
+from pgl_fast.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = torch.device("cuda")

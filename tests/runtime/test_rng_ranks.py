@@ -17,7 +17,7 @@ from pgl_fast.core.methods import DGL
 from pgl_fast.distributed import DataParallelLearner, DistContext
 from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.optim import sgd
-from pgl_fast.trainer import Trainer
+from pgl_fast.training.trainer import Trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

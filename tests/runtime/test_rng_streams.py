@@ -15,8 +15,8 @@ from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.graphs import warm_up
 from pgl_fast.runtime.optim import sgd
 from pgl_fast.runtime.rng import preserved_rng, rank_seed
-from pgl_fast.checkpoint import restore_rank_rng
-from pgl_fast import checkpoint as ckpt
+from pgl_fast.training.checkpoint import restore_rank_rng
+from pgl_fast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")

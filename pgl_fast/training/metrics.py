@@ -3,7 +3,7 @@
 Peak memory: on CUDA ``max_memory_allocated``/``max_memory_reserved``, reset at the start of each
 epoch. On the CPU the process's peak resident set (``VmHWM``), reset per epoch through
 ``/proc/self/clear_refs`` where Linux allows it; the tensor-level breakdown comes from
-``pgl_fast.profile``.
+``pgl_fast.memory.profile``.
 
 Under CUDA graphs the allocator's counters miss what a replay holds (a replay never allocates: its
 activations sit in the graph pool, allocated only while the capture ran), so an epoch that replayed
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .versions import device_name, git_sha, versions
+from ..versions import device_name, git_sha, versions
 
 
 def _proc_status_kib(key: str) -> int | None:

@@ -10,18 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import MethodConfig, ModelConfig, TrainConfig
-from .core.learner import LocalLearner
-from .core.methods import MAN, METHODS, InfoPro, Method, from_name
-from .core.schedule import lr_at_epoch
-from .distributed import DataParallelLearner
-from .errors import UserError
-from .models.heads import HEADS
-from .models.local_model import LocalModel
-from .models.presets import cifar_resnet, factory_model, torchvision_model
-from .models.split import split
-from .runtime.head_select import configure_head_kernels
-from .runtime.optim import sgd
+from . import MethodConfig, ModelConfig, TrainConfig
+from ..core.learner import LocalLearner
+from ..core.methods import MAN, METHODS, InfoPro, Method, from_name
+from ..core.schedule import lr_at_epoch
+from ..distributed import DataParallelLearner
+from ..errors import UserError
+from ..models.heads import HEADS
+from ..models.local_model import LocalModel
+from ..models.presets import cifar_resnet, factory_model, torchvision_model
+from ..models.split import split
+from ..runtime.head_select import configure_head_kernels
+from ..runtime.optim import sgd
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +60,7 @@ def resolve_head_kernels(cfg: TrainConfig, device: torch.device) -> bool:
         if cfg.head_kernels == "triton":
             raise UserError(f"--head-kernels triton: the {cfg.aux} head has no fused kernel; use --head-kernels eager")
         return False
-    from .kernels import triton_available  # optional: Triton's pieces load only where heads may run fused
+    from ..kernels import triton_available  # optional: Triton's pieces load only where heads may run fused
 
     ok, reason = triton_available(device)
     if not ok:
@@ -128,7 +128,7 @@ def lr_schedule(cfg: TrainConfig):
 def build_learner(cfg: TrainConfig, model: LocalModel, plan=None, *, cuda_graphs: bool | None = None,
                   ctx=None) -> LocalLearner:
     """The learner a run of ``cfg`` trains ``model`` with (also used by the profiler). With a
-    :class:`~pgl_fast.planner.MemoryPlan` its global steps checkpoint exactly the plan's segments
+    :class:`~pgl_fast.memory.planner.MemoryPlan` its global steps checkpoint exactly the plan's segments
     (None: not at all); without one (the profiler's fixed step kinds), ``--checkpoint-global``
     alone means one segment per module."""
     if plan is not None:

@@ -1,6 +1,6 @@
 """Peak memory of each training step kind, with the same numbers on the CPU and on a GPU.
 
-    python -m pgl_fast.profile --arch resnet32 -J 16 --aux 1c2f -b 256 --dtype fp32 --device cpu \\
+    python -m pgl_fast.memory.profile --arch resnet32 -J 16 --aux 1c2f -b 256 --dtype fp32 --device cpu \\
         --json profile.json
 
 Step kinds (each on a fresh network and :class:`~pgl_fast.core.learner.LocalLearner`, same seed):
@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import sys
 import time
 import weakref
@@ -61,11 +60,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .argparsing import DefaultsHelpFormatter, OneLineParser, add_field
-from .build import StepFactory
-from .config import MethodConfig, ModelConfig, TrainConfig
-from .errors import UserError
-from .versions import device_name, versions
+from ..config.argparsing import DefaultsHelpFormatter, OneLineParser, add_field
+from ..config.build import StepFactory
+from ..config import MethodConfig, ModelConfig, TrainConfig
+from ..errors import UserError
+from ..versions import device_name, versions
 
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
 DEFAULT_KINDS = ("bp", "bp_ckpt", "local", "global_ckpt")
@@ -413,7 +412,7 @@ def flags_factory(*, arch: str = "resnet32", J: int = 16, aux: str | None = "1c2
                   num_classes: int = 10, image_size: int = 32, lean_blocks: bool = False, model: str | None = None,
                   cuts: str | None = None, cifar_stem: bool = False, pgl_local: str = "dgl",
                   local_options: dict | None = None) -> StepFactory:
-    """The :class:`~pgl_fast.build.StepFactory` that :func:`build_step`'s keywords describe: the
+    """The :class:`~pgl_fast.config.build.StepFactory` that :func:`build_step`'s keywords describe: the
     network of ``--arch``/``--model``, J modules (or J from ``--cuts``), the local kinds PGL's over
     ``pgl_local`` with its flags ``local_options``."""
     return StepFactory(
@@ -655,7 +654,7 @@ def format_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m pgl_fast.profile",
+    p = OneLineParser(prog="python -m pgl_fast.memory.profile",
                       description="Peak memory per training step kind (bp, bp+checkpoint, local, PGL global).",
                       formatter_class=DefaultsHelpFormatter)
     # the flags a training run shares are TrainConfig's own: one help text, one set of choices
@@ -700,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
                                pgl_local=args.pgl_local,
                                local_options={k: getattr(args, k) for k in LOCAL_OPTIONS if hasattr(args, k)})
     except UserError as e:
-        print(f"python -m pgl_fast.profile: error: {e}", file=sys.stderr)
+        print(f"python -m pgl_fast.memory.profile: error: {e}", file=sys.stderr)
         return 2
     c = report["config"]
     print(f"{c['arch']} J={c['J']} aux={c['aux']} batch={c['batch']} {c['dtype']} on {report['device']} "
@@ -713,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(report, f, indent=2, sort_keys=True)
                 f.write("\n")
         except OSError as e:
-            print(f"python -m pgl_fast.profile: error: --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            print(f"python -m pgl_fast.memory.profile: error: --json {args.json}: {e.strerror or e}", file=sys.stderr)
             return 2
     return 0
 

@@ -1,6 +1,6 @@
 """Streaming data: image files decoded by ``DataLoader`` worker processes, batch by batch.
 
-The resident pipeline (:mod:`pgl_fast.data`) keeps a whole data set decoded on the device; that is
+The resident pipeline (:mod:`pgl_fast.data.sources`) keeps a whole data set decoded on the device; that is
 impossible for ImageNet-sized sets. Here only the file list is held (as one packed byte buffer,
 so forked workers do not copy-on-read a million Python strings): each batch is read and decoded
 by worker processes, cropped/resized and flipped per sample, collated as uint8, copied to pinned
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from . import data as data_mod
-from .distributed.data_parallel import check_epoch_split, eval_shard, shard_batch
-from .errors import UserError
+from . import augment, recipes, sources
+from ..distributed.data_parallel import check_epoch_split, eval_shard, shard_batch
+from ..errors import UserError
 
 __all__ = ["StreamData", "load_stream", "sample_seed", "random_resized_crop_params", "TrainTransform",
            "EvalTransform", "ImageFiles", "choose_pipeline", "PIPELINES"]
@@ -87,10 +87,10 @@ def random_resized_crop_params(height: int, width: int, g: torch.Generator, scal
 class TrainTransform:
     """One training sample's augmentation, every draw from the sample's own generator."""
 
-    def __init__(self, spec: data_mod.DatasetSpec, recipe: str):
+    def __init__(self, spec: recipes.DatasetSpec, recipe: str):
         self.spec, self.recipe = spec, recipe
         self.size = int(spec.image_size)
-        self.pad_crop = None if recipe == "imagenet" else data_mod.BatchAugmenter(spec, "cpu")
+        self.pad_crop = None if recipe == "imagenet" else augment.BatchAugmenter(spec, "cpu")
 
     def __call__(self, img: torch.Tensor, g: torch.Generator, path: str) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F  # torchvision is heavy to import: only where images are decoded
@@ -109,7 +109,7 @@ class TrainTransform:
 class EvalTransform:
     """Deterministic test-time view: ImageNet's resize-and-centre-crop, or the image as it is."""
 
-    def __init__(self, spec: data_mod.DatasetSpec, recipe: str):
+    def __init__(self, spec: recipes.DatasetSpec, recipe: str):
         self.recipe, self.size = recipe, int(spec.image_size)
 
     def __call__(self, img: torch.Tensor, g, path: str) -> torch.Tensor:
@@ -182,7 +182,7 @@ def _read_image(path: str) -> torch.Tensor:
     with warnings.catch_warnings():
         # torchvision >= 0.29 warns on every decode call that image decoding moves to TorchCodec.
         warnings.filterwarnings("ignore", message=".*TorchVision are deprecated", category=DeprecationWarning)
-        return data_mod._decode_one(path, raw)
+        return sources._decode_one(path, raw)
 
 
 def _collate(items):
@@ -209,9 +209,9 @@ class _Plan:
 @dataclass
 class StreamData:
     """A streamed ImageFolder: what :func:`load_stream` found, plus the loaders once the
-    :class:`~pgl_fast.trainer.Trainer` binds it to a device. ``meta``: root, counts, skipped files."""
+    :class:`~pgl_fast.training.trainer.Trainer` binds it to a device. ``meta``: root, counts, skipped files."""
 
-    spec: data_mod.DatasetSpec
+    spec: recipes.DatasetSpec
     recipe: str
     train_files: list[str]
     train_labels: list[int]
@@ -279,7 +279,7 @@ class BoundStream:
     def epoch_batches(self, batch_size: int, gen, drop_last: bool):
         if self.world > 1:
             check_epoch_split(self.num_train, batch_size, self.world, drop_last)
-        return data_mod.epoch_batches(self.num_train, batch_size, generator=gen, drop_last=drop_last,
+        return augment.epoch_batches(self.num_train, batch_size, generator=gen, drop_last=drop_last,
                                       device=self.device)
 
     def begin_epoch(self, epoch: int, batches, first_step: int) -> None:
@@ -306,7 +306,7 @@ class BoundStream:
             self.learner.set_global_batch(n_global)
         xb = xb.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        x = data_mod.normalize(xb, self.spec, self.dtype, self.channels_last)
+        x = augment.normalize(xb, self.spec, self.dtype, self.channels_last)
         return x, y, xb.to(self.dtype).div_(255) if needs_image else None
 
     def test_batches(self):
@@ -317,7 +317,7 @@ class BoundStream:
         plan.keys = [[(i, None) for i in range(a, min(a + self.test_batch_size, hi))]
                      for a in range(lo, hi, self.test_batch_size)]
         for xb, y in _batches_of(self.stream.loader("test", plan, self.device)):
-            yield (data_mod.normalize(xb.to(self.device, non_blocking=True), self.spec, self.dtype, self.channels_last),
+            yield (augment.normalize(xb.to(self.device, non_blocking=True), self.spec, self.dtype, self.channels_last),
                    y.to(self.device, non_blocking=True))
 
     def probe_batch(self):
@@ -326,7 +326,7 @@ class BoundStream:
         x, _, err = files[(0, None)]
         if err is not None:
             raise UserError(err)
-        x = data_mod.normalize(x.unsqueeze(0).to(self.device), self.spec, self.dtype, self.channels_last)
+        x = augment.normalize(x.unsqueeze(0).to(self.device), self.spec, self.dtype, self.channels_last)
         return x, f"train_data (streamed {self.stream.train_files[0]}, {tuple(x.shape[1:])})"
 
 
@@ -372,12 +372,12 @@ def load_stream(data_dir, *, recipe: str, image_size: int | None, workers: int =
         raise UserError("dataset imagefolder needs a data directory (--data-dir)")
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
-    base = data_mod.dataset_spec("imagefolder", recipe=recipe)
+    base = sources.dataset_spec("imagefolder", recipe=recipe)
     size = base.image_size if image_size is None else int(image_size)
     if size < 8:
         raise UserError(f"--image-size must be >= 8 for streaming, got {size}")
-    root = data_mod._find_imagefolder_root(Path(data_dir).expanduser().absolute())
-    scans = {s: data_mod._scan_split(root / s) for s in ("train", "test")}
+    root = sources._find_imagefolder_root(Path(data_dir).expanduser().absolute())
+    scans = {s: sources._scan_split(root / s) for s in ("train", "test")}
     if scans["train"][0] != scans["test"][0]:
         raise UserError(f"class folders of {root / 'test'} differ from {root / 'train'}: both splits need the same "
                         "<class> folders")
@@ -396,7 +396,7 @@ def load_stream(data_dir, *, recipe: str, image_size: int | None, workers: int =
             if not files:
                 raise UserError(f"every image of {root / s} failed to decode (first: {errors[0]})")
         if sub is not None:
-            keep = data_mod._subset(torch.arange(len(labels)), torch.tensor(labels), sub, sseed, flag,
+            keep = sources._subset(torch.arange(len(labels)), torch.tensor(labels), sub, sseed, flag,
                                     "imagefolder", s)[0].tolist()
             files, labels = [files[i] for i in keep], [labels[i] for i in keep]
         split_files[s] = (files, labels)
@@ -411,11 +411,11 @@ def _first_image_size(data_dir) -> tuple[int, int, int]:
     """(files in train/ and test/, height, width of the first train image), from headers only."""
     from PIL import Image  # a header read only where a streamed data set is opened
 
-    root = data_mod._find_imagefolder_root(Path(data_dir).expanduser().absolute())
+    root = sources._find_imagefolder_root(Path(data_dir).expanduser().absolute())
     n, first = 0, None
     for s in ("train", "test"):
         for dirpath, _, names in os.walk(root / s):
-            imgs = sorted(f for f in names if f.lower().endswith(data_mod.IMAGE_EXTENSIONS) and not f.startswith("."))
+            imgs = sorted(f for f in names if f.lower().endswith(sources.IMAGE_EXTENSIONS) and not f.startswith("."))
             n += len(imgs)
             if first is None and imgs and s == "train":
                 first = os.path.join(dirpath, imgs[0])
@@ -434,7 +434,7 @@ def check_pipeline(pipeline: str, dataset: str, recipe: str) -> None:
     it before any work starts; :func:`choose_pipeline` again for callers of the API)."""
     if pipeline not in PIPELINES:
         raise UserError(f"--data-pipeline: {pipeline!r} is not one of {', '.join(PIPELINES)}")
-    folder = data_mod.reads(dataset) == "imagefolder"
+    folder = sources.reads(dataset) == "imagefolder"
     if pipeline == "stream" and not folder:
         raise UserError(f"--data-pipeline: stream reads ImageFolder trees; --dataset {dataset} is decoded whole "
                         "(use resident or auto)")
@@ -450,7 +450,7 @@ def choose_pipeline(pipeline: str, dataset: str, recipe: str, data_dir, budget_m
     check_pipeline(pipeline, dataset, recipe)
     if pipeline != "auto":
         return pipeline
-    if data_mod.reads(dataset) != "imagefolder":
+    if sources.reads(dataset) != "imagefolder":
         return "resident"
     if recipe == "imagenet":
         return "stream"

@@ -13,7 +13,7 @@ Data: a pair ``(x, y)`` of tensors -- uint8 images ``[N, 3, H, W]`` are normalis
 unless ``augment=False``) by ``spec`` (default: the CIFAR-10 recipe sized to the images), float
 tensors are used as they are -- or any iterable of ``(x, y)`` batches such as a torch
 ``DataLoader`` (checkpoints then at epoch ends only: the loader's order is its own) -- or a
-:class:`~pgl_fast.data_stream.StreamData` (files decoded by loader workers, mid-epoch resume exact).
+:class:`~pgl_fast.data.stream.StreamData` (files decoded by loader workers, mid-epoch resume exact).
 """
 from __future__ import annotations
 
@@ -29,21 +29,21 @@ from typing import Callable, Iterable
 import torch
 
 from . import checkpoint as ckpt
-from . import data as data_mod
-from . import data_stream
+from .. import data as data_mod
+from ..data import stream as data_stream
 from . import rundir
-from .batches import LoaderData, bind_data
-from .core.learner import LocalLearner
-from .distributed.strategies import Strategy, default_strategy
-from .errors import UserError
+from ..data.batches import LoaderData, bind_data
+from ..core.learner import LocalLearner
+from ..distributed.strategies import Strategy, default_strategy
+from ..errors import UserError
 from .guards import Interrupts, NonFiniteError, RunInterrupted, check_finite, kill_hook, signal_hook
-from .host_memory import MMAP_THRESHOLD_BYTES, huge_pages_for_torch, release_freed_memory, retain_less_memory
-from .jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
+from ..memory.host import MMAP_THRESHOLD_BYTES, huge_pages_for_torch, release_freed_memory, retain_less_memory
+from ..jsonio import JsonlWriter, write_json_atomic, write_jsonl_atomic
 from .metrics import PeakMemory, memory_summary, rss_mib, run_header
 from .progress import Heartbeat, format_duration, progress_bar, run_eta
-from .runtime import head_select
-from .runtime.device import device_context
-from .runtime.rng import seed_rank_streams
+from ..runtime import head_select
+from ..runtime.device import device_context
+from ..runtime.rng import seed_rank_streams
 
 __all__ = ["NonFiniteError", "RunInterrupted", "RunState", "Trainer", "api_wording", "current_lr"]
 

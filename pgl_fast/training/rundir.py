@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import checkpoint as ckpt
-from .errors import UserError
-from .jsonio import JsonlWriter, read_json, tmp_path
+from ..errors import UserError
+from ..jsonio import JsonlWriter, read_json, tmp_path
 
 RUN_FILES = ("config.json", "header.json", "metrics.jsonl", "summary.json")
 LOCK_NAME = ".lock"

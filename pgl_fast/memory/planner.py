@@ -18,7 +18,7 @@ in MiB, or ``factor`` times the predicted local-step peak -- the planner takes t
 candidate in that order whose predicted peak fits.
 
 Predictions are measurements, not a formula: each candidate's step (and the local step) is run once
-on the CPU at a small batch under the tensor tracker of ``pgl_fast.profile``, which records after
+on the CPU at a small batch under the tensor tracker of ``pgl_fast.memory.profile``, which records after
 every op the live bytes that do not depend on the batch (parameters, buffers, gradients, optimizer
 state) and those that do (inputs, activations, backward temporaries). The peak at the real batch is
 the maximum over that timeline of ``static + activations * batch / small_batch`` -- exact wherever
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .build import StepFactory, method_of, step_factory
-from .core.schedule import GLOBAL, LOCAL
-from .errors import UserError
+from ..config.build import StepFactory, method_of, step_factory
+from ..core.schedule import GLOBAL, LOCAL
+from ..errors import UserError
 from .profile import TensorMemoryTracker, flags_factory, setup_step
 
 CANDIDATES = ("none", "modules", "units", "coarse")
@@ -120,13 +120,13 @@ _CACHE: dict[tuple, dict] = {}
 def predict(*, batch: int, factory: StepFactory | None = None, dtype: str = "fp32", candidates=CANDIDATES,
             measure_batch: int = 8, local: bool = True, method: str | None = None, **network) -> dict:
     """Predicted peak bytes per phase at ``batch`` of the run whose steps ``factory`` builds
-    (:func:`~pgl_fast.build.step_factory` of its config): ``local`` (for local methods, unless
+    (:func:`~pgl_fast.config.build.step_factory` of its config): ``local`` (for local methods, unless
     ``local=False``) and ``global`` under every checkpoint candidate in ``candidates``. The steps
     measured are PGL's over the run's local objective (``bp``'s for bp): ``infopro`` measures
     InfoPro's decoders, ``man`` MAN's copies on the aux path, ``hpff`` HPFF's second heads, patch
     decoders and its local step, which keeps two modules' graphs alive.
 
-    Without ``factory``, the steps are those of :func:`~pgl_fast.profile.build_step`'s keywords
+    Without ``factory``, the steps are those of :func:`~pgl_fast.memory.profile.build_step`'s keywords
     ``network`` (``arch``, ``J``, ``aux``, ``split``, ``image_size``, ``num_classes``,
     ``lean_blocks``, ``model``, ``cuts``, ``cifar_stem``, ``pgl_local``, ``local_options``), and
     ``method`` only tells ``bp`` from local learning."""
@@ -298,7 +298,7 @@ def phase_predictions(cfg, plan: "MemoryPlan", image_size: int, num_classes: int
 
 def plan_run(cfg, net, image_size: int, num_classes: int) -> "MemoryPlan":
     """The global-step checkpointing of this run, resolved once: ``--plan`` prints this
-    :class:`~pgl_fast.planner.MemoryPlan`, the executor runs exactly its segments (None: no
+    :class:`~pgl_fast.memory.planner.MemoryPlan`, the executor runs exactly its segments (None: no
     checkpointing) and ``header.json`` records it.
 
     The flags name the candidates -- ``--global-memory X`` or ``--checkpoint-global --global-segments

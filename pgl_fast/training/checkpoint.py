@@ -15,9 +15,9 @@ import re
 import numpy as np
 import torch
 
-from .errors import UserError
-from .jsonio import atomic_write
-from .runtime.rng import seed_rank_streams
+from ..errors import UserError
+from ..jsonio import atomic_write
+from ..runtime.rng import seed_rank_streams
 
 FORMAT_VERSION = 1
 # Fields that define what the weights *are*: resuming across a change in any of them is an error.

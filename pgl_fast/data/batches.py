@@ -1,12 +1,12 @@
-"""The batches a :class:`~pgl_fast.trainer.Trainer` trains on, from whatever the user gives it:
+"""The batches a :class:`~pgl_fast.training.trainer.Trainer` trains on, from whatever the user gives it:
 
 - :class:`TensorData`: a pair ``(x, y)`` of tensors kept on the learner's device; uint8 images are
   augmented (random crop and flip) and normalised batch by batch on the device, so an epoch costs no
   host work beyond drawing its permutation; resumable inside an epoch (the permutation is saved);
 - :class:`LoaderData`: any sized iterable of ``(x, y)`` batches such as a ``DataLoader`` (its order
   is its own: resumable at epoch ends, with the loader's generators or state saved);
-- a :class:`~pgl_fast.data_stream.StreamData`: files decoded by loader workers
-  (:mod:`pgl_fast.data_stream`), resumable inside an epoch.
+- a :class:`~pgl_fast.data.stream.StreamData`: files decoded by loader workers
+  (:mod:`pgl_fast.data.stream`), resumable inside an epoch.
 
 :func:`bind_data` picks one for the given data and the learner; every kind answers the same calls
 (``epoch_batches``, ``train_batch``, ``test_batches``, ``probe_batch``) that the loop and the
@@ -19,9 +19,10 @@ from typing import Iterable
 
 import torch
 
-from . import data as data_mod
-from . import data_stream
-from .errors import UserError
+from .augment import BatchAugmenter, epoch_batches, normalize
+from .sources import dataset_spec
+from . import stream as data_stream
+from ..errors import UserError
 
 
 class TensorData:
@@ -41,7 +42,7 @@ class TensorData:
             channels = int(self.train_x.shape[1])
             if spec is None:
                 n_cls = int(self.train_y.max().item()) + 1
-                spec = data_mod.dataset_spec("imagefolder", recipe="cifar10", num_classes=n_cls,
+                spec = dataset_spec("imagefolder", recipe="cifar10", num_classes=n_cls,
                                              image_size=int(self.train_x.shape[-1]))
                 if channels != 3:
                     # the CIFAR-10 statistics are per colour channel: they say nothing about other images
@@ -54,12 +55,12 @@ class TensorData:
         self.spec = spec
         self.dtype = dtype  # uint8 images are normalised into the model's floating dtype
         self.device, self.channels_last, self.test_batch_size = device, channels_last, test_batch_size
-        self.augment = data_mod.BatchAugmenter(spec, device) if self.uint8 and augment else None
+        self.augment = BatchAugmenter(spec, device) if self.uint8 and augment else None
         self.num_train = int(self.train_y.shape[0])
         self.num_test = int(self.test_y.shape[0]) if self.test_y is not None else 0
 
     def epoch_batches(self, batch_size: int, gen, drop_last: bool):
-        return data_mod.epoch_batches(self.num_train, batch_size, generator=gen, drop_last=drop_last,
+        return epoch_batches(self.num_train, batch_size, generator=gen, drop_last=drop_last,
                                       device=self.device)
 
     def train_batch(self, idx, gen, needs_image: bool):
@@ -68,21 +69,21 @@ class TensorData:
             return xb, self.train_y[idx], None
         if self.augment is not None:
             xb = self.augment(xb, gen)
-        x = data_mod.normalize(xb, self.spec, self.dtype, self.channels_last)
+        x = normalize(xb, self.spec, self.dtype, self.channels_last)
         return x, self.train_y[idx], xb.to(self.dtype).div_(255) if needs_image else None
 
     def test_batches(self):
         for i in range(0, self.num_test, self.test_batch_size):
             x = self.test_x[i:i + self.test_batch_size]
             if self.uint8:
-                x = data_mod.normalize(x, self.spec, self.dtype, self.channels_last)
+                x = normalize(x, self.spec, self.dtype, self.channels_last)
             yield x, self.test_y[i:i + self.test_batch_size]
 
     def probe_batch(self):
         """Two training samples as the model will see them (no augmentation: it draws random numbers)."""
         x = self.train_x[:2]
         if self.uint8:
-            x = data_mod.normalize(x, self.spec, self.dtype, self.channels_last)
+            x = normalize(x, self.spec, self.dtype, self.channels_last)
         return x, f"train_data ({self.train_x.dtype} {tuple(self.train_x.shape)})"
 
 

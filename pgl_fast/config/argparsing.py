@@ -23,7 +23,7 @@ import dataclasses
 import typing
 from typing import Iterable
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class OneLineParser(argparse.ArgumentParser):
