@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from helpers import tiny_cli_args
 from pgl_fast.train import main
+
+from helpers import tiny_cli_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")

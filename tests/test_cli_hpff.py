@@ -5,8 +5,9 @@ import pytest
 
 from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
-from helpers import tiny_cli_args
 from pgl_fast.train import main
+
+from helpers import tiny_cli_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,9 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_learner, tiny_resnet
 from pgl_fast.core.methods import PGL, InfoPro
+
+from helpers import tiny_learner, tiny_resnet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-from helpers import tiny_learner, tiny_resnet
 from pgl_fast.core.learner import StepStats
 from pgl_fast.core.methods import PGL
 from pgl_fast.runtime.graphs import InPlaceSnapshot, training_state_tensors
+
+from helpers import tiny_learner, tiny_resnet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
 

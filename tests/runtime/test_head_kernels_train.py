@@ -6,9 +6,10 @@ import pytest
 
 from pgl_fast.train import main
 
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
-        "-J", "2", "--split", "even", "-b", "8", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1",
-        "--epochs", "2", "--deterministic"]
+from helpers import tiny_cli_args
+
+ARGS = (tiny_cli_args(train=16, test=8, J=2, split="even", batch=8, progress=None)
+        + ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--deterministic"])
 
 
 def _rows(path):

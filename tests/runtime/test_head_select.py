@@ -160,18 +160,13 @@ def test_forced_modes_and_cpu_auto(tiny_model):
     assert not net.heads[0].use_kernels
 
 
-def test_auto_on_cpu_trains_eager_without_measuring(tmp_path, monkeypatch):
-    from pgl_fast.train import main
-
+def test_auto_on_cpu_trains_eager_without_measuring(cli, monkeypatch):
     def never(*a, **k):
         raise AssertionError("auto measured on the CPU")
 
     monkeypatch.setattr(hs, "select_head", never)
-    args = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
-            "-J", "2", "--split", "even", "-b", "8", "--method", "dgl", "--epochs", "1", "--device", "cpu",
-            "--head-kernels", "auto", "-o", str(tmp_path)]
-    assert main(args) == 0
-    header = json.loads((tmp_path / "header.json").read_text())
+    header = cli("--method", "dgl", "--epochs", "1", "--device", "cpu", "--head-kernels", "auto", train=16, test=8,
+                 J=2, split="even", batch=8, progress=None).header
     assert header["head_kernels"] == "eager" and header["head_kernels_mode"] == "auto"
     assert header["head_kernel_selection"] is None
 
