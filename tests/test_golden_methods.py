@@ -24,15 +24,14 @@ import torch
 
 from pgl_fast.train import main
 
-from helpers import tiny_cli_args
 from test_golden import VOLATILE, compare_records, machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
 PREFIX = "methods"
-COMMON = (tiny_cli_args(train=48, test=16, J=3, split="even", batch=8)
-          + ["--aux", "1c2f", "--epochs", "2", "--seed", "0", "--device", "cpu", "--deterministic",
-             "--cpu-tune", "off"])
+COMMON = ["--dataset", "synthetic", "--synthetic-train", "48", "--synthetic-test", "16", "--arch", "resnet8",
+          "-J", "3", "--split", "even", "--aux", "1c2f", "--epochs", "2", "--batch-size", "8", "--lr", "0.05",
+          "--seed", "0", "--device", "cpu", "--progress", "off", "--deterministic", "--cpu-tune", "off"]
 # one process: every method, PGL with a local and a global epoch
 SINGLE = {
     "bp": ["--method", "bp"],
