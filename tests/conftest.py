@@ -9,6 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import helpers  # noqa: E402  (after TRITON_INTERPRET: it imports the engine)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
 
@@ -53,3 +55,28 @@ def load_example():
         return mod
 
     return load
+
+
+@pytest.fixture
+def tiny_model():
+    """``helpers.tiny_resnet``: builds a seeded resnet8 cut into J modules with aux heads
+    (``tiny_model(J=3, aux="0c1f")``)."""
+    return helpers.tiny_resnet
+
+
+@pytest.fixture
+def tiny_learner():
+    """``helpers.tiny_learner``: a ``LocalLearner`` over a model with the engine's SGD
+    (``tiny_learner(tiny_model(3), "pgl", lr=0.05)``)."""
+    return helpers.tiny_learner
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """``helpers.run_cli`` into ``tmp_path / name``: ``cli("--method", "dgl", "--epochs", "1", name="dgl",
+    train=16)`` runs a tiny synthetic CLI run and returns a ``helpers.CliRun`` (exit code, folder,
+    ``rows`` of metrics.jsonl, ``summary``, ``header``, ``config``)."""
+    def run(*args, name="run", **kw):
+        return helpers.run_cli(tmp_path / name, *args, **kw)
+
+    return run

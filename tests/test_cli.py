@@ -1,5 +1,4 @@
 """End-to-end CLI runs (in-process and as real subprocesses) and the bad-input table."""
-import json
 import os
 import subprocess
 import sys
@@ -8,25 +7,22 @@ import pytest
 
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "synthetic", "--synthetic-train", "96", "--synthetic-test", "64", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "32", "--lr", "0.05"]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = dict(train=96, test=64, batch=32, progress=None)  # --progress at its default: the epoch lines are checked
+TINY = tiny_cli_args(**SIZES)
 
 
 @pytest.mark.parametrize("method", ["bp", "dgl", "infopro", "pgl"])
-def test_each_method_runs_and_writes_outputs(tmp_path, method, capsys):
-    out = tmp_path / method
+def test_each_method_runs_and_writes_outputs(cli, method, capsys):
     extra = ["--ixx-1", "1", "--ixy-1", "0.5", "--ixx-2", "0", "--ixy-2", "1"] if method == "infopro" else []
-    rc = main(TINY + ["--method", method, "-P", "1", "-Q", "1", "--epochs", "2", "-o", str(out)] + extra)
-    assert rc == 0
+    run = cli("--method", method, "-P", "1", "-Q", "1", "--epochs", "2", *extra, name=method, **SIZES)
+    out = run.out
     for name in ("config.json", "header.json", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), name
-    rows = read_jsonl(out / "metrics.jsonl")
+    rows = run.rows
     assert [r["epoch"] for r in rows] == [1, 2]
     expected = {"bp": ["bp", "bp"], "dgl": ["local", "local"], "infopro": ["local", "local"],
                 "pgl": ["local", "global"]}[method]
@@ -36,12 +32,12 @@ def test_each_method_runs_and_writes_outputs(tmp_path, method, capsys):
         assert key in rows[0], key
     if method in ("dgl", "pgl"):
         assert len(rows[0]["head_acc"]) == 3
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run.summary
     assert summary["best_test_acc"] >= summary["final_test_acc"] - 1e-12
     assert summary["parameters"]["total"] >= summary["parameters"]["backbone"]
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = run.config
     assert cfg["method"] == method and cfg["batch_size"] == 32
-    header = json.loads((out / "header.json").read_text())
+    header = run.header
     assert header["torch"] and header["device"] == "cpu"
     printed = capsys.readouterr().out
     assert "phase=local" in printed or method == "bp"

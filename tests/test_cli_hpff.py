@@ -1,6 +1,5 @@
 """``--method hpff`` from the command line: a tiny synthetic run end to end, --describe counting the
 second head set and the patch decoders, and the one-line refusals of its flags."""
-import json
 
 import pytest
 
@@ -8,19 +7,20 @@ from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "32", "--lr", "0.05", "--aux", "0c1f"]
+SIZES = dict(train=64, test=32, batch=32, progress=None)
+TINY = tiny_cli_args(**SIZES) + ["--aux", "0c1f"]
 
 
-def test_hpff_trains_end_to_end(tmp_path):
-    out = tmp_path / "hpff"
-    assert main(TINY + ["--method", "hpff", "--epochs", "1", "-o", str(out)]) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def test_hpff_trains_end_to_end(cli):
+    run = cli("--aux", "0c1f", "--method", "hpff", "--epochs", "1", **SIZES)
+    rows = run.rows
     assert [r["phase"] for r in rows] == ["local"]
     assert rows[0]["train_loss"] == rows[0]["train_loss"]  # finite, not NaN
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = run.config
     assert cfg["method"] == "hpff" and cfg["hpff_wx"] == 0.001 and cfg["hpff_wy"] == 0.999
     # the published lambdas of the cascade's InfoPro loss
     assert [cfg[k] for k in ("ixx_1", "ixy_1", "ixx_2", "ixy_2")] == [5.0, 0.5, 0.0, 0.0]
@@ -66,21 +66,14 @@ def test_hpff_flags_warn_with_other_methods():
     assert any("--hpff-wx has no effect" in w for w in cfg.no_effect_warnings({"hpff_wx"}))
 
 
-def test_header_records_the_lambdas_of_every_infopro_objective(tmp_path):
+def test_header_records_the_lambdas_of_every_infopro_objective(cli):
     # PGL over MAN with InfoPro's loss, and HPFF on its published InfoPro base, both train with
     # InfoPro's lambdas: header.json says which, as it does for --method infopro
-    import json
-
-    from pgl_fast.train import main
-
-    common = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
-              "-J", "3", "--split", "even", "--epochs", "1", "-b", "8", "--device", "cpu", "--progress", "off"]
     for name, extra, source in (
             ("hpff", ["--method", "hpff"], "HPFF's published runs"),
             ("pgl-man", ["--method", "pgl", "--pgl-local", "man", "--man-base", "infopro", "--ixx-1", "1",
                          "--ixy-1", "0.5", "--ixx-2", "0", "--ixy-2", "1"], "given on the command line")):
-        out = tmp_path / name
-        assert main(common + extra + ["-o", str(out)]) == 0
-        rec = json.loads((out / "header.json").read_text())["infopro_lambdas"]
+        rec = cli(*extra, "--epochs", "1", "--device", "cpu", name=name, train=16, test=8, J=3, split="even",
+                  batch=8).header["infopro_lambdas"]
         assert rec["source"] == source, name
         assert len(rec["per_module"]) == 2

@@ -8,10 +8,11 @@ from pgl_fast.config import TrainConfig
 from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "32", "--lr", "0.05", "--epochs", "2", "-P", "1", "-Q", "1"]
+TINY = tiny_cli_args(train=64, test=32, batch=32, progress=None) + ["--epochs", "2", "-P", "1", "-Q", "1"]
 LAMBDAS = ["--ixx-1", "1", "--ixy-1", "0.5", "--ixx-2", "0", "--ixy-2", "1"]
 
 

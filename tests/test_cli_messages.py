@@ -12,11 +12,13 @@ from pgl_fast.data import load_dataset
 from pgl_fast.train import main
 from pgl_fast.training.progress import Heartbeat, format_duration, run_eta
 
+from helpers import tiny_cli_args
 from test_data import make_tree  # the ImageFolder tree builder of the data tests
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "synthetic", "--synthetic-train", "96", "--synthetic-test", "64", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "32", "--lr", "0.05", "--progress", "off"]
+SIZES = dict(train=96, test=64, batch=32)
+TINY = tiny_cli_args(**SIZES)
 
 
 def warnings_of(argv):
@@ -95,10 +97,9 @@ def test_warnings_from_python_compare_with_defaults():
     assert TrainConfig(method="bp").no_effect_warnings() == []
 
 
-def test_warnings_printed_on_stderr_and_kept_in_header(tmp_path, capsys):
-    out = tmp_path / "bp"
-    assert main(TINY + ["--synthetic-train", "64", "--synthetic-test", "32", "--method", "bp", "--aux", "adapt",
-                        "-P", "3", "--epochs", "1", "--heartbeat", "0", "--no-head-eval", "-o", str(out)]) == 0
+def test_warnings_printed_on_stderr_and_kept_in_header(cli, capsys):
+    run = cli("--method", "bp", "--aux", "adapt", "-P", "3", "--epochs", "1", "--heartbeat", "0", "--no-head-eval",
+              name="bp", **{**SIZES, "train": 64, "test": 32})
     captured = capsys.readouterr()
     assert "epoch ETA" not in captured.out  # --heartbeat 0: no heartbeat lines
     err = captured.err
@@ -108,8 +109,8 @@ def test_warnings_printed_on_stderr_and_kept_in_header(tmp_path, capsys):
                 f"warning: -J/--modules {split}", f"warning: --split {split}",
                 "warning: -P/--period has no effect with --method bp (only pgl alternates local and global epochs)"]
     assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == expected
-    assert json.loads((out / "header.json").read_text())["warnings"] == expected
-    (row,) = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert run.header["warnings"] == expected
+    (row,) = run.rows
     # bp has no aux heads: no local losses to report (never a 0.0 that reads as a perfect fit)
     assert row["module_losses"][:3] == [None, None, None] and row["module_losses"][3] == row["train_loss"] > 0
     assert row["head_acc"] is None
@@ -223,10 +224,9 @@ def test_decode_and_cache_load_are_announced(tmp_path, capsys):
 # metrics.jsonl and summary.json fields
 # ------------------------------------------------------------------------------------------------
 
-def test_run_heartbeat_eta_metrics_and_summary_fields(tmp_path, capsys):
-    out = tmp_path / "pgl"
-    assert main(TINY + ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--heartbeat", "1e-9",
-                        "-o", str(out)]) == 0
+def test_run_heartbeat_eta_metrics_and_summary_fields(tmp_path, cli, capsys):
+    run = cli("--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--heartbeat", "1e-9", name="pgl", **SIZES)
+    out = run.out
     lines = capsys.readouterr().out.splitlines()
     beats = [ln for ln in lines if " step " in ln and "epoch ETA" in ln]
     # 96 images at batch 32: 3 steps per epoch, a line after each with a heartbeat this short
@@ -234,14 +234,14 @@ def test_run_heartbeat_eta_metrics_and_summary_fields(tmp_path, capsys):
     ends = [ln for ln in lines if ln.startswith("epoch ") and " elapsed " in ln]
     assert len(ends) == 2 and all(" ETA " in ln for ln in ends)
     assert ends[-1].endswith("ETA 0s")
-    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = run.rows
     assert [r["phase"] for r in rows] == ["local", "global"]
     for r in rows:
         assert len(r["module_losses"]) == 4 and len(r["head_acc"]) == 3  # J modules, J-1 aux heads
         assert r["train_loss"] == r["module_losses"][-1]
         assert 0.0 <= r["train_acc"] <= 1.0 and 0.0 <= r["test_acc"] <= 1.0  # fractions, not percent
         assert all(0.0 <= a <= 1.0 for a in r["head_acc"])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run.summary
     counts = summary["parameters"]
     assert counts["total"] == counts["backbone"] + counts["aux"]
     # each fact once: no flat copies of the parameter counts

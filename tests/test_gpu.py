@@ -18,10 +18,9 @@ import sys
 import pytest
 import torch
 
-from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import PGL, InfoPro
-from pgl_fast.models.presets import cifar_resnet
-from pgl_fast.runtime.optim import sgd
+
+from helpers import tiny_learner, tiny_resnet
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -30,8 +29,7 @@ DEV = "cuda"
 
 
 def _net(aux="1c2f", J=4, channels_last=False, fused=False, seed=0, image_size=16, split="layerwise", **kw):
-    torch.manual_seed(seed)
-    net = cifar_resnet("resnet8", J, num_classes=10, image_size=image_size, split=split, aux=aux, **kw).to(DEV)
+    net = tiny_resnet(J, seed=seed, image_size=image_size, split=split, aux=aux, device=DEV, **kw)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.set_head_kernels(fused)
@@ -39,9 +37,7 @@ def _net(aux="1c2f", J=4, channels_last=False, fused=False, seed=0, image_size=1
 
 
 def _learner(net, amp=None, channels_last=False, method=None, **kw):
-    return LocalLearner(net, PGL(1, 1) if method is None else method,
-                        optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
-                        amp=amp, channels_last=channels_last, **kw)
+    return tiny_learner(net, PGL(1, 1) if method is None else method, amp=amp, channels_last=channels_last, **kw)
 
 
 def _batches(n, batch=8, size=16, channels_last=False, seed=1):

@@ -18,8 +18,9 @@ from pgl_fast.memory import planner
 from pgl_fast.memory.profile import build_step, measure_step
 from pgl_fast.train import main
 
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--progress", "off", "--no-head-eval"]
+from helpers import tiny_cli_args
+
+ARGS = tiny_cli_args() + ["--no-head-eval"]
 PGL = ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2"]  # epoch 1 local, epoch 2 global
 BP = ["--method", "bp", "--epochs", "1"]
 GLOBAL_STEPS = 2  # 32 images / batch 16, in the one global epoch of either

@@ -14,6 +14,8 @@ from pgl_fast.train import main
 
 from pgl_fast.memory import host as host_memory
 
+from helpers import tiny_cli_args
+
 HOST_MEMORY = host_memory.__file__
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux"),
                            reason="glibc's allocator on Linux")
@@ -81,9 +83,7 @@ def test_release_freed_memory_trims_the_heap():
     assert kept > 200 and after < 40, (kept, after)
 
 
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--progress", "off", "--no-head-eval",
-        "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2"]
+ARGS = tiny_cli_args() + ["--no-head-eval", "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2"]
 
 
 @glibc

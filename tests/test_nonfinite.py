@@ -20,10 +20,11 @@ import pgl_fast.train as train_mod
 from pgl_fast.config import config_from_args
 from pgl_fast.train import NonFiniteError, main, run
 
+from helpers import tiny_cli_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6  # 48 images / batch 8
-BASE = ["--dataset", "synthetic", "--synthetic-train", "48", "--synthetic-test", "16", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "8", "--lr", "0.05", "--progress", "off"]
+BASE = tiny_cli_args(train=48, test=16, batch=8)
 LOCAL = ["--method", "pgl", "-P", "2", "-Q", "1", "--epochs", "2"]   # epochs 1-2 local
 # epoch 1 local, 2 global; unplanned global steps run each unit's forward once per step, so the
 # hooks' call counts index the steps (checkpointing would run it again in the backward)

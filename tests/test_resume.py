@@ -20,12 +20,13 @@ from pgl_fast.training.checkpoint import check_compatible
 from pgl_fast.errors import UserError
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, STEPS = 4, 6  # 96 images / batch 16
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "96", "--synthetic-test", "32", "--arch", "resnet8",
-        "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "2", "-Q", "1",
-        "--epochs", str(EPOCHS), "--save-every", "2", "--keep-checkpoints", "2", "--deterministic",
-        "--progress", "off"]
+ARGS = (tiny_cli_args(train=96, test=32)
+        + ["--method", "pgl", "-P", "2", "-Q", "1", "--epochs", str(EPOCHS), "--save-every", "2",
+           "--keep-checkpoints", "2", "--deterministic"])
 PHASES = ["local", "local", "global", "local"]
 # fields that measure the machine, not the training
 VOLATILE = {"images_per_s", "epoch_seconds", "peak_mem_mib", "peak_reserved_mib"}

@@ -23,10 +23,11 @@ import torch
 
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "36", "--synthetic-test", "20", "--arch", "resnet8", "-J", "3",
-        "--split", "even", "--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--batch-size", "8", "--lr", "0.05",
-        "--device", "cpu", "--progress", "off", "--save-every", "2"]  # 36 = 4 x 8 + 4: the last batch splits 2 + 2
+ARGS = (tiny_cli_args(train=36, test=20, J=3, split="even", batch=8)  # 36 = 4 x 8 + 4: the last batch splits 2 + 2
+        + ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--device", "cpu", "--save-every", "2"])
 # compared exactly with --pipeline (the pipeline computes what one process computes, operation for operation)
 PIPE_EXACT = ("epoch", "phase", "lr", "train_loss", "module_losses", "train_acc", "test_acc", "test_loss", "head_acc")
 # data parallel: counts are exact, losses are sums in another order (fp32)

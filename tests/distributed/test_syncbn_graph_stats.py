@@ -15,16 +15,10 @@ import torch
 from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import PGL
 from pgl_fast.distributed import DataParallelLearner, DistContext
-from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.optim import sgd
 
 
-def _net(device="cpu"):
-    torch.manual_seed(0)
-    return cifar_resnet("resnet8", 2, num_classes=10, image_size=8, split="even", aux="1c2f").to(device)
-
-
-def test_graph_machinery_holds_the_learners_stats(monkeypatch):
+def test_graph_machinery_holds_the_learners_stats(monkeypatch, tiny_model):
     base_init = LocalLearner.__init__
 
     def init(self, *args, cuda_graphs=False, **kwargs):
@@ -33,17 +27,17 @@ def test_graph_machinery_holds_the_learners_stats(monkeypatch):
             self.graphed = SimpleNamespace(stats=self.stats)
 
     monkeypatch.setattr(LocalLearner, "__init__", init)
-    learner = DataParallelLearner(_net(), PGL(1, 1), ctx=DistContext(), cuda_graphs=True)
+    learner = DataParallelLearner(tiny_model(), PGL(1, 1), ctx=DistContext(), cuda_graphs=True)
     assert learner.graphed.stats is learner.stats
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
-def test_graphed_single_process_data_parallel_counts_like_eager():
+def test_graphed_single_process_data_parallel_counts_like_eager(tiny_model):
     opt = sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    graphed = DataParallelLearner(_net("cuda"), PGL(1, 1), ctx=DistContext(device=torch.device("cuda")), optimizer=opt,
+    graphed = DataParallelLearner(tiny_model(device="cuda"), PGL(1, 1), ctx=DistContext(device=torch.device("cuda")), optimizer=opt,
                                   cuda_graphs=True)
-    eager = LocalLearner(_net("cuda"), PGL(1, 1), optimizer=opt)
+    eager = LocalLearner(tiny_model(device="cuda"), PGL(1, 1), optimizer=opt)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(n, 3, 8, 8, generator=g).cuda(), torch.randint(0, 10, (n,), generator=g).cuda())
                for n in (6, 6, 6, 4)]

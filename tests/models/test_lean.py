@@ -93,19 +93,11 @@ def test_lean_local_step_meets_the_memory_target():
     assert ratio <= 0.15, f"local {peaks['local'] / 2**20:.1f} MiB = {ratio:.3f} of bp {peaks['bp'] / 2**20:.1f} MiB"
 
 
-def test_training_with_lean_blocks_matches_eager(tmp_path):
-    import json
-
-    from pgl_fast.train import main
-
+def test_training_with_lean_blocks_matches_eager(cli, one_thread):
     torch.set_default_dtype(torch.float32)
-    args = ["--dataset", "synthetic", "--synthetic-train", "32", "--synthetic-test", "16", "--arch", "resnet8",
-            "-J", "4", "--split", "layerwise", "-b", "16", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1",
-            "--epochs", "2", "--deterministic"]
-    rows = {}
-    for name, extra in (("eager", []), ("lean", ["--lean-blocks"])):
-        assert main(args + extra + ["-o", str(tmp_path / name)]) == 0
-        rows[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    args = ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--deterministic"]
+    rows = {name: cli(*args, *extra, name=name, progress=None).rows
+            for name, extra in (("eager", []), ("lean", ["--lean-blocks"]))}
     for e, le in zip(rows["eager"], rows["lean"]):
         assert le["module_losses"] == pytest.approx(e["module_losses"], rel=1e-4)  # fp32 rounding only
         assert le["test_acc"] == pytest.approx(e["test_acc"], abs=1 / 16 + 1e-9)

@@ -15,6 +15,8 @@ from pgl_fast.errors import UserError
 from pgl_fast.runtime import autotune
 from pgl_fast.train import main
 
+from helpers import tiny_cli_args
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = {"arch": "resnet8", "J": 4}
 
@@ -160,9 +162,7 @@ def test_compile_only_where_it_pays(tmp_path, monkeypatch, steps, compile_s, mea
     assert "compile" not in calls
 
 
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8", "-J", "4",
-        "--split", "layerwise", "-b", "8", "--lr", "0.05", "--progress", "off", "--no-head-eval", "--method", "dgl",
-        "--epochs", "1"]
+ARGS = tiny_cli_args(train=16, test=8, batch=8) + ["--no-head-eval", "--method", "dgl", "--epochs", "1"]
 
 
 def test_default_short_run_trains_as_cpu_tune_off(tmp_path, monkeypatch):

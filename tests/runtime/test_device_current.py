@@ -10,13 +10,10 @@ import types
 import pytest
 import torch
 
-from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import DGL
-from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime import head_select as hs
 from pgl_fast.runtime.device import device_context
 from pgl_fast.runtime.graphs import GraphedLocalSteps
-from pgl_fast.runtime.optim import sgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -63,10 +60,9 @@ def test_context_for_each_kind_of_device(cur):
     assert cur.stack == []
 
 
-def test_learner_steps_run_with_the_models_device_current(cur):
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 2, image_size=8, split="even", aux="1c2f")
-    learner = LocalLearner(net, DGL(), optimizer=sgd(lr=0.1))
+def test_learner_steps_run_with_the_models_device_current(cur, tiny_model, tiny_learner):
+    net = tiny_model(2)
+    learner = tiny_learner(net, DGL())
     x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
     seen = []
     unit = net.units[0]  # local steps call it through its block, global steps directly
@@ -99,13 +95,12 @@ def test_graph_capture_and_head_timing_run_on_the_devices_own_context(cur, monke
 
 @two_gpus
 @pytest.mark.cuda
-def test_graphed_steps_on_the_second_gpu_equal_eager_and_leave_device_0_current():
+def test_graphed_steps_on_the_second_gpu_equal_eager_and_leave_device_0_current(tiny_model, tiny_learner):
     torch.cuda.set_device(0)
     runs = []
     for graphs in (True, False):
-        torch.manual_seed(0)
-        net = cifar_resnet("resnet8", 3, image_size=8, split="even", aux="1c2f").to("cuda:1")
-        learner = LocalLearner(net, DGL(), optimizer=sgd(lr=0.1, momentum=0.9), cuda_graphs=graphs)
+        net = tiny_model(3, device="cuda:1")
+        learner = tiny_learner(net, DGL(), cuda_graphs=graphs)
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             learner.local_step(torch.randn(4, 3, 8, 8, generator=g).to("cuda:1"),

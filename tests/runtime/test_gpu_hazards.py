@@ -15,11 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import PGL, InfoPro
 from pgl_fast.models.heads import MLPSRHead, adaptive_avg_pool, reconstruction_loss, supcon_loss, upsample_bilinear
-from pgl_fast.models.presets import cifar_resnet
-from pgl_fast.runtime.optim import sgd
 
 # Backward ops that CUDA implements only with atomics and refuses in deterministic mode.
 CUDA_NONDETERMINISTIC = ("_adaptive_avg_pool2d_backward", "upsample_bilinear2d_backward")
@@ -45,21 +42,15 @@ def deterministic():
         torch.use_deterministic_algorithms(before)
 
 
-def _learner(net, method, amp=False):
-    return LocalLearner(net, method, optimizer=sgd(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4),
-                        amp=torch.bfloat16 if amp else None)
-
-
 def _infopro():
     return InfoPro(contrast=False, lambdas=((1.0, 0.5), (0.5, 1.0)))
 
 
 @pytest.mark.parametrize("case", ["infopro-local", "mlpsr-local", "mlpsr-global"])
-def test_deterministic_steps_avoid_cuda_nondeterministic_backwards(case):
-    torch.manual_seed(0)
+def test_deterministic_steps_avoid_cuda_nondeterministic_backwards(case, tiny_model, tiny_learner):
     infopro = case.startswith("infopro")
-    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f" if infopro else "mlpsr", decoders=infopro)
-    learner = _learner(net, _infopro() if infopro else PGL(1, 1))
+    net = tiny_model(3, image_size=16, split="auto", aux="1c2f" if infopro else "mlpsr", decoders=infopro)
+    learner = tiny_learner(net, _infopro() if infopro else PGL(1, 1), lr=0.05)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     rec = OpRecorder()
     with deterministic(), rec:
@@ -71,7 +62,7 @@ def test_deterministic_steps_avoid_cuda_nondeterministic_backwards(case):
     assert not [op for op in rec.ops if op in CUDA_NONDETERMINISTIC]
 
 
-def test_infopro_amp_never_calls_plain_bce_under_autocast(monkeypatch):
+def test_infopro_amp_never_calls_plain_bce_under_autocast(monkeypatch, tiny_model, tiny_learner):
     """Mimics CUDA autocast's refusal on the CPU: plain BCE while autocast is on raises."""
     real = F.binary_cross_entropy
 
@@ -81,9 +72,8 @@ def test_infopro_amp_never_calls_plain_bce_under_autocast(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(F, "binary_cross_entropy", refused)
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f", decoders=True)
-    learner = _learner(net, _infopro(), amp=True)
+    net = tiny_model(3, image_size=16, split="auto", decoders=True)
+    learner = tiny_learner(net, _infopro(), lr=0.05, amp=torch.bfloat16)
     learner.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)), torch.rand(4, 3, 16, 16))
     assert all(torch.isfinite(torch.tensor(learner.stats.read()["losses"])))
 
@@ -140,10 +130,9 @@ def test_supcon_similarity_in_fp32_under_autocast():
     torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=0)
 
 
-def test_gradient_check_is_one_multi_tensor_norm_per_module():
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 3, image_size=16, aux="1c2f")
-    learner = _learner(net, PGL(1, 1))
+def test_gradient_check_is_one_multi_tensor_norm_per_module(tiny_model, tiny_learner):
+    net = tiny_model(3, image_size=16, split="auto")
+    learner = tiny_learner(net, PGL(1, 1), lr=0.05)
     rec = OpRecorder()
     with rec:
         learner.local_step(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))

@@ -6,20 +6,18 @@ import copy
 import pytest
 import torch
 
-from pgl_fast.core.learner import LocalLearner, StepStats
+from pgl_fast.core.learner import StepStats
 from pgl_fast.core.methods import PGL
-from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.graphs import InPlaceSnapshot, training_state_tensors
-from pgl_fast.runtime.optim import sgd
+
+from helpers import tiny_learner, tiny_resnet
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
 
 
 def _setup(device="cpu", aux="1c2f", amp=None, seed=0, cuda_graphs=False):
-    torch.manual_seed(seed)
-    net = cifar_resnet("resnet8", 4, num_classes=10, image_size=16, split="layerwise", aux=aux).to(device)
-    learner = LocalLearner(net, PGL(1, 1), optimizer=sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
-                           amp=amp, cuda_graphs=cuda_graphs)
+    net = tiny_resnet(4, seed=seed, image_size=16, split="layerwise", aux=aux, device=device)
+    learner = tiny_learner(net, PGL(1, 1), amp=amp, cuda_graphs=cuda_graphs)
     return net, learner, learner.stats
 
 

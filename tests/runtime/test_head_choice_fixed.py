@@ -11,11 +11,8 @@ import os
 import pytest
 import torch
 
-from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import DGL
-from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime import head_select as hs
-from pgl_fast.runtime.optim import sgd
 from pgl_fast.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,11 +38,6 @@ def measure(monkeypatch):
     return m
 
 
-def _net():
-    torch.manual_seed(0)
-    return cifar_resnet("resnet8", 3, image_size=8, split="even", aux="1c2f")
-
-
 def _configure(net, **kw):
     return hs.configure_head_kernels(net, "auto", True, batch=4, dtype=torch.float32, device=CUDA, **kw)
 
@@ -54,21 +46,21 @@ def _flags(net):
     return [h.use_kernels for h in net.heads]
 
 
-def test_resume_reuses_the_checkpoints_choice(measure, tmp_path):
+def test_resume_reuses_the_checkpoints_choice(measure, tmp_path, tiny_model, tiny_learner):
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
-    first = _net()
+    first = tiny_model(3)
     rec = _configure(first)
     assert _flags(first) == [False, False] and measure.calls == 1  # the first start measured: eager
     out = str(tmp_path / "run")
-    learner = LocalLearner(first, DGL(), optimizer=sgd(lr=0.05))
+    learner = tiny_learner(first, DGL(), lr=0.05)
     Trainer(learner, data, None, epochs=1, batch_size=4, output_dir=out, progress="off", heartbeat=0,
             header={"head_kernels": rec["resolved"]}).fit()
 
-    again = _net()
+    again = tiny_model(3)
     rec = _configure(again)
     assert _flags(again) == [True, True] and measure.calls == 2  # this start's timing says fused
-    Trainer(LocalLearner(again, DGL(), optimizer=sgd(lr=0.05)), data, None, epochs=1, batch_size=4,
+    Trainer(tiny_learner(again, DGL(), lr=0.05), data, None, epochs=1, batch_size=4,
             output_dir=out, resume="auto", progress="off", heartbeat=0, header={"head_kernels": rec["resolved"]}).fit()
     assert _flags(again) == [False, False], "the resumed run took this start's timing, not its checkpoint's choice"
     with open(os.path.join(out, "header.json")) as f:
@@ -76,10 +68,10 @@ def test_resume_reuses_the_checkpoints_choice(measure, tmp_path):
     assert header["head_kernels"] == "eager" and header["head_kernels_reused_from"].endswith(".pt")
 
 
-def test_deterministic_chooses_without_timing(measure, monkeypatch):
+def test_deterministic_chooses_without_timing(measure, monkeypatch, tiny_model):
     monkeypatch.setattr(hs, "default_timer", lambda *a, **k: pytest.fail("--deterministic timed the heads"))
     for _ in range(2):
-        net = _net()
+        net = tiny_model(3)
         rec = _configure(net, deterministic=True)
         assert _flags(net) == [False, False]
         assert rec["resolved"] == "eager" and rec["selection"] is None and "without timing" in rec["rule"]
@@ -101,11 +93,11 @@ class FakeCtx:
         return fn() if self.is_main else self.rank0_result
 
 
-def test_ranks_take_rank0s_choice(measure):
-    rank0 = _net()
+def test_ranks_take_rank0s_choice(measure, tiny_model):
+    rank0 = tiny_model(3)
     rec0 = _configure(rank0, ctx=FakeCtx(0))  # rank 0 measures: eager
     assert measure.calls == 1 and _flags(rank0) == [False, False]
-    rank1 = _net()
+    rank1 = tiny_model(3)
     measure.calls = 1  # rank 1's own measurement would say triton
     rec1 = _configure(rank1, ctx=FakeCtx(1, rank0_result=rec0["selection"]))
     assert measure.calls == 1, "rank 1 measured for itself"

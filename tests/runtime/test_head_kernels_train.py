@@ -1,29 +1,20 @@
 """`--head-kernels triton` trains end to end (under the Triton interpreter on the CPU) and gives
 the same losses and accuracies as the eager heads."""
-import json
-
 import pytest
 
-from pgl_fast.train import main
-
-ARGS = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
-        "-J", "2", "--split", "even", "-b", "8", "--lr", "0.05", "--method", "pgl", "-P", "1", "-Q", "1",
-        "--epochs", "2", "--deterministic"]
-
-
-def _rows(path):
-    return [json.loads(line) for line in open(path)]
+pytestmark = pytest.mark.usefixtures("one_thread")
+SIZES = dict(train=16, test=8, J=2, split="even", batch=8, progress=None)
+ARGS = ["--method", "pgl", "-P", "1", "-Q", "1", "--epochs", "2", "--deterministic"]
 
 
 @pytest.mark.parametrize("aux", ["1c2f", "2c2f"])
-def test_triton_heads_match_eager_training(tmp_path, aux):
+def test_triton_heads_match_eager_training(cli, aux):
     pytest.importorskip("triton")
     out = {}
     for kind in ("eager", "triton"):
-        assert main(ARGS + ["--aux", aux, "--head-kernels", kind, "-o", str(tmp_path / kind)]) == 0
-        out[kind] = _rows(tmp_path / kind / "metrics.jsonl")
-        header = json.loads((tmp_path / kind / "header.json").read_text())
-        assert header["head_kernels"] == kind
+        run = cli(*ARGS, "--aux", aux, "--head-kernels", kind, name=kind, **SIZES)
+        out[kind] = run.rows
+        assert run.header["head_kernels"] == kind
     for e, t in zip(out["eager"], out["triton"]):
         assert e["phase"] == t["phase"]
         # fp32 kernels differ from cuDNN/oneDNN only in summation order

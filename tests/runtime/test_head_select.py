@@ -13,7 +13,6 @@ import torch
 
 from pgl_fast.runtime import head_select as hs
 from pgl_fast.models.heads import AuxClassifier
-from pgl_fast.models.presets import cifar_resnet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,11 +120,10 @@ def test_fused_path_that_raises_is_rejected_loudly():
     assert rec["choice"] == "eager" and rec["fused_ms"] is None and rec["eager_ms"] == pytest.approx(1e3)
 
 
-def test_choice_is_per_head_shape_and_cached():
+def test_choice_is_per_head_shape_and_cached(tiny_model):
     # resnet8 layerwise J=4 at 8 px, AUX-ADAPT heads: two 2c2f heads on 16x8x8 share one
     # measurement, the 1c3f head on 32x4x4 gets its own; the fused path is wrong on 32 channels only
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 4, image_size=8, split="layerwise", aux="adapt").to(DEVICE)
+    net = tiny_model(4, split="layerwise", aux="adapt", device=DEVICE)
 
     def fused(head, x):
         out = hs.fused_stack(head, x)
@@ -151,8 +149,8 @@ def test_choice_is_per_head_shape_and_cached():
     assert [h.use_kernels for h in net.heads] == [True, True, False]
 
 
-def test_forced_modes_and_cpu_auto():
-    net = cifar_resnet("resnet8", 2, image_size=8, split="even", aux="1c2f")
+def test_forced_modes_and_cpu_auto(tiny_model):
+    net = tiny_model(2)
     cpu = torch.device("cpu")
     kw = dict(batch=2, dtype=torch.float32, device=cpu)
     assert hs.configure_head_kernels(net, "triton", True, **kw) == {"mode": "triton", "resolved": "triton",
@@ -162,25 +160,19 @@ def test_forced_modes_and_cpu_auto():
     assert not net.heads[0].use_kernels
 
 
-def test_auto_on_cpu_trains_eager_without_measuring(tmp_path, monkeypatch):
-    from pgl_fast.train import main
-
+def test_auto_on_cpu_trains_eager_without_measuring(cli, monkeypatch):
     def never(*a, **k):
         raise AssertionError("auto measured on the CPU")
 
     monkeypatch.setattr(hs, "select_head", never)
-    args = ["--dataset", "synthetic", "--synthetic-train", "16", "--synthetic-test", "8", "--arch", "resnet8",
-            "-J", "2", "--split", "even", "-b", "8", "--method", "dgl", "--epochs", "1", "--device", "cpu",
-            "--head-kernels", "auto", "-o", str(tmp_path)]
-    assert main(args) == 0
-    header = json.loads((tmp_path / "header.json").read_text())
+    header = cli("--method", "dgl", "--epochs", "1", "--device", "cpu", "--head-kernels", "auto", train=16, test=8,
+                 J=2, split="even", batch=8, progress=None).header
     assert header["head_kernels"] == "eager" and header["head_kernels_mode"] == "auto"
     assert header["head_kernel_selection"] is None
 
 
-def test_cached_failure_still_warns():
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 2, image_size=8, split="even", aux="1c2f").to(DEVICE)
+def test_cached_failure_still_warns(tiny_model):
+    net = tiny_model(2, device=DEVICE)
     clock = FakeClock(0.5, 1.0, fused_fn=lambda h, x: hs.fused_stack(h, x) + 1.0)
     cache = {}
     kw = dict(batch=2, dtype=torch.float32, device=DEVICE, fused_fn=clock.fused, eager_fn=clock.eager,

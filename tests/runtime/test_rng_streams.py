@@ -9,23 +9,14 @@ import copy
 import pytest
 import torch
 
-from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import DGL
-from pgl_fast.models.presets import cifar_resnet
 from pgl_fast.runtime.graphs import warm_up
-from pgl_fast.runtime.optim import sgd
 from pgl_fast.runtime.rng import preserved_rng, rank_seed
 from pgl_fast.training.checkpoint import restore_rank_rng
 from pgl_fast.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture)")
-
-
-def _learner(device="cpu", cuda_graphs=False):
-    torch.manual_seed(0)
-    net = cifar_resnet("resnet8", 3, image_size=8, split="even", aux="1c2f", droprate=0.5).to(device)
-    return LocalLearner(net, DGL(), optimizer=sgd(lr=0.1, momentum=0.9), cuda_graphs=cuda_graphs)
 
 
 def _batch(device="cpu", n=4, seed=1):
@@ -49,10 +40,10 @@ def test_preserved_rng_undoes_dropout_draws():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_graph_warm_up_leaves_stream_and_state_as_eager():
+def test_graph_warm_up_leaves_stream_and_state_as_eager(tiny_model, tiny_learner):
     """The warm-up run before a capture (here on the CPU, no side stream) must be invisible: the next
     step's dropout masks, parameters and statistics are those of a learner that never warmed up."""
-    learner, ref = _learner(), _learner()
+    learner, ref = (tiny_learner(tiny_model(3, droprate=0.5), DGL()) for _ in range(2))
     x, y = _batch()
     # both learners draw from the one default generator: each step starts from the same state
     torch.manual_seed(5)
@@ -104,9 +95,9 @@ def test_checkpoint_from_another_world_size_gives_ranks_distinct_streams():
 
 @cuda
 @pytest.mark.cuda
-def test_graphed_dropout_run_equals_eager():
+def test_graphed_dropout_run_equals_eager(tiny_model, tiny_learner):
     """Two batch sizes (two captures, the second mid-run): every replay draws the eager step's masks."""
-    graphed, eager = _learner("cuda", cuda_graphs=True), _learner("cuda")
+    graphed, eager = (tiny_learner(tiny_model(3, droprate=0.5, device="cuda"), DGL(), cuda_graphs=g) for g in (True, False))
     batches = [_batch("cuda", seed=s) for s in range(4)] + [_batch("cuda", n=3, seed=9)] + [_batch("cuda", seed=5)]
     torch.cuda.manual_seed(123)
     for x, y in batches:
