@@ -12,7 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from pgl_fast.core.learner import LocalLearner
 from pgl_fast.core.methods import Method, from_name
@@ -90,3 +92,32 @@ def run_cli(out, *args: str, expect_rc: int | None = 0, tiny: bool = True, **siz
     if expect_rc is not None:
         assert rc == expect_rc, f"exit code {rc}, expected {expect_rc}: {argv}"
     return CliRun(rc, out)
+
+
+# ImageFolder trees written with PIL
+
+
+def image_array(seed: int, size=(8, 8)) -> np.ndarray:
+    """A deterministic random RGB image, HWC uint8; size is (width, height) like PIL."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+
+
+def write_image(path: Path, arr: np.ndarray, fmt: str = "PNG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+def make_tree(root: Path, classes=("cat", "ant", "bee"), n_train=3, n_test=2, size=(8, 8), fmt="PNG"):
+    """Write ``root/{train,test}/<class>/NN.png``; returns {(split, class, i): HWC array}."""
+    ext = ".png" if fmt == "PNG" else ".jpg"
+    written = {}
+    seed = 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        for cls in classes:
+            for i in range(n):
+                arr = image_array(seed, size)
+                seed += 1
+                write_image(root / split / cls / f"{i:02d}{ext}", arr, fmt)
+                written[(split, cls, i)] = arr
+    return written

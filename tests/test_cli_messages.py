@@ -13,7 +13,7 @@ from pgl_fast.train import main
 from pgl_fast.training.progress import Heartbeat, format_duration, run_eta
 
 from helpers import tiny_cli_args
-from test_data import make_tree  # the ImageFolder tree builder of the data tests
+from helpers import make_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

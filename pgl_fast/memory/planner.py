@@ -22,7 +22,7 @@ on the CPU at a small batch under the tensor tracker of ``pgl_fast.memory.profil
 every op the live bytes that do not depend on the batch (parameters, buffers, gradients, optimizer
 state) and those that do (inputs, activations, backward temporaries). The peak at the real batch is
 the maximum over that timeline of ``static + activations * batch / small_batch`` -- exact wherever
-tensor sizes are linear in the batch; ``tests/test_planner.py`` checks it against a direct
+tensor sizes are linear in the batch; ``tests/memory/test_planner.py`` checks it against a direct
 measurement at the target batch.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ fresh where there is nothing to resume, a schedule change on resume is refused u
 and a run that fails validation creates nothing.
 
 The interrupt tests reuse the deterministic tiny PGL run and the bit-identical comparison of
-tests/test_resume.py: an interrupted run resumed with the printed command must end exactly where
+tests/training/test_resume.py: an interrupted run resumed with the printed command must end exactly where
 the uninterrupted reference ends.
 """
 import json

@@ -32,7 +32,7 @@ import pytest
 from pgl_fast import train
 from pgl_fast.experiments import main as experiments_main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 _BLOCK = re.compile(r"(?:<!-- doc-test: (?P<mode>\w+)[^\n]*-->\n)?```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)

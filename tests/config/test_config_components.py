@@ -12,7 +12,7 @@ from pgl_fast.config import (COMPONENTS, DataConfig, MethodConfig, ModelConfig, 
                              RuntimeConfig, StrategyConfig, TrainConfig, config_from_args, config_from_dict)
 from pgl_fast.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (component, its bad keyword, the same value as a command line, the message written out by hand)
 ALONE = [

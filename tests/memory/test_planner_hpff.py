@@ -37,7 +37,7 @@ def test_local_prediction_builds_the_objective_and_matches_measurement(objective
     assert added > 0
     setup.warm_up(2)
     direct = measure_step(setup, steps=1, measure="tracker")["peak_bytes"]
-    # the tolerance of the planner's other direct comparisons (tests/test_planner.py)
+    # the tolerance of the planner's other direct comparisons (tests/memory/test_planner.py)
     assert 0.98 * direct <= pred <= 1.08 * direct, (pred, direct)
     # the objective's networks (parameters and their momentum buffers, always alive) come on top of
     # the plain heads' step, and with them their activations

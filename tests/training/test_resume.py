@@ -22,7 +22,7 @@ from pgl_fast.train import main
 
 from helpers import tiny_cli_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPOCHS, STEPS = 4, 6  # 96 images / batch 16
 ARGS = (tiny_cli_args(train=96, test=32)
         + ["--method", "pgl", "-P", "2", "-Q", "1", "--epochs", str(EPOCHS), "--save-every", "2",

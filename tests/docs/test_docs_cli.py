@@ -8,7 +8,7 @@ import pytest
 
 from pgl_fast.tools import cli_doc
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI_PAGE = os.path.join(REPO, "docs", "cli.md")
 
 

@@ -27,39 +27,15 @@ from pgl_fast.data import (
 )
 from pgl_fast.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import image_array as _image, make_tree, write_image as _write
+
+REPO = Path(__file__).resolve().parents[2]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: tiny ImageFolder trees written with PIL
 # ----------------------------------------------------------------------------------------------
-
-
-def _image(seed: int, size=(8, 8)) -> np.ndarray:
-    """A deterministic random RGB image, HWC uint8; size is (width, height) like PIL."""
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-
-
-def _write(path: Path, arr: np.ndarray, fmt: str = "PNG") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, format=fmt)
-
-
-def make_tree(root: Path, classes=("cat", "ant", "bee"), n_train=3, n_test=2, size=(8, 8), fmt="PNG"):
-    """Write ``root/{train,test}/<class>/NN.png``; returns {(split, class, i): HWC array}."""
-    ext = ".png" if fmt == "PNG" else ".jpg"
-    written = {}
-    seed = 0
-    for split, n in (("train", n_train), ("test", n_test)):
-        for cls in classes:
-            for i in range(n):
-                arr = _image(seed, size)
-                seed += 1
-                _write(root / split / cls / f"{i:02d}{ext}", arr, fmt)
-                written[(split, cls, i)] = arr
-    return written
 
 
 @pytest.fixture

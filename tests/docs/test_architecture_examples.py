@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pgl_fast.data import DATASETS
 from pgl_fast.models.heads import HEADS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "architecture.md"
 pytestmark = pytest.mark.usefixtures("one_thread")
 

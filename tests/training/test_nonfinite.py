@@ -22,7 +22,7 @@ from pgl_fast.train import NonFiniteError, main, run
 
 from helpers import tiny_cli_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 6  # 48 images / batch 8
 BASE = tiny_cli_args(train=48, test=16, batch=8)
 LOCAL = ["--method", "pgl", "-P", "2", "-Q", "1", "--epochs", "2"]   # epochs 1-2 local
