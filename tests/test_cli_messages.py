@@ -53,7 +53,7 @@ def warnings_of(argv):
     (["--warmup-lr", "0.1"], ["warning: --warmup-lr has no effect without --warmup-epochs"]),
     (["--sched", "step", "--warmup-epochs", "2"],
      ["warning: --warmup-epochs has no effect with --sched step (warm-up blends into a cosine schedule only)"]),
-    (["--recipe", "svhn"], ["warning: --recipe has no effect with --dataset cifar10 (only imagefolder takes a recipe)"]),
+    (["--recipe", "svhn"], ["warning: --recipe has no effect with --dataset cifar10 (only imagefolder and synthetic take a recipe)"]),
     (["--synthetic-train", "64"], ["warning: --synthetic-train has no effect with --dataset cifar10"]),
     (["--dataset", "synthetic", "--data-dir", "/x"],
      ["warning: --data-dir has no effect with --dataset synthetic (generated in memory)"]),

@@ -220,6 +220,14 @@ def _no_global_epochs(c: TrainConfig) -> str | None:
     return None
 
 
+def _takers_of_recipe() -> str:
+    """'only X takes a recipe' / 'only X and Y take a recipe': the data sets --recipe applies to."""
+    names = [n for n, d in DATASETS.items() if d.recipe is None]
+    if len(names) == 1:
+        return f"only {names[0]} takes a recipe"
+    return f"only {', '.join(names[:-1])} and {names[-1]} take a recipe"
+
+
 # Which flags matter for which combination: each entry is (fields, why), and ``why(cfg)`` returns
 # the reason the fields do nothing in this combination, or None when they do something. A flag the
 # user gave explicitly that lands here is one warning line, printed and kept in header.json, so a
@@ -264,8 +272,8 @@ NO_EFFECT: list[tuple[tuple[str, ...], object]] = [
     (("warmup_lr",), lambda c: "without --warmup-epochs" if c.warmup_epochs == 0 else None),
     (("no_nesterov",), lambda c: "with --momentum 0" if c.momentum == 0 else None),
     (("recipe",),
-     lambda c: f"with --dataset {c.dataset} (only {', '.join(n for n, d in DATASETS.items() if d.recipe is None)} "
-     "takes a recipe)" if DATASETS[c.dataset].recipe is not None else None),
+     lambda c: f"with --dataset {c.dataset} ({_takers_of_recipe()})" if DATASETS[c.dataset].recipe is not None
+     else None),
     (("synthetic_train", "synthetic_test"),
      lambda c: f"with --dataset {c.dataset}" if "synthetic_train" not in DATASETS[c.dataset].flags else None),
     (("data_dir", "cache_dir", "no_download"),

@@ -18,7 +18,7 @@ PIPELINES = data_stream.PIPELINES
 class DataConfig:
     dataset: str = _f("cifar10", "data set", group="data", choices=DATASETS)
     data_dir: str = _f("./data", "data folder (torchvision download target, or an ImageFolder tree with train/ and test/, or a .tar.gz/.tgz/.tar archive of one, unpacked once into ~/.cache/pgl_fast/archives)", group="data")
-    recipe: str = _f("cifar10", "augmentation/normalisation recipe for --dataset imagefolder (and the split table key for --split balanced)", group="data", choices=RECIPES)
+    recipe: str = _f("cifar10", "augmentation/normalisation recipe for --dataset imagefolder or synthetic (and the split table key for --split balanced)", group="data", choices=RECIPES)
     train_subset: int | None = _f(None, "train on a seeded random subset of N images", group="data", metavar="N")
     test_subset: int | None = _f(None, "evaluate on a seeded random subset of N test images", group="data", metavar="N")
     no_download: bool = _f(False, "never try to download a torchvision data set", group="data")

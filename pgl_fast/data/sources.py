@@ -165,8 +165,8 @@ class DatasetSource:
 
 
 def _load_synthetic(req: LoadRequest) -> Splits:
-    # its spec is the recipe argument's at --image-size, as it always was: load_dataset's caller
-    # chooses the augmentation of these test images
+    # generated images take --recipe's augmentation, normalisation and image size (at --image-size
+    # when given), so a run's defaults follow that recipe as an ImageFolder copy's do
     spec = dataset_spec("synthetic", recipe=req.recipe, image_size=req.image_size)
     train = _synthetic_split(req.synthetic_train, spec.image_size, seed=0, flag="synthetic_train")
     test = _synthetic_split(req.synthetic_test, spec.image_size, seed=1, flag="synthetic_test")
@@ -196,7 +196,7 @@ DATASETS: dict[str, DatasetSource] = {
     "imagefolder": DatasetSource(_load_imagefolder_source, "an ImageFolder tree train/<class>/*, test/<class>/*",
                                  reads="imagefolder", recipe=None),
     "synthetic": DatasetSource(_load_synthetic, "small deterministic images made in memory, for tests",
-                               reads="generated", flags=("synthetic_train", "synthetic_test")),
+                               reads="generated", recipe=None, flags=("synthetic_train", "synthetic_test")),
 }
 
 

@@ -162,6 +162,7 @@ def test_a_loader_with_the_wrong_layout_is_refused(loader, message):
     (["--dataset", "svhn"], 1024, 0.8, "svhn", "cifar10"),
     (["--dataset", "stl10"], 128, 0.1, "stl10", "stl10"),
     (["--dataset", "synthetic"], 1024, 0.8, "cifar10", "cifar10"),
+    (["--dataset", "synthetic", "--recipe", "stl10"], 128, 0.1, "stl10", "stl10"),  # generated at its recipe
     (["--dataset", "imagefolder", "--recipe", "stl10"], 128, 0.1, "stl10", "stl10"),
     (["--dataset", "imagefolder", "--recipe", "svhn"], 1024, 0.8, "svhn", "cifar10"),
     (["--dataset", "imagefolder", "--recipe", "imagenet", "--data-pipeline", "stream"], 1024, 0.8, "imagenet",
@@ -187,7 +188,7 @@ def test_what_a_data_set_reads_decides_the_no_effect_warnings():
     assert warnings_of(["--dataset", "made", "--synthetic-train", "8"]) == [
         "warning: --synthetic-train has no effect with --dataset made"]
     assert warnings_of(["--dataset", "made", "--recipe", "svhn"]) == [
-        "warning: --recipe has no effect with --dataset made (only imagefolder, tree takes a recipe)"]
+        "warning: --recipe has no effect with --dataset made (only imagefolder, synthetic and tree take a recipe)"]
     assert warnings_of(["--dataset", "tree", "--recipe", "svhn"]) == []
     assert warnings_of(["--dataset", "tree", "--workers", "4", "--data-pipeline", "stream"]) == []
     with pytest.raises(UserError, match="--data-pipeline: stream reads ImageFolder trees; --dataset ownfiles"):

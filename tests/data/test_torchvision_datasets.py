@@ -29,7 +29,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-from pgl_fast import train as train_mod
+from pgl_fast.data import batches
 from pgl_fast.data import BatchAugmenter, load_dataset
 from pgl_fast.errors import UserError
 from pgl_fast.train import main
@@ -394,7 +394,7 @@ def test_cli_trains_one_epoch_on_the_files(name, tmp_path, monkeypatch, capsys):
             specs.append(spec)
             super().__init__(spec, device)
 
-    monkeypatch.setattr(train_mod.data_mod, "BatchAugmenter", SpyAugmenter)
+    monkeypatch.setattr(batches, "BatchAugmenter", SpyAugmenter)  # the trainer's batches build it
     out = tmp_path / "run"
     rc = main(["--dataset", name, "--no-download", "--data-dir", str(root), "--arch", "resnet8", "-J", "2",
                "--method", "dgl", "--epochs", "1", "--seed", "0", "--progress", "off", "-o", str(out)] + extra)

@@ -53,7 +53,7 @@ def test_help_states_each_default_once(help_text):
 
 
 def test_profile_help_states_its_own_batch_default_once():
-    from pgl_fast import profile  # the memory profiler's command shares the training flags' help texts
+    from pgl_fast.memory import profile  # the memory profiler's command shares the training flags' help texts
 
     entries = _entries(profile.build_parser().format_help())
     assert entries["-b"].endswith("batch size (default: 256)"), entries["-b"]

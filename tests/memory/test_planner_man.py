@@ -3,7 +3,6 @@ block), not only the plain heads."""
 import pytest
 
 from pgl_fast.memory import planner
-from pgl_fast.config import TrainConfig
 from pgl_fast.memory.profile import build_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,10 +21,3 @@ def test_local_prediction_counts_man_copies():
                  for p in m.parameters())
     assert len(setup.net.ema_blocks) == 3 and copies > 0
     assert man >= plain + copies
-
-
-def test_planner_asks_for_the_runs_aux_path():
-    assert planner.aux_path(TrainConfig(method="man")) == "man"
-    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="man")) == "man"
-    assert planner.aux_path(TrainConfig(method="pgl")) == "dgl"
-    assert planner.aux_path(TrainConfig(method="pgl", pgl_local="infopro")) == "infopro"

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from pgl_fast import data as data_mod
+from pgl_fast.data import batches as data_mod  # where the trainer's batches are normalised
 import pgl_fast.train as train_mod
 from pgl_fast.config import config_from_args
 from pgl_fast.train import NonFiniteError, main, run
@@ -239,7 +239,7 @@ def test_gradient_reported_when_it_comes_before_a_bad_loss(tmp_path, monkeypatch
 # -- a real process -------------------------------------------------------------------------------
 SCRIPT = """
 import math, sys, torch
-import pgl_fast.data.sources as d
+import pgl_fast.data.batches as d
 from pgl_fast.train import main
 orig, n = d.normalize, [0]
 def poisoned(x, *a, **k):
