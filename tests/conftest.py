@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import helpers  # noqa: E402  (after TRITON_INTERPRET: it imports the engine)
+from pgl_fast.data import DATASETS  # noqa: E402
+from pgl_fast.models.heads import HEADS  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE_ARCHIVE = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
@@ -80,3 +82,15 @@ def cli(tmp_path):
         return helpers.run_cli(tmp_path / name, *args, **kw)
 
     return run
+
+
+@pytest.fixture
+def restored_registries():
+    """The aux-head and data-set registries as they were before the test: entries it registers leave
+    with it."""
+    heads, datasets = dict(HEADS), dict(DATASETS)
+    yield
+    HEADS.clear()
+    HEADS.update(heads)
+    DATASETS.clear()
+    DATASETS.update(datasets)

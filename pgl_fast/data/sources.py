@@ -33,6 +33,7 @@ import torch
 
 from ..errors import UserError
 from ..jsonio import write_json_atomic
+from ..registry import add_entry
 from .recipes import RECIPES, DatasetSpec, _recipe
 
 __all__ = [
@@ -204,13 +205,8 @@ def register_dataset(name: str, source: DatasetSource, *, replace: bool = False)
     """Add the data set ``name`` (lower case, as ``load_dataset`` lower-cases names) to the registry:
     from then on ``load_dataset(name, ...)`` and ``--dataset name`` load it. ``replace`` allows
     redefining a registered name."""
-    if not isinstance(name, str) or not name or name != name.strip().lower():
-        raise UserError(f"register_dataset: the name must be a non-empty lower-case string, got {name!r}")
-    if not isinstance(source, DatasetSource):
-        raise UserError(f"register_dataset({name!r}): the source must be a DatasetSource, got {type(source).__name__}")
-    if name in DATASETS and not replace:
-        raise UserError(f"register_dataset: data set {name!r} is registered already; pass replace=True to redefine it")
-    DATASETS[name] = source
+    add_entry(DATASETS, name, source, fn="register_dataset", kind="data set", cls=DatasetSource, field="source",
+              lower=True, replace=replace)
 
 
 def _source(name: str) -> DatasetSource:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..registry import add_entry
 
 # AUX-ADAPT: big heads where the proxy is poorest (early, 16 channels), small ones late.
 ADAPT_BY_CHANNELS = {16: "2c2f", 32: "1c3f", 64: "1c2f"}
@@ -224,13 +225,8 @@ AUX_CONFIGS = HEADS.keys()
 def register_head(name: str, spec: HeadSpec, *, replace: bool = False) -> None:
     """Add the aux head ``name`` to the registry: from then on ``--aux name``, ``split(aux=name)``
     and ``cifar_resnet(aux=name)`` build it. ``replace`` allows redefining a registered name."""
-    if not isinstance(name, str) or not name or name != name.strip():
-        raise UserError(f"register_head: the name must be a non-empty string without surrounding spaces, got {name!r}")
-    if not isinstance(spec, HeadSpec):
-        raise UserError(f"register_head({name!r}): the spec must be a HeadSpec, got {type(spec).__name__}")
-    if name in HEADS and not replace:
-        raise UserError(f"register_head: aux head {name!r} is registered already; pass replace=True to redefine it")
-    HEADS[name] = spec
+    add_entry(HEADS, name, spec, fn="register_head", kind="aux head", cls=HeadSpec, field="spec", lower=False,
+              replace=replace)
 
 
 def head_spec(name: str) -> HeadSpec:

@@ -8,24 +8,17 @@ from torch import nn
 
 from pgl_fast.config.build import resolve_head_kernels
 from pgl_fast.config import TrainConfig, build_parser, config_from_args, explicit_fields
-from pgl_fast.data import DATASETS, DatasetSource, Splits, load_dataset, register_dataset
+from pgl_fast.data import DatasetSource, Splits, load_dataset, register_dataset
 from pgl_fast.errors import UserError
-from pgl_fast.models.heads import HEADS, HeadSpec, build_head, register_head
+from pgl_fast.models.heads import HeadSpec, build_head, register_head
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUILTIN_HEADS = "0c1f, 0c2f, 1c1f, 1c2f, 1c3f, 2c2f, adapt, mlpsr"
 BUILTIN_DATASETS = "cifar10, svhn, stl10, imagefolder, synthetic"
 
 
-@pytest.fixture(autouse=True)
-def clean_registries():
-    heads, datasets = dict(HEADS), dict(DATASETS)
-    yield
-    HEADS.clear()
-    HEADS.update(heads)
-    DATASETS.clear()
-    DATASETS.update(datasets)
+# what a test registers leaves with it; tiny CLI runs on one thread
+pytestmark = pytest.mark.usefixtures("restored_registries", "one_thread")
 
 
 def pool_linear(in_shape, out_dim, widen=1.0, feature_dim=128):

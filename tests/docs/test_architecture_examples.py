@@ -33,15 +33,6 @@ def section_block(title: str) -> str:
     return blocks[0]
 
 
-@pytest.fixture
-def restored_registries():
-    heads, datasets = dict(HEADS), dict(DATASETS)
-    yield
-    HEADS.clear()
-    HEADS.update(heads)
-    DATASETS.clear()
-    DATASETS.update(datasets)
-
 
 def run_block(title: str, capsys) -> dict:
     ns = {"__name__": "__docs__"}
