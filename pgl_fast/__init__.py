@@ -15,7 +15,8 @@ The public API (imported on first use, so ``python -m pgl_fast.<tool>`` starts w
   ``sgd`` (and ``SGD``), the methods ``BP``/``DGL``/``InfoPro``/``PGL``, and for torchrun
   ``DistContext``, ``DataParallelLearner``, ``init_pipeline_group``, ``build_stage``; the data
   sets: ``load_dataset``, ``extract_archive_if_needed``; ``main(argv)``, the CLI in process;
-- the registries: ``register_head(name, HeadSpec(...))`` (an aux head ``--aux``/``split(aux=...)``
+- the registries: ``register_method(name, MethodClass)`` (a ``--method``, and a ``--pgl-local``
+  when its epochs are all local), ``register_head(name, HeadSpec(...))`` (an aux head ``--aux``/``split(aux=...)``
   can name) and ``register_dataset(name, DatasetSource(...))`` (with ``LoadRequest`` and ``Splits``: a data set ``load_dataset`` and
   ``--dataset`` can name).
 """
@@ -75,6 +76,7 @@ _API = {
     "MAN": ("pgl_fast.core.methods", "MAN"),
     "HPFF": ("pgl_fast.core.methods", "HPFF"),
     "Method": ("pgl_fast.core.methods", "Method"),
+    "register_method": ("pgl_fast.core.methods", "register_method"),
     "cifar_resnet": ("pgl_fast.models.presets", "cifar_resnet"),
     "cifar_stem": ("pgl_fast.models.presets", "cifar_stem"),
     "sgd": ("pgl_fast.runtime.optim", "sgd"),

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import helpers  # noqa: E402  (after TRITON_INTERPRET: it imports the engine)
+from pgl_fast.core.methods import METHODS  # noqa: E402
 from pgl_fast.data import DATASETS  # noqa: E402
 from pgl_fast.models.heads import HEADS  # noqa: E402
 
@@ -86,10 +87,12 @@ def cli(tmp_path):
 
 @pytest.fixture
 def restored_registries():
-    """The aux-head and data-set registries as they were before the test: entries it registers leave
-    with it."""
-    heads, datasets = dict(HEADS), dict(DATASETS)
+    """The method, aux-head and data-set registries as they were before the test: entries it
+    registers leave with it."""
+    methods, heads, datasets = dict(METHODS), dict(HEADS), dict(DATASETS)
     yield
+    METHODS.clear()
+    METHODS.update(methods)
     HEADS.clear()
     HEADS.update(heads)
     DATASETS.clear()

@@ -8,9 +8,22 @@ from ..core.methods import HPFF_LAMBDAS, METHODS as METHOD_CLASSES, local_object
 from ..models.heads import AUX_CONFIGS, HEADS
 from .base import _f, bad
 
-METHODS = tuple(METHOD_CLASSES)
+
+class _PglLocals:
+    """--pgl-local's choices, read from the method registry when asked (a method registered after
+    import is one), in registry order."""
+
+    def __contains__(self, name) -> bool:
+        return name in local_objectives()
+
+    def __iter__(self):
+        return iter(local_objectives())
+
+
+# the registry's names, live (register_method adds to them)
+METHODS = METHOD_CLASSES.keys()
 # --pgl-local: every registered method whose epochs are all local
-PGL_LOCALS = tuple(local_objectives())
+PGL_LOCALS = _PglLocals()
 MAN_BASES = ("dgl", "infopro")
 LAMBDA_FIELDS = ("ixx_1", "ixy_1", "ixx_2", "ixy_2")
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..registry import add_entry
 from ..models.cifar_resnet import init_infopro_
 from ..models.heads import Decoder, PatchDecoder, build_head, reconstruction_loss, supcon_loss, upcast
 from ..models.local_model import block_units
@@ -642,6 +643,14 @@ def local_objectives() -> list[str]:
         if all_local(m):
             out.append(name)
     return out
+
+
+def register_method(name: str, cls: type[Method], *, replace: bool = False) -> None:
+    """Add the method ``name`` to the registry: from then on ``--method name`` builds it through
+    ``cls.from_config`` (its defaults unless it defines one), and ``--pgl-local name`` too when its
+    epochs are all local. ``replace`` allows redefining a registered name."""
+    add_entry(METHODS, name, cls, fn="register_method", kind="method", cls=Method, field="method class",
+              lower=True, replace=replace, subclass=True)
 
 
 def from_name(name: str, **kwargs) -> Method:

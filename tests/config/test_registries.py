@@ -4,9 +4,11 @@ Expected messages and values are written out by hand; every entry a test registe
 afterwards (``clean_registries``)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pgl_fast.config.build import resolve_head_kernels
+from pgl_fast.config.build import method_of, resolve_head_kernels
+from pgl_fast.core.methods import DGL, register_method
 from pgl_fast.config import TrainConfig, build_parser, config_from_args, explicit_fields
 from pgl_fast.data import DatasetSource, Splits, load_dataset, register_dataset
 from pgl_fast.errors import UserError
@@ -186,3 +188,26 @@ def test_what_a_data_set_reads_decides_the_no_effect_warnings():
     assert warnings_of(["--dataset", "tree", "--workers", "4", "--data-pipeline", "stream"]) == []
     with pytest.raises(UserError, match="--data-pipeline: stream reads ImageFolder trees; --dataset ownfiles"):
         config_from_args(["--dataset", "ownfiles", "--data-pipeline", "stream"])
+
+
+class _Smooth(DGL):
+    """DGL whose local loss smooths the labels: a method registered from outside the package."""
+
+    local_loss_is_ce = False
+
+    def local_loss(self, model, j, h, y, **kw):
+        return F.cross_entropy(model.heads[j](h), y, label_smoothing=0.1)
+
+
+def test_a_registered_method_is_a_cli_method_and_pgl_local(tmp_path):
+    with pytest.raises(UserError) as e:
+        TrainConfig(method="smooth")
+    assert str(e.value) == "--method: 'smooth' is not one of bp, dgl, infopro, man, pgl, hpff"
+    register_method("smooth", _Smooth)
+    assert config_from_args(["--method", "smooth"]).method == "smooth"
+    assert config_from_args(["--pgl-local", "smooth"]).pgl_local == "smooth"
+    assert isinstance(method_of(config_from_args(["--method", "pgl", "--pgl-local", "smooth"])).local, _Smooth)
+    with pytest.raises(UserError, match=r"^register_method: method 'smooth' is registered already; pass replace=True"):
+        register_method("smooth", _Smooth)
+    with pytest.raises(UserError, match=r"^register_method\('plain'\): the method class must be a subclass of Method"):
+        register_method("plain", object)
