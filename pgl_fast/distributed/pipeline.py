@@ -422,6 +422,12 @@ class StageRunner:
             first = str(error).splitlines()[0] if str(error) else ""
             cause = other or f"{type(error).__name__}: {first}"
             raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) lost {what}: {cause}") from None
+        # a wait that completed at once never looked at the flag: a send to a dead peer can complete
+        # (the bytes fit the socket buffer), and a rank upstream of the failure would then run its
+        # whole epoch into the void and report success
+        other = self._failed_elsewhere()
+        if other is not None:
+            self._gave_up(("failed", other), what)
 
     def _gave_up(self, outcome, what: str) -> NoReturn:
         kind, other = outcome

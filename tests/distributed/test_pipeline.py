@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pgl_fast.distributed.pipeline import balance_by_time, build_stage, parse_balance, run_local_group
+from pgl_fast.distributed.pipeline import (PipelineError, StageRunner, balance_by_time, build_stage, parse_balance,
+                                           run_local_group)
 from pgl_fast.errors import UserError
 
 ARCH, J, IMG = "resnet14", 4, 16  # 7 units, even split 1,2,2,2
@@ -196,9 +199,6 @@ def _failing_worker(rank, world, victim, how):
     data = batches([8] * 40)
 
     def fetch(t):
-        # a local epoch needs nothing back from later stages: without a pause the first stage can
-        # send all 40 batches and finish before the victim fails at its fourth
-        time.sleep(0.05)
         return data[t]
 
     if rank == victim:
@@ -237,6 +237,22 @@ def test_one_rank_fails_all_exit(how, victim, one_thread):
         assert "\n" not in msg
         if how == "interrupt":
             assert f"stage {victim} (rank {victim}) was interrupted (Ctrl-C)" in msg, msg
+
+
+def test_a_wait_that_completes_at_once_still_sees_a_peers_failure():
+    """A send to a dead peer can complete at once (its bytes fit the socket buffer): the wait must
+    still read the failure flag, or a rank upstream of the failure runs its epoch into the void."""
+    done = threading.Event()
+    done.set()
+    pending = SimpleNamespace(done=done, error=None)
+    stage = SimpleNamespace(_pollable=False, timeout_s=5.0, stage=0, rank=0,
+                            _waiter=SimpleNamespace(submit=lambda works: pending),
+                            _failed_elsewhere=lambda: "pipeline stage 2 (rank 2) was interrupted (Ctrl-C)")
+    stage._gave_up = lambda outcome, what: StageRunner._gave_up(stage, outcome, what)
+    with pytest.raises(PipelineError) as e:
+        StageRunner._wait(stage, [object()], "sending batch to stage 1")
+    assert str(e.value) == ("pipeline stage 0 (rank 0) stopped while waiting for sending batch to stage 1: "
+                            "pipeline stage 2 (rank 2) was interrupted (Ctrl-C)")
 
 
 # ---------------------------------------------------------------------------------------------
