@@ -25,7 +25,7 @@ from . import data as data_mod
 from .data import stream as data_stream
 from .memory import planner
 from .training import rundir
-from .config.build import build_learner, build_model, resolve_device, resolve_head_kernels
+from .config.build import DTYPES, build_learner, build_model, resolve_device, resolve_head_kernels
 from .config import TrainConfig, config_from_args, explicit_fields
 from .distributed import DistContext, launched_by_torchrun
 from .distributed.cost_model import measured_module_times
@@ -326,7 +326,7 @@ def _build_network(cfg: TrainConfig, spec, device, group, batch: int, use_kernel
         net = net.to(memory_format=torch.channels_last)
     head_kernels = configure_head_kernels(
         net, cfg.head_kernels, use_kernels, batch=batch, device=device, channels_last=cfg.channels_last,
-        dtype=(torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16) if cfg.amp else torch.float32,
+        dtype=DTYPES[cfg.amp_dtype if cfg.amp else "fp32"],
         deterministic=cfg.deterministic, ctx=group)
     net.set_lean_blocks(cfg.lean_blocks)
     return net, head_kernels

@@ -194,10 +194,7 @@ class StepFactory:
                           channels_last=channels_last, seed=seed)
         use_kernels = resolve_head_kernels(cfg, device)
         torch.manual_seed(seed)
-        try:
-            net = build_model(cfg, self.num_classes, self.image_size).to(device)
-        except UserError as e:
-            raise UserError(str(e)) from None
+        net = build_model(cfg, self.num_classes, self.image_size).to(device)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         # the same per-head choice a training run makes (on CUDA, auto measures fused against eager)

@@ -61,14 +61,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..config.argparsing import DefaultsHelpFormatter, OneLineParser, add_field
-from ..config.build import StepFactory
+from ..config.build import DTYPES as TORCH_DTYPES, StepFactory
 from ..config import MethodConfig, ModelConfig, TrainConfig
 from ..errors import UserError
 from ..versions import device_name, versions
 
 KINDS = ("bp", "bp_ckpt", "local", "global", "global_ckpt")
 DEFAULT_KINDS = ("bp", "bp_ckpt", "local", "global_ckpt")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(TORCH_DTYPES)  # the names of the dtypes a step can run in
 MEASURES = ("auto", "tracker", "cuda")
 
 # Fine categories of the tracker, and how they fold into the four-way breakdown.
