@@ -54,9 +54,6 @@ that raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with 
 leaves; every other rank then stops at its next wait with :class:`PipelineError` naming the rank that
 failed and why. A rank that dies without a word (killed) closes its sockets, so its neighbours' waits
 fail, they raise and set the flag, and the rest follow; a rank that hangs is caught by the deadline.
-A local epoch sends only downstream, and a send completes once its bytes are in a socket buffer, so
-each rank ends a local epoch by counting itself done in the store and waiting, with the same flag and
-deadline, until every stage has: a stage upstream of a late failure does not report its epoch done.
 No rank blocks forever on a message. (The few collectives -- the batch-size check at an epoch's
 start, the metric reductions at its end -- block in gloo itself, bounded by the process group's
 timeout.)
@@ -77,7 +74,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import itertools
 import multiprocessing as mp
 import os
 import pickle
@@ -103,9 +99,6 @@ from .context import DistContext, launched_by_torchrun
 # one flag per torchrun restart round: a restarted group must not see the last round's failure
 FAIL_KEY = f"pgl_fast/pipeline/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 DEFAULT_TIMEOUT_S = 300.0
-# local epochs ended by this process, numbered alike on every rank (each runs the same epochs in the
-# same order): the key under which the ranks count themselves done with that epoch
-_LOCAL_EPOCHS_ENDED = itertools.count()
 
 
 class PipelineError(RuntimeError):
@@ -555,24 +548,6 @@ class StageRunner:
         while sends.items:
             self._wait(sends.pop()[0], f"sending batch to stage {self.stage + 1}")
         self.peak_inflight_bytes = meter.peak
-        self._all_ended(f"local epoch {next(_LOCAL_EPOCHS_ENDED)}")
-
-    def _all_ended(self, what: str) -> None:
-        """Return once every rank has ended ``what``. A local epoch sends only downstream, and a send
-        completes once its bytes are in the socket buffer, so an upstream rank can run its whole epoch
-        while a later stage fails: without this it would report the epoch done."""
-        if self.store is None:
-            return
-        key = f"{FAIL_KEY}/ended/{'-'.join(map(str, self.ranks))}/{what}"  # one count per pipeline
-        self.store.add(key, 1)
-        deadline = time.monotonic() + self.timeout_s
-        while int(self.store.add(key, 0)) < self.S:
-            other = self._failed_elsewhere()
-            if other is not None:
-                self._gave_up(("failed", other), f"the other stages to end the {what}")
-            if time.monotonic() >= deadline:
-                self._gave_up(("timeout", None), f"the other stages to end the {what}")
-            time.sleep(0.02)
 
     def _fetch(self, batch_fn, t, n, need_image=None):
         if batch_fn is None:
