@@ -199,6 +199,9 @@ def _failing_worker(rank, world, victim, how):
     data = batches([8] * 40)
 
     def fetch(t):
+        # a local epoch needs nothing back from later stages: without a pause the first stage can
+        # send all 40 batches and finish before the victim fails at its fourth
+        time.sleep(0.05)
         return data[t]
 
     if rank == victim:
