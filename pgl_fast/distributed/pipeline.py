@@ -937,21 +937,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_DONE_KEY = "pgl_fast/launcher/done"
+
+
+def _leave_together(store, rank: int, world: int, *, failed: bool, timeout_s: float) -> None:
+    """Rank 0 hosts the rendezvous store, and a pipeline rank polls it (the failure flag) while it
+    waits for a peer: rank 0 leaving first makes every rank still at work fail with "store
+    unreachable" -- a first stage whose sends all fit the socket buffers finishes its epoch before
+    the last stage has received it. So every rank counts itself out, and rank 0 stays until all have,
+    or (a rank killed never counts) until the failure flag has been up a second or its own run
+    failed two seconds ago, or the deadline."""
+    if store is None:
+        return
+    with contextlib.suppress(Exception):  # a store already gone: nothing left to keep up
+        store.add(_DONE_KEY, 1)
+        if rank != 0:
+            return
+        start = time.monotonic()
+        flagged = None
+        while time.monotonic() - start < timeout_s:
+            if store.add(_DONE_KEY, 0) >= world:
+                return
+            now = time.monotonic()
+            if flagged is None and store.check([FAIL_KEY]):
+                flagged = now
+            if (flagged is not None and now - flagged >= 1.0) or (failed and now - start >= 2.0):
+                return
+            time.sleep(0.02)
+
+
 def _child(rank, world, port, fn, args, out_dir, threads, timeout_s):
     torch.set_num_threads(threads)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       LOCAL_RANK=str(rank))
-    code, result = 0, None
+    code, result, store = 0, None, None
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # held here so that rank 0's store outlives an ``fn`` that leaves the process group
+        store = _default_store()
         result = ("ok", fn(rank, world, *args))
     except BaseException as e:  # noqa: BLE001 - reported to the parent as text
         code = 1
         result = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
         print(f"rank {rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        # rank 0 hosts the store that carries the failure flag: keep it up while the peers read it
-        time.sleep(1.0)
+    _leave_together(store, rank, world, failed=code != 0, timeout_s=timeout_s)
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
     sys.stdout.flush()

@@ -258,6 +258,23 @@ def test_a_wait_that_completes_at_once_still_sees_a_peers_failure():
                             "pipeline stage 2 (rank 2) was interrupted (Ctrl-C)")
 
 
+def _late_store_reader(rank, world):
+    store = torch.distributed.distributed_c10d._get_default_store()
+    if rank == 0:
+        return "left"
+    # a pipeline rank still at work polls the failure flag in the store that rank 0 hosts
+    time.sleep(1.0)
+    store.set("late", b"read")
+    return store.get("late").decode()
+
+
+def test_the_store_host_waits_for_every_rank():
+    """A first stage whose sends all fit the socket buffers finishes before the last stage has
+    received its batches: the launcher must keep rank 0 (the store's host) up until every rank is
+    done, or the ranks still at work fail with "store unreachable"."""
+    assert run_local_group(_late_store_reader, 2, timeout_s=20) == [("ok", "left"), ("ok", "read")]
+
+
 # ---------------------------------------------------------------------------------------------
 # balance
 # ---------------------------------------------------------------------------------------------
