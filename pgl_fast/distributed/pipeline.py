@@ -54,7 +54,10 @@ that raises (any error, or Ctrl-C's ``KeyboardInterrupt``) writes the flag with 
 leaves; every other rank then stops at its next wait with :class:`PipelineError` naming the rank that
 failed and why. A rank that dies without a word (killed) closes its sockets, so its neighbours' waits
 fail, they raise and set the flag, and the rest follow; a rank that hangs is caught by the deadline.
-No rank blocks forever on a message. (The few collectives -- the batch-size check at an epoch's
+No rank blocks forever on a message. A local epoch asks nothing of the later stages, so a stage
+upstream of a late failure can finish its epoch (its last sends complete into the socket buffers);
+the failure reaches it in the collective that closes every epoch (:meth:`StageRunner.reduce_stats`),
+which then raises the failed rank's message. (The few collectives -- the batch-size check at an epoch's
 start, the metric reductions at its end -- block in gloo itself, bounded by the process group's
 timeout.)
 
@@ -365,15 +368,17 @@ class StageRunner:
         return tuple(h.shape[1:]), h.dtype
 
     # -- failure handling ------------------------------------------------------------------------
+    def _flag(self) -> str | None:
+        """A peer's failure message, if one was written (raises when the store is unreachable)."""
+        if self.store is not None and self.store.check([FAIL_KEY]):
+            return self.store.get(FAIL_KEY).decode()
+        return None
+
     def _failed_elsewhere(self) -> str | None:
-        if self.store is None:
-            return None
         try:
-            if self.store.check([FAIL_KEY]):
-                return self.store.get(FAIL_KEY).decode()
+            return self._flag()
         except Exception as e:  # the store's host is gone: so is the run
             return f"the rendezvous store is unreachable ({type(e).__name__}; its host rank exited?)"
-        return None
 
     def _announce(self, msg: str) -> None:
         if self.store is None:
@@ -451,6 +456,13 @@ class StageRunner:
             self._announce(msg)
             raise PipelineError(msg) from None
         except Exception as e:
+            # a collective that fails because a peer left (gloo: the connection closed) says nothing
+            # of why; the peer wrote its reason to the flag before it left
+            other = None
+            with contextlib.suppress(Exception):
+                other = self._flag()
+            if other is not None:
+                raise PipelineError(f"pipeline stage {self.stage} (rank {self.rank}) stopped: {other}") from e
             first = str(e).splitlines()[0] if str(e) else ""
             msg = f"pipeline stage {self.stage} (rank {self.rank}) failed: {type(e).__name__}: {first}"
             self._announce(msg)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pgl_fast.distributed.pipeline import (PipelineError, StageRunner, balance_by_time, build_stage, parse_balance,
-                                           run_local_group)
+                                           run_epoch, run_local_group)
 from pgl_fast.errors import UserError
 
 ARCH, J, IMG = "resnet14", 4, 16  # 7 units, even split 1,2,2,2
@@ -256,6 +256,37 @@ def test_a_wait_that_completes_at_once_still_sees_a_peers_failure():
         StageRunner._wait(stage, [object()], "sending batch to stage 1")
     assert str(e.value) == ("pipeline stage 0 (rank 0) stopped while waiting for sending batch to stage 1: "
                             "pipeline stage 2 (rank 2) was interrupted (Ctrl-C)")
+
+
+def _late_failing_worker(rank, world):
+    """An epoch as the trainer runs it, the last stage failing at its last batch: stage 0 (no
+    pause) has long sent everything by then, and its local epoch returns."""
+    net, exe = make_learner(0, "dgl")
+    runner = build_stage(exe, world, balance="1,1,2", input_shape=(3, IMG, IMG), timeout_s=20)
+    sizes = [8] * 12
+    data = batches(sizes)
+    if rank == world - 1:
+        orig, calls = runner._local_modules, [0]
+
+        def failing(*a):
+            calls[0] += 1
+            if calls[0] == len(sizes):
+                raise RuntimeError("no memory left for the last batch")
+            return orig(*a)
+
+        runner._local_modules = failing
+    run_epoch(runner, phase="local", lr=0.05, sizes=sizes, batch_fn=data.__getitem__)
+    return "finished"
+
+
+def test_a_late_failure_reaches_the_stages_that_finished():
+    """No stage reports an epoch done that a later stage failed: the failure reaches the finished
+    stages in the epoch's closing collective, with the failed rank's own message."""
+    results = run_local_group(_late_failing_worker, 3, timeout_s=20, join_timeout_s=40)
+    want = "pipeline stage 2 (rank 2) failed: RuntimeError: no memory left for the last batch"
+    for r, res in enumerate(results):
+        assert res is not None and res[0] == "error", (r, res)
+        assert res[1].startswith("PipelineError: pipeline stage") and want in res[1], (r, res[1])
 
 
 def _late_store_reader(rank, world):
