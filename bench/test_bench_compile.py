@@ -48,6 +48,8 @@ from pgl_fast.runtime.optim import sgd
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 AUX = "1c2f"
+BENCH_THREADS = 2  # on the CPU, unless PGL_FAST_BENCH_THREADS says otherwise
+pytestmark = pytest.mark.usefixtures("bench_threads")
 LR, MOMENTUM, WD = 0.05, 0.9, 1e-4
 CASES = [(kind, dtype) for kind in ("local", "global") for dtype in ("fp32", "bf16")]
 
@@ -59,15 +61,6 @@ def _shape(enabled: bool) -> dict:
             "J": int(os.environ.get("PGL_FAST_BENCH_COMPILE_J", "16")),
             "batch": int(os.environ.get("PGL_FAST_BENCH_COMPILE_BATCH", "1024" if CUDA else "128")),
             "rounds": 10 if CUDA else 5}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    n = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(int(os.environ.get("PGL_FAST_BENCH_THREADS", "2")))
-    yield
-    torch.set_num_threads(n)
 
 
 class PlainLocalLoop:
